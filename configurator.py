@@ -1,0 +1,153 @@
+"""
+Configuration: every key train.py knows, with its default, and the loader of config files and --key=value flags.
+
+    python train.py config/train_shakespeare_char.py --batch_size=32 --sink=logit
+
+A config file is plain Python assignments (nanoGPT's format). Keys keep nanoGPT's names wherever nanoGPT has one.
+An unknown key or a value of the wrong type stops with one line that names it (and the closest known key).
+"""
+
+import ast
+import difflib
+import os
+from dataclasses import fields
+
+from model import GPTConfig
+
+
+class ConfigError(Exception):
+    """A mistake in a config file or flag; train.py prints it as one line and exits."""
+
+
+# the families of keys (README documents each); model keys are GPTConfig's fields
+DEFAULTS = dict(
+    # I/O and logging
+    out_dir="out",
+    eval_interval=250,
+    log_interval=10,
+    eval_iters=50,
+    eval_only=False,
+    always_save_checkpoint=True,  # False: write a checkpoint only when val loss improves
+    init_from="scratch",  # 'scratch' | 'resume' | a GPT-2 directory or hub name ('gpt2', 'gpt2-medium', ...)
+    seed=1337,
+    track_interval=0,  # 0 = off; else log massive-activation / sink statistics every N iterations
+    # data
+    dataset="shakespeare_char",
+    gradient_accumulation_steps=1,
+    batch_size=12,
+    prepend_bos=False,  # every training window starts with the BOS / end-of-text token
+    align_to_docs=False,  # windows start at document boundaries
+    bb_triggers=3,  # dataset='bigram_backcopy': number of trigger characters
+    # optimizer and schedule
+    optimizer="adamw",  # 'adamw' | 'sgd'
+    learning_rate=6e-4,
+    max_iters=600000,
+    weight_decay=1e-1,
+    beta1=0.9,
+    beta2=0.95,
+    eps=1e-8,
+    momentum=0.9,  # optimizer='sgd'
+    grad_clip=1.0,  # 0 = off
+    decay_lr=True,
+    warmup_iters=2000,
+    lr_decay_iters=0,  # 0 = max_iters
+    min_lr=6e-5,
+    # system
+    device="auto",  # 'auto' picks cuda, then mps, then cpu
+    dtype="auto",  # 'auto': bfloat16 autocast on CUDA, float32 elsewhere; or 'float32' | 'bfloat16' | 'float16'
+    compile="auto",  # torch.compile: True | False | 'auto' (on for CUDA)
+    backend="nccl",  # DDP backend on CUDA (gloo is used on CPU)
+    ddp_timeout=600,  # seconds a rank waits for the others before the job stops
+)
+MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "bos_token")]
+for _field in fields(GPTConfig):
+    if _field.name in MODEL_KEYS:
+        DEFAULTS[_field.name] = _field.default
+
+CHOICES = {
+    "optimizer": ("adamw", "sgd"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+}
+# keys that take more than one type
+EXTRA_TYPES = {"compile": (bool, str)}
+
+
+def check_value(key, value, source):
+    """Return value converted to the key's type, or raise ConfigError naming the key."""
+    if key not in DEFAULTS:
+        close = difflib.get_close_matches(key, DEFAULTS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
+    default = DEFAULTS[key]
+    allowed = EXTRA_TYPES.get(key, (type(default),))
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool)):
+        names = " or ".join(t.__name__ for t in allowed)
+        raise ConfigError(f"config key '{key}' in {source} must be {names}, got {value!r} ({type(value).__name__})")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"config key '{key}' in {source} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if key == "compile" and isinstance(value, str) and value != "auto":
+        raise ConfigError(f"config key 'compile' in {source} must be True, False or 'auto', got {value!r}")
+    return value
+
+
+def read_config_file(path):
+    """Run a config file and return its assignments (names starting with '_' and imported modules are skipped)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    namespace = {}
+    try:
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), namespace)
+    except Exception as e:
+        raise ConfigError(f"config file {path} failed to run: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
+
+
+def parse_flag_value(text, key):
+    """--key=value: Python literals (numbers, True/False, quoted strings); anything else is a string."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    if isinstance(DEFAULTS.get(key), str) and not isinstance(value, str) and key not in EXTRA_TYPES:
+        return text  # --out_dir=123 means the string '123'
+    return value
+
+
+def load_config(argv, defaults=None):
+    """Defaults, then config files in order, then --key=value flags. Returns a plain dict."""
+    config = dict(DEFAULTS if defaults is None else defaults)
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise ConfigError(f"flag {arg} needs a value: --{key}=VALUE")
+            config[key] = check_value(key, parse_flag_value(text, key), f"flag {arg}")
+        else:
+            for key, value in read_config_file(arg).items():
+                config[key] = check_value(key, value, arg)
+    check_ranges(config)
+    return config
+
+
+def check_ranges(config):
+    positive = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
+                "eval_iters", "log_interval", "eval_interval")
+    for key in positive:
+        if config[key] <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {config[key]}")
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "track_interval"):
+        if config[key] < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {config[key]}")
+    try:
+        model_config(config, vocab_size=1, bos_token=0)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def model_config(config, vocab_size, bos_token):
+    """The GPTConfig for a resolved training config and a dataset's vocabulary."""
+    return GPTConfig(vocab_size=vocab_size, bos_token=bos_token, **{k: config[k] for k in MODEL_KEYS})

@@ -1,0 +1,695 @@
+"""
+The sinkgpt model: GPT-2 in one file, with options for dedicated attention-sink parameters.
+
+Read it top to bottom: the config, small helpers (norms, rotary positions, masks, hooks, the KV cache),
+attention (where every sink mechanism is one marked piece), the MLP, the block, and the GPT itself with
+loading/exporting Hugging Face GPT-2 weights and generation. Every option defaults to plain GPT-2.
+The mechanisms and metrics are defined in docs/sinks.md (the project's reference sheet).
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# sink mechanisms that add one extra column ("slot") to every attention row
+SLOT_SINKS = ("logit", "softmax1", "kv_bias", "k_bias")
+CHOICES = {
+    "sink": ("none", "token", "logit", "softmax1", "kv_bias", "k_bias", "bos_override"),
+    "attn_gate": ("none", "headwise", "elementwise"),
+    "attn_fn": ("softmax", "sigmoid", "relu"),
+    "pos_emb": ("learned", "rope", "none"),
+    "norm": ("layernorm", "rmsnorm"),
+    "norm_pos": ("pre", "post"),
+    "mlp_act": ("gelu", "relu", "relu2", "swiglu"),
+}
+
+
+@dataclass
+class GPTConfig:
+    # GPT-2 small
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in linears and norms, as in GPT-2
+    pad_vocab: bool = False  # pad the embedding rows to a multiple of 64 (faster matmuls); logits keep vocab_size
+    # dedicated attention-sink options (docs/sinks.md)
+    sink: str = "none"
+    n_sink_tokens: int = 1  # sink == "token": how many learned prefix vectors (>1 = registers)
+    attn_gate: str = "none"  # sigmoid output gate after attention (Qiu et al. 2025, G1)
+    attn_fn: str = "softmax"  # sigmoid: no row normalisation (Gu et al.); relu: ReLU(scores)/n_visible (Guo et al.)
+    bos_token: int = 50256  # the token that marks document starts (sink == "bos_override")
+    # architecture ablations (defaults = GPT-2)
+    pos_emb: str = "learned"
+    rope_base: float = 10000.0
+    norm: str = "layernorm"
+    norm_pos: str = "pre"
+    qk_norm: bool = False
+    mlp_act: str = "gelu"
+    tie_embeddings: bool = True
+    logit_softcap: float = 0.0  # 0 = off; else logits = c * tanh(logits / c)
+
+    def __post_init__(self):
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("pos_emb='rope' needs an even head size (n_embd // n_head)")
+        if self.n_sink_tokens < 1:
+            raise ValueError(f"n_sink_tokens={self.n_sink_tokens} must be >= 1")
+
+    @property
+    def padded_vocab_size(self):
+        return (self.vocab_size + 63) // 64 * 64 if self.pad_vocab else self.vocab_size
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ----------------------------------------------------------------------------------------------------
+# small helpers
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1). GPT-2's eps is 1e-5."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, ndim, bias=False):  # bias is ignored: RMSNorm has none
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x):
+        return F.rms_norm(x, self.weight.shape, self.weight, 1e-5)
+
+
+def make_norm(config, ndim=None):
+    norm_class = LayerNorm if config.norm == "layernorm" else RMSNorm
+    return norm_class(ndim or config.n_embd, config.bias)
+
+
+def rope_tables(head_size, n_positions, base):
+    """cos and sin of the rotary angles, (n_positions, head_size/2) each."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+    angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate channel pairs (i, i + D/2) of x (B, H, T, D) by the angles of each position (T, D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def causal_mask(n_queries, n_keys, device):
+    """Boolean (n_queries, n_keys) mask, True = visible. Queries are the last n_queries positions of the keys
+    (a 'lower-right' causal mask), so cached earlier keys and prepended slots stay visible."""
+    offset = n_keys - n_queries
+    q_pos = torch.arange(n_queries, device=device)[:, None] + offset
+    return torch.arange(n_keys, device=device)[None, :] <= q_pos
+
+
+def hook(hooks, name, x):
+    """An analysis hook point: returns x unchanged unless a function was registered for `name`.
+    The function may read x and return None, or return a replacement (patching)."""
+    fn = hooks.get(name) if hooks else None
+    if fn is None:
+        return x
+    out = fn(x)
+    return x if out is None else out
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer, for incremental decoding, in buffers
+    allocated once (concatenating every step would copy the whole cache each token).
+    `pos` counts real tokens (sink-token prefixes are cached but take no position)."""
+
+    def __init__(self, n_layer):
+        self.buffers = [None] * n_layer  # (keys, values), each (B, H, capacity, D)
+        self.length = [0] * n_layer
+        self.pos = 0
+
+    def update(self, layer, k, v, capacity=None):
+        B, H, T, D = k.shape
+        n = self.length[layer]
+        if self.buffers[layer] is None or n + T > self.buffers[layer][0].size(2):
+            size = max(capacity or 0, 2 * (n + T))
+            grown = tuple(k.new_empty(B, H, size, D) for _ in range(2))
+            if n:
+                grown[0][:, :, :n], grown[1][:, :, :n] = self.buffers[layer][0][:, :, :n], self.buffers[layer][1][:, :, :n]
+            self.buffers[layer] = grown
+        keys, values = self.buffers[layer]
+        keys[:, :, n:n + T], values[:, :, n:n + T] = k, v
+        self.length[layer] = n + T
+        return keys[:, :, :n + T], values[:, :, :n + T]
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        C, H, D = config.n_embd, config.n_head, config.head_size
+        self.n_head, self.head_size, self.layer_idx = H, D, layer_idx
+        self.sink, self.attn_fn, self.attn_gate = config.sink, config.attn_fn, config.attn_gate
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)
+        self.c_proj = nn.Linear(C, C, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:  # normalise each head's queries and keys (bounds the attention logits)
+            self.q_norm, self.k_norm = RMSNorm(D), RMSNorm(D)
+        # --- sink parameters: one extra softmax column per head (docs/sinks.md) ---
+        if config.sink == "logit":  # gpt-oss: a learned logit s with value 0
+            self.sink_logit = nn.Parameter(torch.zeros(H))
+        if config.sink in ("kv_bias", "k_bias"):  # Sun et al. / Gu et al.: a learned key (and value)
+            self.k_slot = nn.Parameter(torch.randn(H, D) * 0.02)
+        if config.sink == "kv_bias":
+            self.v_slot = nn.Parameter(torch.randn(H, D) * 0.02)
+        # --- output gate (Qiu et al. G1): o' = o * sigmoid(x W_g), per head or per channel ---
+        if config.attn_gate != "none":
+            self.c_gate = nn.Linear(C, H if config.attn_gate == "headwise" else C, bias=config.bias)
+        self.hooks = {}  # shared with the enclosing Block
+
+    def forward(self, x, rope=None, cache=None):
+        B, T, C = x.shape
+        H, D = self.n_head, self.head_size
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = hook(self.hooks, "q", q), hook(self.hooks, "k", k), hook(self.hooks, "v", v)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if self.attn_fn != "softmax" or "scores" in self.hooks or "pattern" in self.hooks:
+            y = self.attend_eager(q, k, v)
+        elif self.sink in SLOT_SINKS:
+            y = self.attend_slot_sdpa(q, k, v)
+        else:
+            y = self.sdpa(q, k, v)
+        y = y.transpose(1, 2)  # (B, T, H, D)
+        if self.attn_gate != "none":
+            y = y * torch.sigmoid(self.c_gate(x)).view(B, T, H, -1)
+        y = y.reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def sdpa(self, q, k, v, scale=None):
+        """Fused causal attention; k/v may start with cached or prepended positions (lower-right mask)."""
+        Tq, Tk = q.size(2), k.size(2)
+        dropout_p = self.dropout if self.training else 0.0
+        if Tq == Tk:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)
+        mask = None if Tq == 1 else causal_mask(Tq, Tk, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+    def slot_key_value(self, dtype):
+        """The extra key and value (H, D) that every query sees. softmax1 is a zero key (logit 0) and a zero value."""
+        zeros = torch.zeros(self.n_head, self.head_size, dtype=dtype, device=self.c_attn.weight.device)
+        k_slot = self.k_slot.to(dtype) if hasattr(self, "k_slot") else zeros
+        v_slot = self.v_slot.to(dtype) if hasattr(self, "v_slot") else zeros
+        return k_slot, v_slot
+
+    def attend_slot_sdpa(self, q, k, v):
+        """Attention with one extra key/value slot, exact and on the fused kernel. The slot is prepended to the
+        keys and values; without a cache a dummy query row is prepended too, so the plain causal kernel applies
+        and the dummy row's output is dropped. The learned sink logit s becomes a slot key through one extra
+        head channel: queries carry 1 there, real keys 0, the slot key s / scale, so q.k_slot * scale = s."""
+        B, H, Tq, D = q.shape
+        scale = 1.0 / math.sqrt(D)
+        k_slot, v_slot = self.slot_key_value(q.dtype)
+        if self.sink == "logit":
+            q, k, v, k_slot, v_slot = self.add_logit_channel(q, k, v, self.sink_logit.to(q.dtype) / scale)
+        k = torch.cat([k_slot.view(1, H, 1, -1).expand(B, -1, -1, -1), k], dim=2)
+        v = torch.cat([v_slot.view(1, H, 1, -1).expand(B, -1, -1, -1), v], dim=2)
+        if k.size(2) == Tq + 1:  # no cached keys: dummy query row + plain causal kernel
+            q = torch.cat([q.new_zeros(B, H, 1, q.size(-1)), q], dim=2)
+            y = self.sdpa(q, k, v, scale=scale)[:, :, 1:]
+        else:
+            y = self.sdpa(q, k, v, scale=scale)
+        return y[..., :D]
+
+    @staticmethod
+    def add_logit_channel(q, k, v, slot_channel):
+        """Widen the head by 8 channels (fused kernels want multiples of 8): channel D holds 1 for queries and
+        slot_channel (H,) for the slot key; every other new entry is 0."""
+        B, H, Tq, D = q.shape
+        pad = (0, 8)
+        q = F.pad(q, pad)
+        q[..., D] = 1.0
+        k, v = F.pad(k, pad), F.pad(v, pad)
+        k_slot = F.pad(slot_channel[:, None], (D, 7))  # (H, D + 8), slot_channel in column D
+        v_slot = v.new_zeros(H, D + 8)
+        return q, k, v, k_slot, v_slot
+
+    def attend_eager(self, q, k, v):
+        """Attention written out: scores, slot column, mask, softmax/sigmoid/relu, weighted sum.
+        Used for attn_fn != softmax and whenever an analysis hook wants the scores or the pattern."""
+        B, H, Tq, D = q.shape
+        Tk = k.size(2)
+        scale = 1.0 / math.sqrt(D)
+        scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+        visible = causal_mask(Tq, Tk, q.device)
+        if self.sink in SLOT_SINKS:  # the slot is column 0, visible to every query
+            k_slot, v_slot = self.slot_key_value(q.dtype)
+            if self.sink == "logit":
+                slot_scores = self.sink_logit.to(q.dtype).view(1, H, 1, 1).expand(B, H, Tq, 1)
+            else:
+                slot_scores = (q @ k_slot[None, :, :, None]) * scale
+            scores = torch.cat([slot_scores, scores], dim=-1)
+            v = torch.cat([v_slot.view(1, H, 1, D).expand(B, -1, -1, -1), v], dim=2)
+            visible = F.pad(visible, (1, 0), value=True)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = hook(self.hooks, "scores", scores)
+        if self.attn_fn == "softmax":
+            pattern = F.softmax(scores, dim=-1)
+        elif self.attn_fn == "sigmoid":
+            pattern = torch.sigmoid(scores)  # masked entries: sigmoid(-inf) = 0
+        else:  # relu, divided by the number of keys each query sees
+            pattern = F.relu(scores) / visible.sum(-1, keepdim=True)
+        pattern = hook(self.hooks, "pattern", pattern)
+        return self.attn_dropout(pattern) @ v
+
+
+# ----------------------------------------------------------------------------------------------------
+# MLP and block
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        C = config.n_embd
+        self.act = config.mlp_act
+        if self.act == "swiglu":  # 2/3 of the width keeps the parameter count of a 4C MLP
+            hidden = (8 * C // 3 + 63) // 64 * 64
+            self.c_fc = nn.Linear(C, 2 * hidden, bias=config.bias)
+        else:
+            hidden = 4 * C
+            self.c_fc = nn.Linear(C, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, C, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.hooks = {}  # shared with the enclosing Block
+
+    def forward(self, x):
+        h = hook(self.hooks, "mlp_pre", self.c_fc(x))
+        if self.act == "gelu":
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU, so logits match the released weights
+        elif self.act == "relu":
+            h = F.relu(h)
+        elif self.act == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        h = hook(self.hooks, "mlp_post", h)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    HOOK_POINTS = ("resid_pre", "ln_1", "q", "k", "v", "scores", "pattern", "attn_out",
+                   "resid_mid", "ln_2", "mlp_pre", "mlp_post", "mlp_out", "resid_post")
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.post_norm = config.norm_pos == "post"
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+        if config.sink == "bos_override":  # L. Dial: the residual at document starts is a learned vector
+            self.bos_resid = nn.Parameter(torch.zeros(config.n_embd))
+        self.hooks = {}  # hook point name -> function; one dict shared with attn and mlp
+        self.attn.hooks = self.mlp.hooks = self.hooks
+
+    def forward(self, x, rope=None, cache=None, is_bos=None):
+        x = hook(self.hooks, "resid_pre", x)
+        if self.post_norm:  # original transformer: norm after each residual add
+            x = hook(self.hooks, "resid_mid", hook(self.hooks, "ln_1", self.ln_1(
+                x + hook(self.hooks, "attn_out", self.attn(x, rope, cache)))))
+            x = hook(self.hooks, "ln_2", self.ln_2(x + hook(self.hooks, "mlp_out", self.mlp(x))))
+        else:
+            h = hook(self.hooks, "ln_1", self.ln_1(x))
+            x = hook(self.hooks, "resid_mid", x + hook(self.hooks, "attn_out", self.attn(h, rope, cache)))
+            h = hook(self.hooks, "ln_2", self.ln_2(x))
+            x = x + hook(self.hooks, "mlp_out", self.mlp(h))
+        if is_bos is not None:
+            x = torch.where(is_bos[..., None], self.bos_resid.to(x.dtype), x)
+        return hook(self.hooks, "resid_post", x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPT
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, C),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=make_norm(config),
+        ))
+        if config.pos_emb == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, C)
+        if config.pos_emb == "rope":
+            cos, sin = rope_tables(config.head_size, config.block_size, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        if config.sink == "token":  # StreamingLLM / registers: learned vectors prepended to every sequence
+            self.sink_tokens = nn.Parameter(torch.randn(config.n_sink_tokens, C) * 0.02)
+        self.lm_head = nn.Linear(C, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.hooks = {}  # global hook points: "embed", "ln_f"
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def n_prefix(self):
+        """Residual-stream positions before the first real token (the learned sink tokens)."""
+        return self.config.n_sink_tokens if self.config.sink == "token" else 0
+
+    @property
+    def n_slot_columns(self):
+        """Attention-pattern columns that belong to the dedicated sink, placed before position 0."""
+        return self.n_prefix or (1 if self.config.sink in SLOT_SINKS else 0)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; the position embeddings are left out by default (they cost no matmul FLOPs)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and hasattr(self.transformer, "wpe"):
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6N for the weights plus 12 L H Q T for attention (PaLM appendix B)."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * seq_len
+
+    def forward(self, idx, targets=None, cache=None, last_only=False):
+        B, T = idx.shape
+        cfg = self.config
+        start = cache.pos if cache is not None else 0
+        if start + T > cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={cfg.block_size}")
+        x = self.transformer.wte(idx)
+        if cfg.pos_emb == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        x = hook(self.hooks, "embed", x)
+        n_prefix = self.n_prefix if start == 0 else 0  # the sink tokens enter once, then live in the cache
+        if n_prefix:
+            x = torch.cat([self.sink_tokens.to(x.dtype).expand(B, -1, -1), x], dim=1)
+        x = self.transformer.drop(x)
+        rope = self.rope_for(start, T, n_prefix) if cfg.pos_emb == "rope" else None
+        is_bos = (idx == cfg.bos_token) if cfg.sink == "bos_override" else None
+        for block in self.transformer.h:
+            x = block(x, rope, cache, is_bos)
+        if cache is not None:
+            cache.pos += T
+        x = hook(self.hooks, "ln_f", self.transformer.ln_f(x))
+        x = x[:, n_prefix:]
+        if last_only:  # generation needs only the last position's logits
+            x = x[:, -1:]
+        logits = self.lm_head(x)[..., : cfg.vocab_size]
+        if cfg.logit_softcap > 0:
+            logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def rope_for(self, start, T, n_prefix):
+        """cos/sin for the positions in this forward pass; sink-token prefixes sit at rotation 0."""
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if n_prefix:
+            cos = torch.cat([cos.new_ones(n_prefix, cos.size(1)), cos])
+            sin = torch.cat([sin.new_zeros(n_prefix, sin.size(1)), sin])
+        return cos, sin
+
+    def crop_block_size(self, block_size):
+        """Shorten the context (e.g. GPT-2's 1024 to a smaller block_size) by dropping position embeddings."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        if hasattr(self.transformer, "wpe"):
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if hasattr(self, "rope_cos"):
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+
+    # ------------------------------------------------------------------------------------------------
+    # analysis hooks
+
+    def hook_names(self):
+        names = ["embed", "ln_f"]
+        for layer in range(self.config.n_layer):
+            names += [f"h.{layer}.{point}" for point in Block.HOOK_POINTS]
+        return names
+
+    def _hook_dict(self, name):
+        parts = name.split(".")
+        if len(parts) == 1 and name in ("embed", "ln_f"):
+            return self.hooks, name
+        if len(parts) == 3 and parts[0] == "h" and parts[1].isdigit() and parts[2] in Block.HOOK_POINTS:
+            layer = int(parts[1])
+            if layer < self.config.n_layer:
+                return self.transformer.h[layer].hooks, parts[2]
+        raise KeyError(f"unknown hook point {name!r}; points are 'embed', 'ln_f' and 'h.<layer>.<point>' "
+                       f"with point in {', '.join(Block.HOOK_POINTS)}")
+
+    def add_hook(self, name, fn):
+        """Register fn(tensor) -> None | tensor at a hook point, e.g. 'h.3.resid_post' or 'h.0.pattern'."""
+        hooks, point = self._hook_dict(name)
+        hooks[point] = fn
+
+    def clear_hooks(self):
+        self.hooks.clear()
+        for block in self.transformer.h:
+            block.hooks.clear()
+
+    # ------------------------------------------------------------------------------------------------
+    # generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 use_cache=True):
+        """Sample max_new_tokens after idx (B, T). temperature 0 = greedy. With use_cache, earlier keys and
+        values are kept; once the context is full it is recomputed on the last block_size tokens."""
+        block_size = self.config.block_size
+        cache, logits = None, None
+        for _ in range(max_new_tokens):
+            if use_cache and cache is not None and cache.pos < block_size:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            else:
+                cache = KVCache(self.config.n_layer) if use_cache else None
+                logits, _ = self(idx[:, -block_size:], cache=cache, last_only=True)
+            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, next_token], dim=1)
+        return idx
+
+    # ------------------------------------------------------------------------------------------------
+    # Hugging Face GPT-2 format
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, **overrides):
+        """Load GPT-2 weights from a Hugging Face format directory (config.json + model.safetensors or
+        pytorch_model.bin), or by hub name ('gpt2', 'gpt2-medium', ...) when the hub is reachable.
+        `overrides` set options such as sink or dropout; new parameters start as close to the
+        pretrained model as their mechanism allows (init_sinks_from_pretrained)."""
+        path = name_or_dir if os.path.isdir(name_or_dir) else download_gpt2(name_or_dir)
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        if hf.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"{path}: model_type {hf.get('model_type')!r} is not gpt2")
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
+                           tie_embeddings=hf.get("tie_word_embeddings", True),
+                           bos_token=50256 if hf.get("bos_token_id") is None else hf["bos_token_id"])
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        config.__post_init__()
+        model = cls(config)
+        model.load_hf_state_dict(read_hf_weights(path))
+        model.init_sinks_from_pretrained()
+        return model
+
+    def load_hf_state_dict(self, hf_sd):
+        """Copy a GPT2LMHeadModel state dict in; its Conv1D weights are (in, out), so they are transposed."""
+        hf_sd = {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
+        sd = self.state_dict()
+        V = self.config.vocab_size
+        with torch.no_grad():
+            for name, target in sd.items():
+                key = name.removeprefix("transformer.")
+                if name == "lm_head.weight":
+                    if self.config.tie_embeddings:
+                        continue
+                    key = "lm_head.weight"
+                if key not in hf_sd:
+                    if is_new_parameter(name):
+                        continue
+                    raise KeyError(f"weight {key!r} is missing from the GPT-2 checkpoint")
+                src = hf_sd[key]
+                if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                    src = src.t()
+                if name in ("transformer.wte.weight", "lm_head.weight"):
+                    target[:V].copy_(src)
+                    target[V:].zero_()
+                    continue
+                if src.shape != target.shape:
+                    raise ValueError(f"weight {key!r} has shape {tuple(src.shape)}, expected {tuple(target.shape)}")
+                target.copy_(src)
+
+    @torch.no_grad()
+    def init_sinks_from_pretrained(self):
+        """Start each new mechanism as close to the pretrained model as it allows (deviations: README)."""
+        cfg = self.config
+        for block in self.transformer.h:
+            attn = block.attn
+            if cfg.sink == "logit":  # a very negative logit: the slot takes ~e^-10 of the mass
+                attn.sink_logit.fill_(-10.0)
+            if cfg.sink in ("kv_bias", "k_bias"):  # a zero key and value: softmax1 at step 0
+                attn.k_slot.zero_()
+                if hasattr(attn, "v_slot"):
+                    attn.v_slot.zero_()
+            if cfg.attn_gate != "none":  # gate open: sigmoid(10) = 0.99995
+                attn.c_gate.weight.zero_()
+                if attn.c_gate.bias is not None:
+                    attn.c_gate.bias.fill_(10.0)
+        if cfg.sink == "token":  # the token the model already uses as a sink: BOS at position 0
+            wpe = self.transformer.wpe.weight[0] if hasattr(self.transformer, "wpe") else 0.0
+            self.sink_tokens.copy_((self.transformer.wte.weight[cfg.bos_token] + wpe).expand_as(self.sink_tokens))
+        if cfg.sink == "bos_override":  # the model's own residual at a BOS in position 0, after each block
+            captured = {}
+            for layer in range(cfg.n_layer):
+                self.add_hook(f"h.{layer}.resid_post", lambda x, layer=layer: captured.__setitem__(layer, x[0, 0]))
+            self.config.sink = "none"  # run the plain model once to read them
+            try:
+                self(torch.tensor([[cfg.bos_token]], device=self.lm_head.weight.device))
+            finally:
+                self.config.sink = "bos_override"
+                self.clear_hooks()
+            for layer, block in enumerate(self.transformer.h):
+                block.bos_resid.copy_(captured[layer])
+
+    def export_hf(self, out_dir):
+        """Write config.json + model.safetensors that transformers' GPT2LMHeadModel loads."""
+        cfg = self.config
+        defaults = GPTConfig()
+        unsupported = [key for key in ("sink", "attn_gate", "attn_fn", "pos_emb", "norm", "norm_pos", "qk_norm",
+                                       "mlp_act", "logit_softcap") if getattr(cfg, key) != getattr(defaults, key)]
+        if unsupported:
+            raise ValueError("the Hugging Face GPT-2 format cannot express " +
+                             ", ".join(f"{k}={getattr(cfg, k)!r}" for k in unsupported))
+        from safetensors.torch import save_file
+        V = cfg.vocab_size
+        out = {}
+        for name, tensor in self.state_dict().items():
+            if name == "lm_head.weight" and cfg.tie_embeddings:
+                continue
+            tensor = tensor.detach().float().cpu()
+            if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                tensor = tensor.t()
+            if name in ("transformer.wte.weight", "lm_head.weight"):
+                tensor = tensor[:V]
+            out[name] = tensor.contiguous()
+        if not cfg.bias:  # GPT-2 always has biases: zeros are exact
+            for name, module in self.named_modules():
+                if isinstance(module, (nn.Linear, LayerNorm)) and name != "lm_head":
+                    out[f"{name}.bias"] = torch.zeros(module.weight.shape[0])
+        os.makedirs(out_dir, exist_ok=True)
+        save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=V,
+                         n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                         n_head=cfg.n_head, n_inner=None, activation_function="gelu_new",
+                         layer_norm_epsilon=1e-5, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+                         attn_pdrop=cfg.dropout, initializer_range=0.02, bos_token_id=cfg.bos_token,
+                         eos_token_id=cfg.bos_token, tie_word_embeddings=cfg.tie_embeddings)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+
+
+def is_new_parameter(name):
+    """Parameters a plain GPT-2 checkpoint does not have: the sink mechanisms' and the gate's."""
+    return any(part in name for part in ("sink_logit", "k_slot", "v_slot", "c_gate", "bos_resid", "sink_tokens",
+                                         "q_norm", "k_norm"))
+
+
+def read_hf_weights(path):
+    safetensors_file = os.path.join(path, "model.safetensors")
+    if os.path.exists(safetensors_file):
+        from safetensors.torch import load_file
+        return load_file(safetensors_file)
+    bin_file = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(bin_file):
+        return torch.load(bin_file, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+
+
+def download_gpt2(name):
+    """Fetch a GPT-2 checkpoint from the Hugging Face hub (needs network); returns its local folder."""
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name, allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:  # no network, unknown name, missing package
+        raise FileNotFoundError(f"{name!r} is not a local folder and could not be fetched from the hub "
+                                f"({type(e).__name__}); pass a folder with config.json and model.safetensors") from None
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits (B, V): greedy at temperature 0, else temperature, top-k, top-p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
