@@ -1,0 +1,195 @@
+"""
+Benchmark training steps (and, with --generate, KV-cache generation) on this machine.
+
+    python bench.py config/train_shakespeare_char.py                  # ms/iter, tokens/s, MFU, peak memory
+    python bench.py config/gpt2_124m.py --compare=sink=none,token,logit,kv_bias --json
+    python bench.py --generate                                        # GPT-2 124M, 512-token prompt, 64 new tokens
+
+Steps run on random tokens (no dataset needed) through the same model, optimizer and precision code as
+train.py. --compare=KEY=V1,V2,... times every variant in one process, interleaved in rounds, and reports
+each variant's median ms/iter and its ratio to the first: compare ratios, not absolute times, on a noisy machine.
+"""
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from configurator import ConfigError, check_value, load_config, model_config
+from model import GPT, GPTConfig
+from train import autocast_context, build_optimizer, peak_flops, pick_device, pick_dtype
+
+BENCH_FLAGS = {"json": False, "generate": False, "steps": 10, "warmup": 3, "rounds": 3, "compare": "",
+               "vocab_size": 0, "no_cache_steps": 0}
+
+
+def split_flags(argv):
+    """Separate bench.py's own flags from config files and config --key=value flags."""
+    own, rest = dict(BENCH_FLAGS), []
+    for arg in argv:
+        key, _, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if key in own:
+            own[key] = type(BENCH_FLAGS[key])(value) if value and not isinstance(BENCH_FLAGS[key], bool) else (
+                value or True)
+        else:
+            rest.append(arg)
+    return own, rest
+
+
+def peak_memory_mb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def dataset_vocab(cfg, override):
+    """The dataset's vocabulary size when it is prepared; GPT-2's otherwise."""
+    if override:
+        return override
+    try:
+        from loader import open_dataset
+        from prep import read_meta
+        return read_meta(open_dataset(cfg["dataset"], auto_prepare=False))["vocab_size"]
+    except Exception:
+        return 50257
+
+
+class StepRunner:
+    """One model + optimizer, stepped on random batches exactly as train.py steps them."""
+
+    def __init__(self, cfg, vocab_size, device):
+        self.device, self.cfg = device, cfg
+        device_type = device.split(":")[0]
+        torch.manual_seed(cfg["seed"])
+        self.model = GPT(model_config(cfg, vocab_size, bos_token=vocab_size - 1)).to(device)
+        self.optimizer = build_optimizer(self.model, cfg, device_type)
+        self.ctx = autocast_context(device_type, pick_dtype(cfg["dtype"], device_type))
+        use_compile = cfg["compile"] if cfg["compile"] != "auto" else device_type == "cuda"
+        self.step_model = torch.compile(self.model) if use_compile else self.model
+        shape = (cfg["batch_size"], cfg["block_size"])
+        self.x = torch.randint(0, vocab_size, shape, device=device)
+        self.y = torch.randint(0, vocab_size, shape, device=device)
+        self.tokens_per_step = shape[0] * shape[1] * cfg["gradient_accumulation_steps"]
+
+    def step(self):
+        for _ in range(self.cfg["gradient_accumulation_steps"]):
+            with self.ctx:
+                _, loss = self.step_model(self.x, self.y)
+            loss.backward()
+        if self.cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def time_steps(self, n):
+        sync = torch.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.step()
+        sync()
+        return 1000 * (time.perf_counter() - t0) / n
+
+
+def bench_training(cfg, flags):
+    device = pick_device(cfg["device"])
+    vocab_size = dataset_vocab(cfg, flags["vocab_size"])
+    variants = [(None, None)]
+    if flags["compare"]:
+        key, _, values = flags["compare"].partition("=")
+        variants = [(key, check_value(key, parse_value(v, cfg[key]), "--compare")) for v in values.split(",")]
+    runners = []
+    for key, value in variants:
+        variant_cfg = dict(cfg, **({key: value} if key else {}))
+        runner = StepRunner(variant_cfg, vocab_size, device)
+        runner.time_steps(flags["warmup"])
+        runners.append(runner)
+    times = [[] for _ in runners]
+    for _ in range(flags["rounds"]):  # interleave variants so machine noise hits all of them alike
+        for i, runner in enumerate(runners):
+            times[i].append(runner.time_steps(flags["steps"]))
+    peak = peak_flops(device)
+    results = []
+    for (key, value), runner, ms in zip(variants, runners, times):
+        ms_per_iter = statistics.median(ms)
+        flops = runner.model.flops_per_token(cfg["block_size"]) * runner.tokens_per_step
+        results.append(dict(variant=f"{key}={value}" if key else "base", ms_per_iter=ms_per_iter,
+                            tokens_per_s=runner.tokens_per_step / ms_per_iter * 1000,
+                            mfu=flops / (ms_per_iter / 1000) / peak if peak else None,
+                            ratio=ms_per_iter / statistics.median(times[0]),
+                            params=runner.model.num_params()))
+    return dict(device=device_name(device), peak_mem_mb=peak_memory_mb(device), variants=results,
+                **{k: results[0][k] for k in ("ms_per_iter", "tokens_per_s", "mfu", "params")})
+
+
+def parse_value(text, like):
+    if isinstance(like, bool):
+        return text in ("True", "true", "1")
+    if isinstance(like, (int, float)):
+        return type(like)(text)
+    return text
+
+
+def device_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    if device == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return device
+
+
+@torch.no_grad()
+def bench_generation(cfg, flags):
+    """GPT-2 124M with random weights: a 512-token prompt, then 64 new tokens, greedy, with the KV cache."""
+    device = pick_device(cfg["device"])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig()).to(device).eval()
+    prompt = torch.randint(0, 50257, (1, 512), device=device)
+    model.generate(prompt[:, :16], 4, temperature=0)  # warm-up
+    t0 = time.perf_counter()
+    model.generate(prompt, 1, temperature=0)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = model.generate(prompt, 64, temperature=0)
+    total_s = time.perf_counter() - t0
+    result = dict(device=device_name(device), params=model.num_params(), prompt_tokens=512, new_tokens=64,
+                  total_s=total_s, tokens_per_s=64 / total_s, prefill_s=prefill_s,
+                  decode_tokens_per_s=63 / max(total_s - prefill_s, 1e-9), peak_mem_mb=peak_memory_mb(device))
+    if flags["no_cache_steps"]:  # the recompute-everything baseline, extrapolated from a few steps
+        t0 = time.perf_counter()
+        model.generate(prompt, flags["no_cache_steps"], temperature=0, use_cache=False)
+        result["no_cache_tokens_per_s"] = flags["no_cache_steps"] / (time.perf_counter() - t0)
+    assert out.shape == (1, 576)
+    return result
+
+
+def main(argv):
+    flags, rest = split_flags(argv)
+    try:
+        cfg = load_config(rest)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    result = bench_generation(cfg, flags) if flags["generate"] else bench_training(cfg, flags)
+    if flags["json"]:
+        print(json.dumps(result))
+    elif flags["generate"]:
+        print(f"{result['device']}: {result['tokens_per_s']:.1f} tokens/s for 64 new tokens after a 512-token "
+              f"prompt (prefill {result['prefill_s']:.2f} s, decode {result['decode_tokens_per_s']:.1f} tokens/s)"
+              + (f"; without cache {result['no_cache_tokens_per_s']:.2f} tokens/s" if "no_cache_tokens_per_s"
+                 in result else ""))
+    else:
+        print(f"device {result['device']}, {result['params'] / 1e6:.2f}M params, peak memory "
+              f"{result['peak_mem_mb']:.0f} MB")
+        for r in result["variants"]:
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            print(f"{r['variant']:>24}: {r['ms_per_iter']:8.2f} ms/iter  {r['tokens_per_s']:10,.0f} tok/s  "
+                  f"MFU {mfu:>6}  x{r['ratio']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,122 @@
+"""
+Sample from a trained checkpoint or from GPT-2 weights.
+
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
+    python sample.py --init_from=path/to/gpt2 --start=FILE:prompt.txt --temperature=0.8 --top_p=0.95
+
+The same --seed gives the same text. Bad input (unknown characters, an empty prompt, a missing or corrupted
+checkpoint) stops with one line; a prompt longer than the context is cropped with a warning.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+from model import GPT
+from train import RunError, autocast_context, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="out", help="a training run's folder (reads out_dir/ckpt.pt)")
+    parser.add_argument("--init_from", default="resume", help="'resume' (use --out_dir) or a GPT-2 directory/name")
+    parser.add_argument("--start", default=None, help="prompt text, or FILE:path; default: the BOS token alone")
+    parser.add_argument("--num_samples", type=int, default=3)
+    parser.add_argument("--max_new_tokens", type=int, default=300)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=200, help="0 = off")
+    parser.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--no_cache", action="store_true", help="recompute the whole context every token")
+    return parser.parse_args(argv)
+
+
+def load_model_and_tokenizer(init_from, out_dir, device):
+    """(model, tokenizer, prepend_bos) for a checkpoint folder or a GPT-2 directory/name."""
+    from tokenizer import load_tokenizer
+    if init_from == "resume":
+        path = os.path.join(out_dir, "ckpt.pt")
+        checkpoint = load_checkpoint(path)
+        model = model_from_checkpoint(checkpoint, path)
+        meta = checkpoint.get("meta") or {}
+        cfg = checkpoint.get("config", {})
+        prepend_bos = bool(cfg.get("prepend_bos") or cfg.get("align_to_docs"))
+    else:
+        try:
+            model = GPT.from_pretrained(init_from)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise RunError(str(e)) from None
+        meta = {"tokenizer": "gpt2", "bos_token": model.config.bos_token, "vocab_size": model.config.vocab_size}
+        prepend_bos = False
+    if not meta:
+        raise RunError(f"{out_dir}/ckpt.pt carries no tokenizer description (meta)")
+    return model.to(device).eval(), load_tokenizer(meta), prepend_bos
+
+
+def read_prompt(start):
+    if start is None:
+        return None
+    if start.startswith("FILE:"):
+        path = start[len("FILE:"):]
+        if not os.path.isfile(path):
+            raise RunError(f"prompt file {path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            start = f.read()
+    if start == "":
+        raise RunError("the prompt is empty; give --start=TEXT, or leave --start out to begin from the BOS token")
+    return start
+
+
+def encode_prompt(tokenizer, text, prepend_bos, block_size):
+    """Token ids of the prompt (BOS alone when there is none), cropped to the last block_size - 1 tokens."""
+    if text is None:
+        ids = [tokenizer.bos_token]
+    else:
+        try:
+            ids = tokenizer.encode(text)
+        except ValueError as e:  # characters outside a char-level vocabulary
+            raise RunError(str(e)) from None
+        if prepend_bos:
+            ids = [tokenizer.bos_token] + ids
+    if len(ids) >= block_size:
+        print(f"warning: the prompt has {len(ids)} tokens; keeping the last {block_size - 1} "
+              f"(block_size {block_size})", file=sys.stderr)
+        ids = ids[-(block_size - 1):]
+    return ids
+
+
+def sample(args):
+    device = pick_device(args.device)
+    device_type = device.split(":")[0]
+    model, tokenizer, prepend_bos = load_model_and_tokenizer(args.init_from, args.out_dir, device)
+    ids = encode_prompt(tokenizer, read_prompt(args.start), prepend_bos, model.config.block_size)
+    ctx = autocast_context(device_type, pick_dtype(args.dtype, device_type))
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    texts = []
+    for _ in range(args.num_samples):
+        with ctx:
+            y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                               top_p=args.top_p, generator=generator, use_cache=not args.no_cache)
+        texts.append(tokenizer.decode(y[0].tolist()))
+    return texts
+
+
+def main(argv):
+    args = parse_args(argv)
+    try:
+        for text in sample(args):
+            print(text)
+            print("---------------")
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

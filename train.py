@@ -1,0 +1,462 @@
+"""
+Train a GPT (plain GPT-2 or with dedicated sink options) on one device or with DDP.
+
+    python train.py config/train_shakespeare_char.py --key=value ...
+    torchrun --standalone --nproc_per_node=2 train.py config/...
+
+Writes out_dir/config.json (the resolved config), out_dir/metrics.jsonl (one JSON object per log/eval event)
+and out_dir/ckpt.pt (atomic; resumable bit for bit with init_from='resume'). Ctrl-C or SIGTERM saves a
+checkpoint before exiting; a NaN/inf loss stops the run and leaves the last good checkpoint intact.
+"""
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+
+import torch
+
+from configurator import MODEL_KEYS, ConfigError, load_config, model_config
+from model import GPT, GPTConfig
+
+# dense bf16 peak FLOP/s of the accelerators we know (MFU is null elsewhere)
+PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+              "GH200": 989e12, "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
+              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+
+
+class RunError(Exception):
+    """A problem with the run's inputs (data, checkpoint, prompt): printed as one line, exit code 1."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# device, precision, distributed
+
+
+def setup_distributed(cfg):
+    """(rank, local_rank, world_size); initialises the process group when launched by torchrun."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 0, 1
+    import torch.distributed as dist
+    use_cuda = torch.cuda.is_available() and cfg["device"] in ("auto", "cuda")
+    dist.init_process_group(backend=cfg["backend"] if use_cuda else "gloo",
+                            timeout=timedelta(seconds=cfg["ddp_timeout"]))
+    return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+
+
+def pick_device(requested, local_rank=0):
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(requested, device_type):
+    if requested != "auto":
+        return requested
+    return "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+
+
+def autocast_context(device_type, dtype):
+    if dtype == "float32" or device_type == "cpu" and dtype != "bfloat16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+def peak_flops(device):
+    """The device's own dense bf16 peak, or None where unknown (CPUs, unlisted GPUs)."""
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key, flops in PEAK_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# data
+
+
+def make_loader(cfg, split, device, rank=0, world_size=1):
+    """The data source of a dataset: prepared token files (loader.py) or the Bigram-Backcopy generator."""
+    if cfg["dataset"] == "bigram_backcopy":
+        from bigram_backcopy import BigramBackcopy
+        return BigramBackcopy(split, cfg["batch_size"], cfg["block_size"], seed=cfg["seed"],
+                              n_triggers=cfg["bb_triggers"], device=device, rank=rank, world_size=world_size)
+    from loader import TokenLoader, open_dataset
+    data_dir = open_dataset(cfg["dataset"])
+    return TokenLoader(data_dir, split, cfg["batch_size"], cfg["block_size"], seed=cfg["seed"],
+                       prepend_bos=cfg["prepend_bos"], align_to_docs=cfg["align_to_docs"], device=device,
+                       rank=rank, world_size=world_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# model and optimizer
+
+
+def load_checkpoint(path, device="cpu"):
+    """torch.load(weights_only=True) with one clear error for missing, truncated or corrupted files."""
+    if not os.path.exists(path):
+        raise RunError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise RunError(f"checkpoint {path} is unreadable (truncated or corrupted?): {type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def model_from_checkpoint(checkpoint, path="checkpoint"):
+    model = GPT(GPTConfig.from_dict(checkpoint["model_args"]))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line or "Missing" in line
+                      or "Unexpected" in line), str(e).splitlines()[0])
+        raise RunError(f"{path} does not match its model config: {first}") from None
+    return model
+
+
+def build_model(cfg, vocab_size, bos_token, checkpoint=None):
+    if checkpoint is not None:
+        saved = checkpoint["model_args"]
+        for key in MODEL_KEYS:
+            if key in saved and saved[key] != cfg[key] and key != "dropout":
+                raise RunError(f"config key '{key}'={cfg[key]!r} differs from the checkpoint's {saved[key]!r}; "
+                               "resume with the checkpoint's model settings")
+        if saved["vocab_size"] != vocab_size:
+            raise RunError(f"checkpoint vocab_size {saved['vocab_size']} does not match dataset "
+                           f"'{cfg['dataset']}' ({vocab_size})")
+        return model_from_checkpoint(checkpoint, os.path.join(cfg["out_dir"], "ckpt.pt"))
+    if cfg["init_from"] == "scratch":
+        return GPT(model_config(cfg, vocab_size, bos_token))
+    # a GPT-2 directory or hub name: its shape wins, our options (sinks, dropout, ...) are applied on top
+    overrides = {k: cfg[k] for k in MODEL_KEYS if k not in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
+    try:
+        model = GPT.from_pretrained(cfg["init_from"], **overrides)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise RunError(str(e)) from None
+    if model.config.vocab_size != vocab_size:
+        raise RunError(f"{cfg['init_from']} has vocab_size {model.config.vocab_size} but dataset "
+                       f"'{cfg['dataset']}' has {vocab_size}; use a GPT-2 BPE dataset")
+    if cfg["block_size"] < model.config.block_size:
+        model.crop_block_size(cfg["block_size"])
+    return model
+
+
+def is_sink_parameter(name):
+    return any(part in name for part in ("sink_logit", "k_slot", "v_slot", "bos_resid", "sink_tokens"))
+
+
+def build_optimizer(model, cfg, device_type):
+    """AdamW (or SGD) with weight decay on weight matrices only; norms, biases and sink parameters are
+    not decayed (decay would pull a sink towards 'off')."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and not is_sink_parameter(name) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=cfg["learning_rate"], momentum=cfg["momentum"])
+    extra = {"fused": True} if device_type in ("cuda", "cpu") else {}
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
+                             **extra)
+
+
+def lr_at(it, cfg):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (0 = max_iters)."""
+    if not cfg["decay_lr"]:
+        return cfg["learning_rate"]
+    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
+    if it < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
+    if it >= decay_iters:
+        return cfg["min_lr"]
+    ratio = (it - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
+    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints and logs
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file in the same folder, flush it to disk, then rename over the target: a crash
+    mid-write leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """Appends one JSON object per event to out_dir/metrics.jsonl."""
+
+    def __init__(self, path, resume_iter=None):
+        self.path = path
+        if resume_iter is not None and os.path.exists(path):  # drop events after the checkpoint we resume from
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= resume_iter]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+
+    def write(self, **event):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+
+class StopSignal:
+    """Ctrl-C / SIGTERM ask the loop to save a checkpoint and stop after the current iteration."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate(model, loaders, eval_iters, ctx, world_size):
+    """Mean loss over eval_iters batches per split. Each loader restarts from its initial state, so every
+    evaluation sees the same batches and val losses compare across iterations and runs."""
+    model.eval()
+    out = {}
+    for split, (loader, start_state) in loaders.items():
+        loader.load_state_dict(start_state)
+        losses = torch.zeros(eval_iters)
+        extra = {}
+        for i in range(eval_iters):
+            x, y = loader.next_batch()
+            with ctx:
+                logits, loss = model(x, y)
+            losses[i] = loss.item()
+            if split == "val" and hasattr(loader, "eval_metrics"):
+                for key, value in loader.eval_metrics(logits, x, y).items():
+                    extra[key] = extra.get(key, 0.0) + value / eval_iters
+        mean = losses.mean()
+        if world_size > 1:
+            import torch.distributed as dist
+            mean = mean.to(next(model.parameters()).device)
+            dist.all_reduce(mean, op=dist.ReduceOp.AVG)
+        out[f"{split}_loss"] = mean.item()
+        out.update({f"{split}_{k}": v for k, v in extra.items()})
+    model.train()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# the training loop
+
+
+def train(cfg):
+    rank, local_rank, world_size = setup_distributed(cfg)
+    master = rank == 0
+    device = pick_device(cfg["device"], local_rank)
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    dtype = pick_dtype(cfg["dtype"], device_type)
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg["gradient_accumulation_steps"] % world_size:
+        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be divisible "
+                          f"by the number of processes ({world_size})")
+    accum_steps = cfg["gradient_accumulation_steps"] // world_size
+    torch.manual_seed(cfg["seed"])
+    ctx = autocast_context(device_type, dtype)
+    out_dir = cfg["out_dir"]
+
+    checkpoint = None
+    if cfg["init_from"] == "resume":
+        checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    train_loader = make_loader(cfg, "train", device, rank, world_size)
+    eval_loaders = {split: make_loader(cfg, split, device, rank, world_size) for split in ("train", "val")}
+    eval_loaders = {split: (loader, loader.state_dict()) for split, loader in eval_loaders.items()}
+    model = build_model(cfg, train_loader.vocab_size, train_loader.bos_token, checkpoint)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    iter_num, best_val_loss, tokens_seen = 0, float("inf"), 0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        tokens_seen = checkpoint["tokens"]
+        train_loader.load_state_dict(checkpoint["loader"])
+        set_rng_state(checkpoint["rng"])
+    checkpoint = None  # free memory
+
+    raw_model = model
+    use_compile = cfg["compile"] if cfg["compile"] != "auto" else device_type == "cuda"
+    if use_compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * accum_steps * world_size
+    flops_per_iter = raw_model.flops_per_token(cfg["block_size"]) * tokens_per_iter
+    peak = peak_flops(device)
+    resumed_at = iter_num if cfg["init_from"] == "resume" else None
+    log = None
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(dict(cfg, world_size=world_size, device_resolved=device, dtype_resolved=dtype), f, indent=2)
+        log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), resumed_at)
+        print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens/iter, device {device}, "
+              f"{dtype}, world size {world_size}" + (f", resuming at iter {iter_num}" if resumed_at is not None else ""))
+        if hasattr(train_loader, "bayes_loss"):
+            log.write(iter=iter_num, bayes_loss=train_loader.bayes_loss)
+            print(f"Bayes-optimal loss of the process: {train_loader.bayes_loss:.4f}")
+
+    tracker = None
+    if cfg["track_interval"] > 0:
+        from analyze import TrainingTracker
+        tracker = TrainingTracker(raw_model, cfg, eval_loaders["val"][0])
+
+    def checkpoint_state():
+        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model_args": raw_model.config.to_dict(), "config": cfg, "iter_num": iter_num,
+                "best_val_loss": best_val_loss, "tokens": tokens_seen, "rng": rng_state(),
+                "loader": pending_loader_state, "meta": train_loader.meta}
+
+    def save_checkpoint():
+        save_atomic(checkpoint_state(), os.path.join(out_dir, "ckpt.pt"))
+
+    stop = StopSignal()
+    pending_loader_state = train_loader.state_dict()  # the state that reproduces the prefetched batch
+    x, y = train_loader.next_batch()
+    t_last, iters_since_log = time.perf_counter(), 0
+    while True:
+        lr = lr_at(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        if iter_num % cfg["eval_interval"] == 0 and iter_num != resumed_at or iter_num == cfg["max_iters"]:
+            losses = evaluate(model, eval_loaders, cfg["eval_iters"], ctx, world_size)
+            if not math.isfinite(losses["val_loss"]):
+                raise RunError(f"val loss is {losses['val_loss']} at iter {iter_num}; stopping, the last good "
+                               f"checkpoint in {out_dir} is untouched")
+            improved = losses["val_loss"] < best_val_loss
+            best_val_loss = min(best_val_loss, losses["val_loss"])
+            if master:
+                print(f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}")
+                log.write(iter=iter_num, tokens=tokens_seen, lr=lr, best_val_loss=best_val_loss, **losses)
+                if iter_num > 0 and (improved or cfg["always_save_checkpoint"]):
+                    save_checkpoint()
+            t_last = time.perf_counter()  # evaluation time is not training time
+        if iter_num == cfg["max_iters"] or cfg["eval_only"]:
+            break
+
+        for micro_step in range(accum_steps):
+            sync = micro_step == accum_steps - 1
+            no_sync = model.no_sync() if world_size > 1 and not sync else contextlib.nullcontext()
+            with no_sync:
+                with ctx:
+                    _, loss = model(x, y)
+                    loss = loss / accum_steps
+                pending_loader_state = train_loader.state_dict()
+                x, y = train_loader.next_batch()  # prefetch while the device works
+                scaler.scale(loss).backward()
+        grad_norm = None
+        if cfg["grad_clip"] > 0:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        tokens_seen += tokens_per_iter
+        iters_since_log += 1
+
+        if tracker is not None and iter_num % cfg["track_interval"] == 0 and master:
+            log.write(iter=iter_num, tokens=tokens_seen, **tracker.measure())
+
+        if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
+            loss_value = loss.detach() * accum_steps  # the last micro-batch's loss: one host sync per log
+            if world_size > 1:
+                import torch.distributed as dist
+                dist.all_reduce(loss_value, op=dist.ReduceOp.AVG)
+            loss_value = loss_value.item()
+            if not math.isfinite(loss_value):
+                raise RunError(f"loss is {loss_value} at iter {iter_num}; stopping, the last good checkpoint in "
+                               f"{out_dir} is untouched")
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t_last
+            ms_per_iter = 1000 * elapsed / iters_since_log
+            tokens_per_s = tokens_per_iter * iters_since_log / elapsed
+            mfu = flops_per_iter * iters_since_log / elapsed / peak if peak else None
+            if master:
+                mfu_text = f", mfu {100 * mfu:.1f}%" if mfu is not None else ""
+                print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {ms_per_iter:.1f} ms/iter, "
+                      f"{tokens_per_s:,.0f} tok/s{mfu_text}")
+                log.write(iter=iter_num, tokens=tokens_seen, lr=lr, train_loss=loss_value, ms_per_iter=ms_per_iter,
+                          tokens_per_s=tokens_per_s, mfu=mfu,
+                          grad_norm=None if grad_norm is None else grad_norm.item())
+            t_last, iters_since_log = time.perf_counter(), 0
+
+        if stop.received:
+            if master:
+                if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+                    raise RunError(f"{stop.received}: parameters are not finite, checkpoint not written")
+                save_checkpoint()
+                print(f"{stop.received} at iter {iter_num}: checkpoint saved to {out_dir}/ckpt.pt")
+            return 130
+    if master and tracker is not None:
+        tracker.close()
+    return 0
+
+
+def main(argv):
+    try:
+        cfg = load_config(argv)
+        code = train(cfg)
+    except (ConfigError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    except FileNotFoundError as e:  # missing prepared data: the message names the prepare command
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        if int(os.environ.get("RANK", -1)) != -1:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
