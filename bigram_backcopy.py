@@ -175,9 +175,10 @@ class BigramBackcopy:
         self.bayes_loss_per_position = bayes_loss_per_position(self.table, block_size)
         self.bayes_loss = float(self.bayes_loss_per_position.mean())
 
-        # one stream per (seed, split, rank): crc32 gives a split code that is stable across runs
-        # (Python's hash() of a str is salted per process)
-        seq = np.random.SeedSequence([seed, zlib.crc32(split.encode()), rank])
+        # one stream per (seed, split), shared by all DDP ranks: each draws the global batch and keeps its own
+        # rows, so N processes see exactly the batches of one process with an N times larger batch.
+        # crc32 gives a split code that is stable across runs (Python's hash() of a str is salted per process)
+        seq = np.random.SeedSequence([seed, zlib.crc32(split.encode())])
         self.rng = np.random.Generator(np.random.PCG64(seq))
         self._is_trigger_on = {}  # device -> bool lookup tensor
 
@@ -198,7 +199,8 @@ class BigramBackcopy:
         return np.ascontiguousarray(seq.T)
 
     def next_batch(self):
-        seq = torch.from_numpy(self.sample(self.batch_size))
+        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        seq = torch.from_numpy(self.sample(self.batch_size * self.world_size)[rows])
         x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)

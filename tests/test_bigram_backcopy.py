@@ -185,10 +185,17 @@ def test_train_val_and_ranks_are_separate_streams():
     x_train, _ = make("train").next_batch()
     x_val, _ = make("val").next_batch()
     x_val_again, _ = make("val").next_batch()
-    x_rank1, _ = make("train", rank=1, world_size=2).next_batch()
     assert not torch.equal(x_train, x_val)
     assert torch.equal(x_val, x_val_again)  # a re-created val loader sees the same sequences
-    assert not torch.equal(x_train, x_rank1)
+
+
+def test_ranks_split_the_global_batch_of_one_process():
+    # DDP: rank r's rows are rows [r*B, (r+1)*B) of one process's batch of B * world_size
+    single = make("train", batch_size=8)
+    ranks = [make("train", batch_size=4, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        x, _ = single.next_batch()
+        assert torch.equal(x, torch.cat([r.next_batch()[0] for r in ranks]))
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,17 @@
+"""
+FineWeb / FineWeb-Edu in GPT-2 BPE shards of --shard_size tokens (train_000.bin, ..., val_000.bin),
+streamed with the datasets library and tokenised in --num_proc processes.
+
+    python data/fineweb/prepare.py                                            # fineweb-edu sample-10BT
+    python data/fineweb/prepare.py --name HuggingFaceFW/fineweb --subset sample-10BT --max_tokens 1e9
+    python data/fineweb/prepare.py --input local_dir_of_parquet_or_jsonl/     # offline
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # repo root
+import prep
+
+if __name__ == "__main__":
+    parser = prep.sharded_parser(__doc__, __file__, name="HuggingFaceFW/fineweb-edu", subset="sample-10BT")
+    prep.sharded_main(parser.parse_args())

@@ -1,0 +1,168 @@
+"""
+Tokenizers for sinkgpt: GPT-2 BPE (tiktoken, with an offline fallback built from the
+bundled ranks file) and the character-level tokenizer of a prepared dataset's meta.json.
+
+    enc = gpt2_encoding()                  # tiktoken.Encoding, works without network
+    tok = load_tokenizer(meta)             # meta = json.load(open("data/<name>/meta.json"))
+    ids = tok.encode("To be"); text = tok.decode(ids)
+"""
+import functools
+import hashlib
+import os
+import socket
+import tempfile
+import threading
+
+import tiktoken
+import tiktoken.load
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+BUNDLED_GPT2_RANKS = os.path.join(REPO_ROOT, "data", "gpt2_tokenizer", "gpt2.tiktoken")
+GPT2_EOT = 50256
+EOT_TEXT = "<|endoftext|>"
+
+# GPT-2's pre-tokenisation split pattern, in the possessive form tiktoken uses for "gpt2"
+# (same matches as the original r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+|..." but faster)
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+# the two files tiktoken fetches for "gpt2"; it caches each under sha1(url) in its cache dir
+GPT2_URLS = (
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+)
+GPT2_HOST = "openaipublic.blob.core.windows.net"
+
+
+def _tiktoken_cache_dir():
+    # mirrors tiktoken.load.read_file_cached: env overrides, else <tmp>/data-gym-cache
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if var in os.environ:
+            return os.environ[var]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def _tiktoken_gpt2_cached():
+    cache_dir = _tiktoken_cache_dir()
+    if not cache_dir:  # "" disables tiktoken's cache: it would always download
+        return False
+    keys = [hashlib.sha1(url.encode()).hexdigest() for url in GPT2_URLS]
+    return all(os.path.exists(os.path.join(cache_dir, k)) for k in keys)
+
+
+def _run_with_timeout(fn, timeout_s):
+    """fn() in a daemon thread; its result, or None if it raised or took longer than timeout_s.
+    A thread because neither DNS lookups nor tiktoken's requests.get have a timeout of their own."""
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except Exception:
+            pass
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return result.get("value")
+
+
+def _host_reachable(timeout_s=2.0):
+    def connect():
+        with socket.create_connection((GPT2_HOST, 443), timeout=timeout_s):
+            return True
+    return bool(_run_with_timeout(connect, timeout_s))
+
+
+def _offline_forced():
+    return os.environ.get("SINKGPT_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def bundled_gpt2_encoding(path=BUNDLED_GPT2_RANKS):
+    """The GPT-2 encoding built from the bundled ranks file: identical to tiktoken's "gpt2"."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"GPT-2 ranks file not found: {path} (see data/gpt2_tokenizer/SOURCE.md)")
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PAT_STR,
+        mergeable_ranks=tiktoken.load.load_tiktoken_bpe(path),
+        special_tokens={EOT_TEXT: GPT2_EOT},
+        explicit_n_vocab=GPT2_EOT + 1,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_encoding():
+    """tiktoken's "gpt2" when its files are cached or downloadable within seconds, else the
+    identical encoding from the bundled ranks (always, with SINKGPT_OFFLINE=1)."""
+    if not _offline_forced():
+        if _tiktoken_gpt2_cached():
+            enc = _run_with_timeout(lambda: tiktoken.get_encoding("gpt2"), 30)
+        elif _host_reachable():
+            # the download is ~1.5 MB; give up on a stalled connection rather than hang
+            enc = _run_with_timeout(lambda: tiktoken.get_encoding("gpt2"), 30)
+        else:
+            enc = None
+        if enc is not None:
+            return enc
+    return bundled_gpt2_encoding()
+
+
+class CharTokenizer:
+    """Character-level: id = index in the dataset's sorted character list; the last id is EOT."""
+    kind = "char"
+
+    def __init__(self, chars, bos_token):
+        self.chars = list(chars)
+        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+        self.bos_token = int(bos_token)
+        self.vocab_size = max(len(self.chars), self.bos_token) + 1
+
+    def encode(self, text):
+        unknown = sorted(set(text) - self.stoi.keys())
+        if unknown:
+            raise ValueError(f"characters not in the vocabulary: {', '.join(repr(c) for c in unknown)}")
+        return [self.stoi[ch] for ch in text]
+
+    def decode(self, ids):
+        pieces = []
+        for i in ids:
+            i = int(i)
+            if i == self.bos_token:
+                pieces.append(EOT_TEXT)
+            elif 0 <= i < len(self.chars):
+                pieces.append(self.chars[i])
+            else:
+                raise ValueError(f"token id {i} out of range for a vocabulary of {self.vocab_size}")
+        return "".join(pieces)
+
+
+class GPT2Tokenizer:
+    """GPT-2 BPE. encode() accepts a literal <|endoftext|> (so a prompt can start a document)."""
+    kind = "gpt2"
+
+    def __init__(self, encoding=None):
+        self.encoding = encoding or gpt2_encoding()
+        self.bos_token = self.encoding.eot_token
+        self.vocab_size = self.encoding.n_vocab
+
+    def encode(self, text):
+        return self.encoding.encode(text, allowed_special={EOT_TEXT})
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} out of range for a vocabulary of {self.vocab_size}")
+        return self.encoding.decode(ids)
+
+
+def load_tokenizer(meta):
+    """The tokenizer described by a prepared dataset's meta.json (a dict)."""
+    kind = meta.get("tokenizer")
+    if kind == "char":
+        if "chars" not in meta or "bos_token" not in meta:
+            raise ValueError("char meta.json needs 'chars' and 'bos_token'")
+        return CharTokenizer(meta["chars"], meta["bos_token"])
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    raise ValueError(f"unsupported tokenizer {kind!r} in meta.json (supported: char, gpt2)")
