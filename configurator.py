@@ -93,13 +93,22 @@ def check_value(key, value, source):
 
 
 def read_config_file(path):
-    """Run a config file and return its assignments (names starting with '_' and imported modules are skipped)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist")
+    """Run a config file and return its assignments (names starting with '_' and imported modules are skipped).
+    A config may start from another with include("relative/path.py"), resolved next to the including file."""
     namespace = {}
+
+    def run(file):
+        if not os.path.isfile(file):
+            raise ConfigError(f"config file {file} does not exist")
+        with open(file) as f:
+            code = compile(f.read(), file, "exec")
+        namespace["include"] = lambda rel: run(os.path.normpath(os.path.join(os.path.dirname(file), rel)))
+        exec(code, namespace)
+
     try:
-        with open(path) as f:
-            exec(compile(f.read(), path, "exec"), namespace)
+        run(path)
+    except ConfigError:
+        raise
     except Exception as e:
         raise ConfigError(f"config file {path} failed to run: {type(e).__name__}: {e}") from None
     return {k: v for k, v in namespace.items()

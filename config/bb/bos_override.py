@@ -1,0 +1,3 @@
+include("base.py")
+sink = "bos_override"
+out_dir = "out-bb/bos_override"

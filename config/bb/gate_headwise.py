@@ -1,0 +1,3 @@
+include("base.py")
+attn_gate = "headwise"
+out_dir = "out-bb/gate_headwise"

@@ -1,0 +1,3 @@
+include("base.py")
+sink = "token"
+out_dir = "out-bb/token"

@@ -1,0 +1,22 @@
+# nanoGPT's "CPU mini" settings (its README's laptop example on shakespeare_char), for side-by-side speed and
+# loss comparisons: 4 layers, 4 heads, 128 dims, block 64, batch 12, lr 1e-3, 2000 iters, dropout 0.
+out_dir = "out-nanogpt-cpu-mini"
+dataset = "shakespeare_char"
+eval_interval = 250
+eval_iters = 20
+log_interval = 10
+always_save_checkpoint = False
+
+batch_size = 12
+block_size = 64
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+
+learning_rate = 1e-3
+max_iters = 2000
+lr_decay_iters = 2000
+min_lr = 1e-4
+beta2 = 0.99
+warmup_iters = 100

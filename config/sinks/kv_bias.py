@@ -1,0 +1,3 @@
+include("base.py")
+sink = "kv_bias"
+out_dir = "out-sinks/kv_bias"

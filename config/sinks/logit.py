@@ -1,0 +1,3 @@
+include("base.py")
+sink = "logit"
+out_dir = "out-sinks/logit"
