@@ -127,17 +127,16 @@ def parse_flag_value(text, key):
 
 
 def load_config(argv, defaults=None):
-    """Defaults, then config files in order, then --key=value flags. Returns a plain dict."""
+    """Defaults, then config files in order, then --key=value flags (in order). Returns a plain dict."""
     config = dict(DEFAULTS if defaults is None else defaults)
-    for arg in argv:
-        if arg.startswith("--"):
-            key, sep, text = arg[2:].partition("=")
-            if not sep:
-                raise ConfigError(f"flag {arg} needs a value: --{key}=VALUE")
-            config[key] = check_value(key, parse_flag_value(text, key), f"flag {arg}")
-        else:
-            for key, value in read_config_file(arg).items():
-                config[key] = check_value(key, value, arg)
+    for path in [arg for arg in argv if not arg.startswith("--")]:
+        for key, value in read_config_file(path).items():
+            config[key] = check_value(key, value, path)
+    for flag in [arg for arg in argv if arg.startswith("--")]:  # flags win over files, wherever they stand
+        key, sep, text = flag[2:].partition("=")
+        if not sep:
+            raise ConfigError(f"flag {flag} needs a value: --{key}=VALUE")
+        config[key] = check_value(key, parse_flag_value(text, key), f"flag {flag}")
     check_ranges(config)
     return config
 
