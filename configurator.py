@@ -102,8 +102,15 @@ def read_config_file(path):
             raise ConfigError(f"config file {file} does not exist")
         with open(file) as f:
             code = compile(f.read(), file, "exec")
+        outer_include = namespace.get("include")  # restored after, so a nested include resolves from its own folder
         namespace["include"] = lambda rel: run(os.path.normpath(os.path.join(os.path.dirname(file), rel)))
-        exec(code, namespace)
+        try:
+            exec(code, namespace)
+        finally:
+            if outer_include is None:
+                del namespace["include"]
+            else:
+                namespace["include"] = outer_include
 
     try:
         run(path)

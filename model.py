@@ -64,6 +64,9 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("pos_emb='rope' needs an even head size (n_embd // n_head)")
+        if self.attn_fn != "softmax" and self.sink in ("logit", "softmax1", "k_bias"):
+            raise ValueError(f"sink={self.sink!r} does nothing with attn_fn={self.attn_fn!r}: its slot has value 0 "
+                             "and the rows are not normalised (use kv_bias, token or bos_override)")
         if self.n_sink_tokens < 1:
             raise ValueError(f"n_sink_tokens={self.n_sink_tokens} must be >= 1")
 
@@ -118,7 +121,7 @@ def rope_tables(head_size, n_positions, base):
     """cos and sin of the rotary angles, (n_positions, head_size/2) each."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
     angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos(), angles.sin()  # float64: apply_rope casts to the activations' dtype
 
 
 def apply_rope(x, cos, sin):

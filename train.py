@@ -113,7 +113,14 @@ def load_checkpoint(path, device="cpu"):
                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
+def require_keys(checkpoint, keys, path):
+    missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise RunError(f"{path} is not a sinkgpt checkpoint: missing {', '.join(missing)}")
+
+
 def model_from_checkpoint(checkpoint, path="checkpoint"):
+    require_keys(checkpoint, ("model", "model_args"), path)
     model = GPT(GPTConfig.from_dict(checkpoint["model_args"]))
     try:
         model.load_state_dict(checkpoint["model"])
@@ -126,6 +133,8 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
 
 def build_model(cfg, vocab_size, bos_token, checkpoint=None):
     if checkpoint is not None:
+        require_keys(checkpoint, ("model", "model_args", "optimizer", "iter_num", "best_val_loss", "tokens",
+                                  "loader", "rng"), os.path.join(cfg["out_dir"], "ckpt.pt"))
         saved = checkpoint["model_args"]
         for key in MODEL_KEYS:
             if key in saved and saved[key] != cfg[key] and key != "dropout":
@@ -138,7 +147,8 @@ def build_model(cfg, vocab_size, bos_token, checkpoint=None):
     if cfg["init_from"] == "scratch":
         return GPT(model_config(cfg, vocab_size, bos_token))
     # a GPT-2 directory or hub name: its shape wins, our options (sinks, dropout, ...) are applied on top
-    overrides = {k: cfg[k] for k in MODEL_KEYS if k not in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
+    shape_keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "tie_embeddings")
+    overrides = {k: cfg[k] for k in MODEL_KEYS if k not in shape_keys}
     try:
         model = GPT.from_pretrained(cfg["init_from"], **overrides)
     except (FileNotFoundError, KeyError, ValueError) as e:
@@ -441,6 +451,7 @@ def train(cfg):
 
 
 def main(argv):
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # train() installs its own
     try:
         cfg = load_config(argv)
         code = train(cfg)
@@ -451,6 +462,8 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         code = 1
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if int(os.environ.get("RANK", -1)) != -1:
             import torch.distributed as dist
             if dist.is_initialized():

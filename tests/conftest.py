@@ -1,0 +1,154 @@
+"""Shared fixtures: tiny prepared char datasets, a tiny random Hugging Face GPT-2 folder, in-process runs of
+train.py / sample.py, and the `slow` marker (pytest.ini deselects it by default; run with -m slow)."""
+import json
+import os
+import signal
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import prep  # noqa: E402
+
+HAMLET = os.path.join(REPO, "data", "shakespeare", "corpus", "hamlet_gut.txt")
+
+# a tiny char model: 2 layers, width 32, context 32; a few ms per iteration on a CPU
+TINY_TRAIN_FLAGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, eval_iters=4,
+                        eval_interval=10, log_interval=1, warmup_iters=0, learning_rate=3e-3, min_lr=3e-4,
+                        dropout=0.0, device="cpu", dtype="float32", compile=False, grad_clip=1.0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds; run with -m slow")
+    # one intra-op thread: the models here are tiny, and on a shared 2-core machine a second spinning OpenMP
+    # thread makes runs several times slower (measured 3 s vs 16 s for a 60-iteration run under load)
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # no network: the GPT-2 tokenizer comes from the bundled ranks, at once
+    monkeypatch.setenv("SINKGPT_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """train.py installs SIGINT/SIGTERM handlers and leaves them in place; keep pytest's own."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def shakespeare_excerpt(n_chars=24000):
+    """A line-aligned slice of Hamlet from the bundled corpus (real text, so a small model learns fast)."""
+    with open(HAMLET, encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("ACT I.")
+    cut = text.rfind("\n", start, start + n_chars)
+    return text[start:cut + 1]
+
+
+def make_char_dataset(folder, texts):
+    """Prepare .txt documents as a char-level dataset in folder/prepared (prep.py's format)."""
+    src = os.path.join(folder, "src")
+    os.makedirs(src, exist_ok=True)
+    for i, text in enumerate(texts):
+        with open(os.path.join(src, f"doc_{i:02d}.txt"), "w", encoding="utf-8") as f:
+            f.write(text)
+    out = os.path.join(folder, "prepared")
+    prep.prepare_text_dataset([src], out, "char", val_fraction=0.1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def char_dataset(tmp_path_factory):
+    """Absolute path of a prepared char dataset (three chunks of Hamlet, ~24k characters)."""
+    text = shakespeare_excerpt()
+    third = len(text) // 3
+    cuts = [0, text.index("\n", third) + 1, text.index("\n", 2 * third) + 1, len(text)]
+    docs = [text[a:b] for a, b in zip(cuts, cuts[1:])]
+    return make_char_dataset(str(tmp_path_factory.mktemp("char_data")), docs)
+
+
+@pytest.fixture(scope="session")
+def other_char_dataset(tmp_path_factory):
+    """A char dataset with a different (smaller) vocabulary than char_dataset."""
+    text = "".join(f"abc cab {'ab' * (i % 7)} bca\n" for i in range(1500))
+    return make_char_dataset(str(tmp_path_factory.mktemp("other_data")), [text[:20000], text[20000:]])
+
+
+def flags(**overrides):
+    """--key=value flags for train.py: the tiny settings, then the overrides."""
+    merged = dict(TINY_TRAIN_FLAGS, **overrides)
+    return [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in merged.items()]
+
+
+def run_train(out_dir, dataset, **overrides):
+    """train.main in this process; returns its exit code."""
+    import train
+    return train.main(flags(out_dir=str(out_dir), dataset=str(dataset), **overrides))
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train_losses(out_dir):
+    """{iter: train_loss} of the per-iteration log events."""
+    return {e["iter"]: e["train_loss"] for e in read_metrics(out_dir) if "ms_per_iter" in e}
+
+
+def val_losses(out_dir):
+    """[(iter, val_loss)] of the evaluation events, in order."""
+    return [(e["iter"], e["val_loss"]) for e in read_metrics(out_dir) if "val_loss" in e]
+
+
+# ------------------------------------------------------------------------------------------------
+# a tiny random GPT-2 in Hugging Face format
+
+HF_VOCAB = 100
+HF_BOS = HF_VOCAB - 1
+
+
+def tiny_gpt2_config(**overrides):
+    from transformers import GPT2Config
+    kwargs = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=HF_VOCAB, n_positions=32, bos_token_id=HF_BOS,
+                  eos_token_id=HF_BOS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    kwargs.update(overrides)
+    return GPT2Config(**kwargs)
+
+
+def random_gpt2(seed=0, **overrides):
+    """A GPT2LMHeadModel with every weight random (biases and norm parameters too, so a wrong mapping shows)."""
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(tiny_gpt2_config(**overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2():
+    return random_gpt2()
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory, hf_gpt2):
+    """The tiny GPT-2 saved with save_pretrained (config.json + model.safetensors)."""
+    path = str(tmp_path_factory.mktemp("hf_gpt2"))
+    hf_gpt2.save_pretrained(path)
+    assert os.path.exists(os.path.join(path, "model.safetensors"))
+    return path

@@ -1,0 +1,420 @@
+"""train.py: a short run learns and writes its files; resuming is bit for bit (with dropout too); SIGTERM saves a
+resumable checkpoint; a NaN stops the run and leaves the checkpoint intact; best_val_loss; bad inputs; every sink
+option trains, resumes and samples."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, flags, read_metrics, run_train, train_losses, val_losses
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:") and "Traceback" not in err
+    return lines[0]
+
+
+def test_short_run_learns_and_writes_its_files(tmp_path, char_dataset):
+    out = tmp_path / "run"
+    assert run_train(out, char_dataset, max_iters=60, lr_decay_iters=60, eval_interval=20) == 0
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, 61))
+    first, last = losses[1], losses[60]
+    assert first > 3.9  # ~ln(vocab) at the start
+    assert last < first - 0.7, (first, last)
+    vals = val_losses(out)
+    assert [it for it, _ in vals] == [0, 20, 40, 60]
+    assert vals[-1][1] < vals[0][1] - 0.7
+
+    with open(out / "config.json") as f:
+        config = json.load(f)
+    assert config["max_iters"] == 60 and config["n_embd"] == 32 and config["dataset"] == char_dataset
+    assert config["device_resolved"] == "cpu" and config["dtype_resolved"] == "float32"
+
+    events = read_metrics(out)
+    train_events = [e for e in events if "train_loss" in e and "ms_per_iter" in e]
+    for e in train_events:
+        for key in ("iter", "tokens", "lr", "train_loss", "ms_per_iter", "tokens_per_s"):
+            assert key in e, key
+        assert e["tokens"] == e["iter"] * 8 * 32
+        assert e["ms_per_iter"] > 0 and e["tokens_per_s"] > 0
+    eval_events = [e for e in events if "val_loss" in e]
+    assert all("train_loss" in e and "best_val_loss" in e and "lr" in e for e in eval_events)
+    # the cosine schedule: lr from learning_rate down to min_lr at lr_decay_iters
+    lrs = {e["iter"]: e["lr"] for e in train_events}
+    assert lrs[1] == pytest.approx(3e-3, rel=1e-2) and all(lrs[i] >= lrs[i + 1] for i in range(1, 60))
+
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["iter_num"] == 60 and ckpt["tokens"] == 60 * 8 * 32
+    assert ckpt["best_val_loss"] == pytest.approx(min(v for _, v in vals))
+    assert ckpt["model_args"]["n_layer"] == 2 and ckpt["meta"]["tokenizer"] == "char"
+    import train
+    model = train.model_from_checkpoint(ckpt)
+    assert model.config.vocab_size == ckpt["meta"]["vocab_size"]
+
+
+def resume_case(tmp_path, dataset, **extra):
+    """(uninterrupted run A, run B stopped at 10 and resumed to 20)."""
+    common = dict(lr_decay_iters=20, eval_interval=10, log_interval=1, **extra)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_train(a, dataset, max_iters=20, **common) == 0
+    assert run_train(b, dataset, max_iters=10, **common) == 0
+    assert torch.load(b / "ckpt.pt", weights_only=True)["iter_num"] == 10
+    assert run_train(b, dataset, max_iters=20, init_from="resume", **common) == 0
+    return a, b
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(dropout=0.2), dict(gradient_accumulation_steps=2, dropout=0.1),
+                                   dict(optimizer="sgd", learning_rate=0.1, prepend_bos=True)],
+                         ids=["plain", "dropout", "accumulation", "sgd-prepend_bos"])
+def test_resume_is_bit_for_bit(tmp_path, char_dataset, extra):
+    a, b = resume_case(tmp_path, char_dataset, **extra)
+    la, lb = train_losses(a), train_losses(b)
+    assert sorted(lb) == list(range(1, 21))  # the log of B has every iteration once
+    for it in range(11, 21):
+        assert la[it] == lb[it], (it, la[it], lb[it])
+    assert val_losses(a) == val_losses(b)
+    ckpt_a = torch.load(a / "ckpt.pt", weights_only=True)
+    ckpt_b = torch.load(b / "ckpt.pt", weights_only=True)
+    for name, tensor in ckpt_a["model"].items():
+        assert torch.equal(tensor, ckpt_b["model"][name]), name
+    assert ckpt_a["tokens"] == ckpt_b["tokens"] and ckpt_a["best_val_loss"] == ckpt_b["best_val_loss"]
+
+
+def test_dropout_is_really_random_in_training(tmp_path, char_dataset):
+    """Dropout draws from the RNG during training (so the dropout case above tests the restored RNG state)."""
+    assert run_train(tmp_path / "p", char_dataset, max_iters=3, eval_interval=3) == 0
+    assert run_train(tmp_path / "d", char_dataset, max_iters=3, eval_interval=3, dropout=0.2) == 0
+    assert train_losses(tmp_path / "p")[3] != train_losses(tmp_path / "d")[3]
+
+
+def start_train_process(out, dataset, **overrides):
+    # one thread, as in this process (conftest): the resumed run is compared bit for bit with an in-process run
+    env = dict(os.environ, SINKGPT_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    argv = [sys.executable, os.path.join(REPO, "train.py")] + flags(out_dir=str(out), dataset=dataset, **overrides)
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_iter(proc, out, at_least, limit_s=120):
+    """Poll metrics.jsonl until an iteration >= at_least is logged (the limit only guards a hang)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if (out / "metrics.jsonl").exists():
+            with open(out / "metrics.jsonl") as f:
+                complete = [line for line in f.read().split("\n")[:-1] if line.strip()]  # lines being written: no
+            done = [e["iter"] for e in map(json.loads, complete) if "ms_per_iter" in e]
+            if done and max(done) >= at_least:
+                return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the training process logged no progress")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, char_dataset):
+    out = tmp_path / "run"
+    common = dict(lr_decay_iters=400, eval_interval=1000, log_interval=1)
+    proc = start_train_process(out, char_dataset, max_iters=100000, **common)
+    wait_for_iter(proc, out, 5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "SIGTERM" in stdout and "Traceback" not in stderr
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    stopped = ckpt["iter_num"]
+    assert stopped >= 5
+    # the log holds each iteration up to the stop once
+    assert sorted(train_losses(out)) == list(range(1, stopped + 1))
+    # resume for 5 more iterations: equal to a run that was never interrupted
+    assert run_train(out, char_dataset, init_from="resume", max_iters=stopped + 5, **common) == 0
+    ref = tmp_path / "ref"
+    assert run_train(ref, char_dataset, max_iters=stopped + 5, **common) == 0
+    resumed, uninterrupted = train_losses(out), train_losses(ref)
+    assert sorted(resumed) == list(range(1, stopped + 6))
+    for it in range(stopped + 1, stopped + 6):
+        assert resumed[it] == uninterrupted[it], it
+    assert val_losses(out)[-1] == val_losses(ref)[-1]
+
+
+def test_stop_signal_in_process_saves_and_returns_130(tmp_path, char_dataset, monkeypatch):
+    """The same path as SIGTERM, in-process: the handler is called during the 4th iteration."""
+    import train
+    calls = {"n": 0}
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip_and_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            signal.raise_signal(signal.SIGTERM)
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_signal)
+    out = tmp_path / "run"
+    assert run_train(out, char_dataset, max_iters=1000, eval_interval=1000) == 130
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 4
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    assert run_train(out, char_dataset, max_iters=8, eval_interval=1000, init_from="resume") == 0
+    assert train.load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == 8
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, char_dataset, capsys):
+    out = tmp_path / "run"
+    assert run_train(out, char_dataset, max_iters=10, lr_decay_iters=10) == 0
+    before = sha256(out / "ckpt.pt")
+    capsys.readouterr()
+    code = run_train(out, char_dataset, init_from="resume", max_iters=60, lr_decay_iters=60,
+                     learning_rate=1e6, min_lr=1e6, grad_clip=0.0)
+    assert code == 1
+    line = one_error_line(capsys)
+    assert "nan" in line.lower() or "inf" in line.lower()
+    assert sha256(out / "ckpt.pt") == before
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 10
+    # the untouched checkpoint still resumes
+    assert run_train(out, char_dataset, init_from="resume", max_iters=12, lr_decay_iters=12) == 0
+
+
+def test_nan_at_evaluation_keeps_the_checkpoint(tmp_path, char_dataset, capsys, monkeypatch):
+    import train
+    out = tmp_path / "run"
+    assert run_train(out, char_dataset, max_iters=10) == 0
+    before = sha256(out / "ckpt.pt")
+    real = train.evaluate
+
+    def evaluate_nan(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        return dict(losses, val_loss=float("nan"))
+
+    monkeypatch.setattr(train, "evaluate", evaluate_nan)
+    capsys.readouterr()
+    assert run_train(out, char_dataset, init_from="resume", max_iters=20) == 1
+    assert "nan" in one_error_line(capsys)
+    assert sha256(out / "ckpt.pt") == before
+
+
+def test_best_val_loss_is_the_minimum_seen(tmp_path, char_dataset, monkeypatch):
+    import train
+    scripted = {0: 3.0, 10: 2.0, 20: 2.5, 30: 2.8}
+    real = train.evaluate
+    seen = []
+
+    def evaluate_scripted(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        it = len(seen) * 10
+        seen.append(it)
+        return dict(losses, val_loss=scripted[it])
+
+    monkeypatch.setattr(train, "evaluate", evaluate_scripted)
+    out = tmp_path / "run"
+    assert run_train(out, char_dataset, max_iters=30, eval_interval=10, always_save_checkpoint=False) == 0
+    events = [e for e in read_metrics(out) if "val_loss" in e]
+    assert [(e["iter"], e["val_loss"], e["best_val_loss"]) for e in events] == \
+        [(0, 3.0, 3.0), (10, 2.0, 2.0), (20, 2.5, 2.0), (30, 2.8, 2.0)]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["best_val_loss"] == 2.0
+    assert ckpt["iter_num"] == 10  # always_save_checkpoint=False: only the improving evaluation saved
+    # with always_save_checkpoint the last one is saved, still with the minimum as best_val_loss
+    seen.clear()
+    out2 = tmp_path / "run2"
+    assert run_train(out2, char_dataset, max_iters=30, eval_interval=10) == 0
+    ckpt = torch.load(out2 / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 30 and ckpt["best_val_loss"] == 2.0
+
+
+@pytest.fixture
+def trained_run(tmp_path, char_dataset):
+    out = tmp_path / "run"
+    assert run_train(out, char_dataset, max_iters=4, eval_interval=2) == 0
+    return out
+
+
+def test_truncated_checkpoint_is_one_clear_error(trained_run, char_dataset, capsys):
+    path = trained_run / "ckpt.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert run_train(trained_run, char_dataset, init_from="resume", max_iters=8) == 1
+    line = one_error_line(capsys)
+    assert "ckpt.pt" in line and "unreadable" in line
+
+
+def test_corrupted_checkpoint_is_one_clear_error(trained_run, char_dataset, capsys):
+    (trained_run / "ckpt.pt").write_bytes(b"this is not a checkpoint" * 100)
+    capsys.readouterr()
+    assert run_train(trained_run, char_dataset, init_from="resume", max_iters=8) == 1
+    assert "ckpt.pt" in one_error_line(capsys)
+
+
+def test_missing_checkpoint_is_one_clear_error(tmp_path, char_dataset, capsys):
+    assert run_train(tmp_path / "nothing", char_dataset, init_from="resume", max_iters=8) == 1
+    assert "no checkpoint" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("key,value", [("n_layer", 3), ("n_embd", 64), ("sink", "logit"), ("bias", False)])
+def test_resume_with_different_model_settings_names_the_key(trained_run, char_dataset, capsys, key, value):
+    before = sha256(trained_run / "ckpt.pt")
+    capsys.readouterr()
+    assert run_train(trained_run, char_dataset, init_from="resume", max_iters=8, **{key: value}) == 1
+    line = one_error_line(capsys)
+    assert f"'{key}'" in line
+    assert sha256(trained_run / "ckpt.pt") == before
+
+
+def test_resume_with_another_vocabulary_is_an_error(trained_run, other_char_dataset, capsys):
+    assert run_train(trained_run, other_char_dataset, init_from="resume", max_iters=8) == 1
+    assert "vocab_size" in one_error_line(capsys)
+
+
+def test_missing_dataset_is_one_clear_error(tmp_path, capsys):
+    assert run_train(tmp_path / "run", str(tmp_path / "no_such_dataset"), max_iters=2) == 1
+    line = one_error_line(capsys)
+    assert "no_such_dataset" in line
+
+
+def test_checkpoint_state_dict_does_not_match_its_config(trained_run, char_dataset, capsys):
+    ckpt = torch.load(trained_run / "ckpt.pt", weights_only=True)
+    del ckpt["model"]["transformer.h.0.attn.c_attn.weight"]
+    torch.save(ckpt, trained_run / "ckpt.pt")
+    capsys.readouterr()
+    assert run_train(trained_run, char_dataset, init_from="resume", max_iters=8) == 1
+    assert "c_attn" in one_error_line(capsys)
+
+
+def test_init_from_a_gpt2_directory_with_a_char_dataset_is_an_error(tmp_path, char_dataset, hf_dir, capsys):
+    assert run_train(tmp_path / "run", char_dataset, init_from=hf_dir, max_iters=2) == 1
+    assert "vocab_size" in one_error_line(capsys)
+
+
+# ------------------------------------------------------------------------------------------------
+# every sink option: trains, resumes exactly, samples
+
+SINK_OPTIONS = [dict(sink="token"), dict(sink="token", n_sink_tokens=2), dict(sink="logit"), dict(sink="softmax1"),
+                dict(sink="kv_bias"), dict(sink="k_bias"), dict(sink="bos_override", prepend_bos=True),
+                dict(attn_gate="headwise"), dict(attn_gate="elementwise"), dict(attn_fn="sigmoid"),
+                dict(attn_fn="relu"), dict(pos_emb="rope", sink="kv_bias", qk_norm=True)]
+
+
+@pytest.mark.parametrize("options", SINK_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_every_sink_option_trains_resumes_and_samples(tmp_path, char_dataset, options, capsys):
+    import sample
+    common = dict(lr_decay_iters=8, eval_interval=4, learning_rate=1e-2, **options)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_train(a, char_dataset, max_iters=8, **common) == 0
+    assert run_train(b, char_dataset, max_iters=4, **common) == 0
+    assert run_train(b, char_dataset, max_iters=8, init_from="resume", **common) == 0
+    la, lb = train_losses(a), train_losses(b)
+    assert [la[i] for i in range(5, 9)] == [lb[i] for i in range(5, 9)]
+    assert val_losses(a) == val_losses(b)
+    assert la[8] < la[1]
+    ckpt = torch.load(b / "ckpt.pt", weights_only=True)
+    for key, value in options.items():
+        if key != "prepend_bos":
+            assert ckpt["model_args"][key] == value
+    # the mechanism's parameters were trained (they moved from their initial values)
+    names = {"token": "sink_tokens", "logit": "sink_logit", "kv_bias": "v_slot", "k_bias": "k_slot",
+             "bos_override": "bos_resid"}
+    sink = options.get("sink", "none")
+    if sink in names:
+        from model import GPT, GPTConfig
+        moved = [k for k in ckpt["model"] if names[sink] in k]
+        assert moved
+        torch.manual_seed(1337)  # train.py's seed: the same initial weights
+        init = GPT(GPTConfig.from_dict(ckpt["model_args"])).state_dict()
+        assert all(not torch.equal(ckpt["model"][k], init[k]) for k in moved)
+    capsys.readouterr()
+    assert sample.main(["--out_dir", str(b), "--max_new_tokens=20", "--num_samples=2", "--device=cpu",
+                        "--start=HAMLET:"]) == 0
+    out = capsys.readouterr().out
+    texts = [t for t in out.split("---------------\n") if t.strip()]
+    assert len(texts) == 2
+    for text in texts:
+        body = text.rstrip("\n")
+        start = "<|endoftext|>HAMLET:" if options.get("prepend_bos") else "HAMLET:"
+        assert body.startswith(start)
+        assert len(body) >= len(start) + 20 - 1  # 20 new characters (the BOS decodes to a longer marker)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints that are not sinkgpt training checkpoints; starting from GPT-2 weights
+
+
+@pytest.mark.parametrize("missing", ["rng", "loader", "tokens", "model_args"])
+def test_checkpoint_missing_training_state_is_one_clear_error(trained_run, char_dataset, capsys, missing):
+    """E.g. a nanoGPT checkpoint (no rng, loader, tokens, meta): one line naming what is missing, exit 1."""
+    ckpt = torch.load(trained_run / "ckpt.pt", weights_only=True)
+    del ckpt[missing]
+    torch.save(ckpt, trained_run / "ckpt.pt")
+    capsys.readouterr()
+    assert run_train(trained_run, char_dataset, init_from="resume", max_iters=8) == 1
+    assert missing in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_init_from_a_gpt2_directory_builds_that_model(tmp_path, tied):
+    """train.py's model for init_from=<GPT-2 folder> gives the folder's logits (the untied head included)."""
+    import train
+    from conftest import random_gpt2
+    from configurator import load_config
+    hf = random_gpt2(seed=3, tie_word_embeddings=tied)
+    hf.save_pretrained(str(tmp_path / "gpt2"))
+    cfg = load_config([f"--init_from={tmp_path / 'gpt2'}", "--block_size=32", "--sink=logit"])
+    model = train.build_model(cfg, vocab_size=100, bos_token=99).eval()
+    assert model.config.sink == "logit"
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(idx)[0], hf(idx).logits
+    assert (ours - theirs).abs().max().item() < 1e-3  # the sink logit starts at -10: ~e^-10 of the mass
+
+
+@pytest.mark.slow
+def test_train_from_a_gpt2_directory_on_a_bpe_dataset(tmp_path, capsys):
+    """init_from=<GPT-2 folder>: the step-0 val loss is the folder's model's loss on the same batches; then the
+    run (with a sink option) trains and lowers it."""
+    import loader as loader_module
+    from conftest import random_gpt2, shakespeare_excerpt
+    import prep
+    text = shakespeare_excerpt(12000)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text(text[:6000])
+    (src / "b.txt").write_text(text[6000:])
+    data = str(tmp_path / "bpe")
+    prep.prepare_text_dataset([str(src)], data, "gpt2", val_fraction=0.2)
+    hf = random_gpt2(seed=4, vocab_size=50257, n_embd=16, n_head=2, n_layer=2, n_positions=64,
+                     bos_token_id=50256, eos_token_id=50256)
+    hf.save_pretrained(str(tmp_path / "gpt2"))
+    out = tmp_path / "run"
+    assert run_train(out, data, init_from=str(tmp_path / "gpt2"), max_iters=0, n_embd=16, block_size=32,
+                     eval_iters=3) == 0
+    val0 = val_losses(out)[0][1]
+    val_loader = loader_module.TokenLoader(data, "val", 8, 32, seed=1337)
+    losses = []
+    with torch.no_grad():
+        for _ in range(3):
+            x, y = val_loader.next_batch()
+            logits = hf(x).logits
+            losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, 50257), y.reshape(-1)).item())
+    assert val0 == pytest.approx(sum(losses) / 3, abs=1e-4)
+    out2 = tmp_path / "run2"
+    assert run_train(out2, data, init_from=str(tmp_path / "gpt2"), max_iters=15, eval_interval=15, n_embd=16,
+                     block_size=32, eval_iters=3, sink="logit", learning_rate=1e-2, lr_decay_iters=15) == 0
+    vals = val_losses(out2)
+    assert vals[0][1] == pytest.approx(val0, abs=1e-3)
+    assert vals[-1][1] < vals[0][1] - 0.5
+    ckpt = torch.load(out2 / "ckpt.pt", weights_only=True)
+    assert ckpt["model_args"]["sink"] == "logit" and ckpt["model_args"]["block_size"] == 32
