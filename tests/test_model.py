@@ -207,7 +207,7 @@ def test_initial_loss_is_near_uniform():
 GEN_CONFIGS = [dict(), dict(sink="token"), dict(sink="token", n_sink_tokens=3), dict(sink="logit"),
                dict(sink="softmax1"), dict(sink="kv_bias"), dict(sink="k_bias"), dict(sink="bos_override"),
                dict(attn_gate="headwise"), dict(attn_gate="elementwise", sink="kv_bias"), dict(attn_fn="sigmoid"),
-               dict(attn_fn="relu", sink="logit"), dict(pos_emb="rope"), dict(pos_emb="rope", sink="token"),
+               dict(attn_fn="relu", sink="kv_bias"), dict(pos_emb="rope"), dict(pos_emb="rope", sink="token"),
                dict(pos_emb="none", qk_norm=True), dict(norm_pos="post", norm="rmsnorm", mlp_act="swiglu")]
 
 
