@@ -13,6 +13,7 @@ import os
 from dataclasses import fields
 
 from model import GPTConfig
+from optim import OPTIM_DEFAULTS, OPTIMIZERS, check_optim_config
 
 
 class ConfigError(Exception):
@@ -39,7 +40,7 @@ DEFAULTS = dict(
     align_to_docs=False,  # windows start at document boundaries
     bb_triggers=3,  # dataset='bigram_backcopy': number of trigger characters
     # optimizer and schedule
-    optimizer="adamw",  # 'adamw' | 'sgd'
+    optimizer="adamw",  # 'adamw' | 'sgd' | 'muon' (Muon for hidden matrices, AdamW for the rest; optim.py)
     learning_rate=6e-4,
     max_iters=600000,
     weight_decay=1e-1,
@@ -59,17 +60,18 @@ DEFAULTS = dict(
     backend="nccl",  # DDP backend on CUDA (gloo is used on CPU)
     ddp_timeout=600,  # seconds a rank waits for the others before the job stops
 )
+DEFAULTS.update(OPTIM_DEFAULTS)  # lr multipliers, per-group weight decay, Muon, optimizer-state interventions
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "bos_token")]
 for _field in fields(GPTConfig):
     if _field.name in MODEL_KEYS:
         DEFAULTS[_field.name] = _field.default
 
 CHOICES = {
-    "optimizer": ("adamw", "sgd"),
+    "optimizer": OPTIMIZERS,
     "dtype": ("auto", "float32", "bfloat16", "float16"),
 }
 # keys that take more than one type
-EXTRA_TYPES = {"compile": (bool, str)}
+EXTRA_TYPES = {"compile": (bool, str), "reset_optimizer_at": (list, int)}
 
 
 def check_value(key, value, source):
@@ -159,6 +161,7 @@ def check_ranges(config):
             raise ConfigError(f"config key '{key}' must be >= 0, got {config[key]}")
     try:
         model_config(config, vocab_size=1, bos_token=0)
+        check_optim_config(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -22,6 +22,8 @@ import torch
 
 from configurator import MODEL_KEYS, ConfigError, load_config, model_config
 from model import GPT, GPTConfig
+from optim import (MomentEditor, OptimizerTracker, as_iterations, build_optimizer, load_optimizer_state,
+                   reset_optimizer_state, set_lr)
 
 # dense bf16 peak FLOP/s of the accelerators we know (MFU is null elsewhere)
 PEAK_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
@@ -159,26 +161,6 @@ def build_model(cfg, vocab_size, bos_token, checkpoint=None):
     if cfg["block_size"] < model.config.block_size:
         model.crop_block_size(cfg["block_size"])
     return model
-
-
-def is_sink_parameter(name):
-    return any(part in name for part in ("sink_logit", "k_slot", "v_slot", "bos_resid", "sink_tokens"))
-
-
-def build_optimizer(model, cfg, device_type):
-    """AdamW (or SGD) with weight decay on weight matrices only; norms, biases and sink parameters are
-    not decayed (decay would pull a sink towards 'off')."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and not is_sink_parameter(name) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=cfg["learning_rate"], momentum=cfg["momentum"])
-    extra = {"fused": True} if device_type in ("cuda", "cpu") else {}
-    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
-                             **extra)
 
 
 def lr_at(it, cfg):
@@ -320,7 +302,11 @@ def train(cfg):
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     iter_num, best_val_loss, tokens_seen = 0, float("inf"), 0
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        if not cfg["reset_optimizer"]:  # reset_optimizer: fresh moments (also lets a resume switch optimizer)
+            try:
+                load_optimizer_state(optimizer, checkpoint["optimizer"])
+            except ValueError as e:
+                raise RunError(str(e)) from None
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         tokens_seen = checkpoint["tokens"]
         train_loader.load_state_dict(checkpoint["loader"])
@@ -356,6 +342,17 @@ def train(cfg):
         from analyze import TrainingTracker
         tracker = TrainingTracker(raw_model, cfg, eval_loaders["val"][0])
 
+    # interventions on the optimizer state (optim.py): built only when configured, free when off
+    reset_at = as_iterations(cfg["reset_optimizer_at"])
+    editor = opt_tracker = None
+    try:
+        if cfg["moment_edits"]:  # on every rank: the replicas' optimizer states stay identical
+            editor = MomentEditor(raw_model, optimizer, cfg["moment_edits"])
+        if cfg["track_params"] and tracker is not None and master:
+            opt_tracker = OptimizerTracker(raw_model, optimizer, cfg["track_params"])
+    except ValueError as e:
+        raise RunError(str(e)) from None
+
     def checkpoint_state():
         return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "model_args": raw_model.config.to_dict(), "config": cfg, "iter_num": iter_num,
@@ -371,8 +368,7 @@ def train(cfg):
     t_last, iters_since_log = time.perf_counter(), 0
     while True:
         lr = lr_at(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr, cfg)  # lr * each group's lr_mult; Muon groups follow muon_lr
 
         if iter_num % cfg["eval_interval"] == 0 and iter_num != resumed_at or iter_num == cfg["max_iters"]:
             losses = evaluate(model, eval_loaders, cfg["eval_iters"], ctx, world_size)
@@ -404,15 +400,25 @@ def train(cfg):
         if cfg["grad_clip"] > 0:
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
+        track_opt = opt_tracker is not None and (iter_num + 1) % cfg["track_interval"] == 0
+        if track_opt:
+            opt_tracker.snapshot()  # the tracked parameters before the step: the update is the difference
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
+        if editor is not None:
+            editor.apply(iter_num)
+        if reset_at and iter_num in reset_at:
+            reset_optimizer_state(optimizer)
         tokens_seen += tokens_per_iter
         iters_since_log += 1
 
         if tracker is not None and iter_num % cfg["track_interval"] == 0 and master:
-            log.write(iter=iter_num, tokens=tokens_seen, **tracker.measure())
+            record = tracker.measure()
+            if track_opt:  # m and v as the next step will use them (after this iteration's edits)
+                record.update(opt_tracker.measure())
+            log.write(iter=iter_num, tokens=tokens_seen, **record)
 
         if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
             loss_value = loss.detach() * accum_steps  # the last micro-batch's loss: one host sync per log
