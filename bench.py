@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from configurator import ConfigError, check_value, load_config, model_config
+from configurator import ConfigError, check_value, load_config, model_config, parse_flag_value
 from model import GPT, GPTConfig
 from train import autocast_context, build_optimizer, peak_flops, pick_device, pick_dtype
 
@@ -100,7 +100,7 @@ def bench_training(cfg, flags):
     variants = [(None, None)]
     if flags["compare"]:
         key, _, values = flags["compare"].partition("=")
-        variants = [(key, check_value(key, parse_value(v, cfg[key]), "--compare")) for v in values.split(",")]
+        variants = [(key, check_value(key, parse_flag_value(v, key), "--compare")) for v in values.split(",")]
     runners = []
     for key, value in variants:
         variant_cfg = dict(cfg, **({key: value} if key else {}))
@@ -123,14 +123,6 @@ def bench_training(cfg, flags):
                             params=runner.model.num_params()))
     return dict(device=device_name(device), peak_mem_mb=peak_memory_mb(device), variants=results,
                 **{k: results[0][k] for k in ("ms_per_iter", "tokens_per_s", "mfu", "params")})
-
-
-def parse_value(text, like):
-    if isinstance(like, bool):
-        return text in ("True", "true", "1")
-    if isinstance(like, (int, float)):
-        return type(like)(text)
-    return text
 
 
 def device_name(device):
