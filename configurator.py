@@ -30,6 +30,7 @@ DEFAULTS = dict(
     eval_only=False,
     always_save_checkpoint=True,  # False: write a checkpoint only when val loss improves
     init_from="scratch",  # 'scratch' | 'resume' | a GPT-2 directory or hub name ('gpt2', 'gpt2-medium', ...)
+    resume_from="",  # init_from='resume': a run folder or checkpoint to continue from ('' = out_dir itself)
     seed=1337,
     track_interval=0,  # 0 = off; else log massive-activation / sink statistics every N iterations
     # data

@@ -292,7 +292,8 @@ def train(cfg):
 
     checkpoint = None
     if cfg["init_from"] == "resume":
-        checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        source = cfg["resume_from"] or out_dir
+        checkpoint = load_checkpoint(os.path.join(source, "ckpt.pt") if os.path.isdir(source) else source)
     train_loader = make_loader(cfg, "train", device, rank, world_size)
     eval_loaders = {split: make_loader(cfg, split, device, rank, world_size) for split in ("train", "val")}
     eval_loaders = {split: (loader, loader.state_dict()) for split, loader in eval_loaders.items()}
