@@ -108,9 +108,9 @@ def bench_training(cfg, flags):
         runner.time_steps(flags["warmup"])
         runners.append(runner)
     times = [[] for _ in runners]
-    for _ in range(flags["rounds"]):  # interleave variants so machine noise hits all of them alike
-        for i, runner in enumerate(runners):
-            times[i].append(runner.time_steps(flags["steps"]))
+    for r in range(flags["rounds"]):  # interleave variants, rotating who goes first, so noise hits all alike
+        for i in [(r + j) % len(runners) for j in range(len(runners))]:
+            times[i].append(runners[i].time_steps(flags["steps"]))
     peak = peak_flops(device)
     results = []
     for (key, value), runner, ms in zip(variants, runners, times):

@@ -139,6 +139,16 @@ def causal_mask(n_queries, n_keys, device):
     return torch.arange(n_keys, device=device)[None, :] <= q_pos
 
 
+def with_slot_row(x, slot, width):
+    """x (B, H, T, D) with slot (H, <=width) prepended as position 0, zero-padded to `width` channels: one
+    allocation and one copy (a cat after a pad would copy twice)."""
+    B, H, T, D = x.shape
+    out = x.new_zeros(B, H, T + 1, width)
+    out[:, :, 0, : slot.size(-1)] = slot
+    out[:, :, 1:, :D] = x
+    return out
+
+
 def hook(hooks, name, x):
     """An analysis hook point: returns x unchanged unless a function was registered for `name`.
     The function may read x and return None, or return a replacement (patching)."""
@@ -247,33 +257,27 @@ class CausalSelfAttention(nn.Module):
         """Attention with one extra key/value slot, exact and on the fused kernel. The slot is prepended to the
         keys and values; without a cache a dummy query row is prepended too, so the plain causal kernel applies
         and the dummy row's output is dropped. The learned sink logit s becomes a slot key through one extra
-        head channel: queries carry 1 there, real keys 0, the slot key s / scale, so q.k_slot * scale = s."""
+        head channel (8 on CUDA, whose fused kernels want multiples of 8): queries carry 1 there, real keys 0,
+        the slot key s / scale, so q.k_slot * scale = s."""
         B, H, Tq, D = q.shape
         scale = 1.0 / math.sqrt(D)
         k_slot, v_slot = self.slot_key_value(q.dtype)
+        width = D
         if self.sink == "logit":
-            q, k, v, k_slot, v_slot = self.add_logit_channel(q, k, v, self.sink_logit.to(q.dtype) / scale)
-        k = torch.cat([k_slot.view(1, H, 1, -1).expand(B, -1, -1, -1), k], dim=2)
-        v = torch.cat([v_slot.view(1, H, 1, -1).expand(B, -1, -1, -1), v], dim=2)
-        if k.size(2) == Tq + 1:  # no cached keys: dummy query row + plain causal kernel
-            q = torch.cat([q.new_zeros(B, H, 1, q.size(-1)), q], dim=2)
-            y = self.sdpa(q, k, v, scale=scale)[:, :, 1:]
-        else:
-            y = self.sdpa(q, k, v, scale=scale)
-        return y[..., :D]
-
-    @staticmethod
-    def add_logit_channel(q, k, v, slot_channel):
-        """Widen the head by 8 channels (fused kernels want multiples of 8): channel D holds 1 for queries and
-        slot_channel (H,) for the slot key; every other new entry is 0."""
-        B, H, Tq, D = q.shape
-        pad = (0, 8)
-        q = F.pad(q, pad)
-        q[..., D] = 1.0
-        k, v = F.pad(k, pad), F.pad(v, pad)
-        k_slot = F.pad(slot_channel[:, None], (D, 7))  # (H, D + 8), slot_channel in column D
-        v_slot = v.new_zeros(H, D + 8)
-        return q, k, v, k_slot, v_slot
+            width = D + (8 if q.is_cuda else 1)
+            k_slot = F.pad(self.sink_logit.to(q.dtype)[:, None] / scale, (D, width - D - 1))
+            v_slot = v_slot.new_zeros(H, width)
+        dummy_query = k.size(2) == Tq  # no cached keys
+        k = with_slot_row(k, k_slot, width)
+        v = with_slot_row(v, v_slot, width)
+        if dummy_query or width > D:
+            q_rows = q.new_zeros(B, H, Tq + dummy_query, width)
+            q_rows[:, :, dummy_query:, :D] = q
+            if width > D:
+                q_rows[:, :, dummy_query:, D] = 1.0
+            q = q_rows
+        y = self.sdpa(q, k, v, scale=scale)
+        return y[:, :, dummy_query:, :D]
 
     def attend_eager(self, q, k, v):
         """Attention written out: scores, slot column, mask, softmax/sigmoid/relu, weighted sum.
