@@ -307,12 +307,17 @@ SINK_OPTIONS = [dict(sink="token"), dict(sink="token", n_sink_tokens=2), dict(si
                 dict(sink="kv_bias"), dict(sink="k_bias"), dict(sink="bos_override", prepend_bos=True),
                 dict(attn_gate="headwise"), dict(attn_gate="elementwise"), dict(attn_fn="sigmoid"),
                 dict(attn_fn="relu"), dict(pos_emb="rope", sink="kv_bias", qk_norm=True)]
+# the ablation flags and optimizers go through the same life cycle
+SINK_OPTIONS += [dict(pos_emb="rope"), dict(pos_emb="none"), dict(norm="rmsnorm"), dict(norm_pos="post"),
+                 dict(qk_norm=True), dict(mlp_act="relu"), dict(mlp_act="relu2"), dict(mlp_act="swiglu"),
+                 dict(bias=False), dict(tie_embeddings=False), dict(logit_softcap=30.0), dict(optimizer="muon"),
+                 dict(optimizer="sgd", learning_rate=0.1), dict(optimizer="muon", sink="logit", norm_pos="post")]
 
 
 @pytest.mark.parametrize("options", SINK_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_every_sink_option_trains_resumes_and_samples(tmp_path, char_dataset, options, capsys):
     import sample
-    common = dict(lr_decay_iters=8, eval_interval=4, learning_rate=1e-2, **options)
+    common = dict(dict(lr_decay_iters=8, eval_interval=4, learning_rate=1e-2), **options)
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_train(a, char_dataset, max_iters=8, **common) == 0
     assert run_train(b, char_dataset, max_iters=4, **common) == 0
@@ -323,8 +328,10 @@ def test_every_sink_option_trains_resumes_and_samples(tmp_path, char_dataset, op
     assert la[8] < la[1]
     ckpt = torch.load(b / "ckpt.pt", weights_only=True)
     for key, value in options.items():
-        if key != "prepend_bos":
+        if key in ckpt["model_args"]:
             assert ckpt["model_args"][key] == value
+        else:
+            assert ckpt["config"][key] == value
     # the mechanism's parameters were trained (they moved from their initial values)
     names = {"token": "sink_tokens", "logit": "sink_logit", "kv_bias": "v_slot", "k_bias": "k_slot",
              "bos_override": "bos_resid"}
