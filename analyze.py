@@ -522,12 +522,6 @@ def make_probe_loader(dataset, cfg, args, T, bos, device):
         raise AnalyzeError(str(e).splitlines()[0]) from None
 
 
-def pick_device(requested):
-    if requested != "auto":
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # ----------------------------------------------------------------------------------------------------
 # the report
 
@@ -1134,6 +1128,7 @@ def run(argv):
         print(f"wrote {args.report}/compare.md, compare.json, compare.png")
         return
     torch.manual_seed(args.seed)
+    from train import pick_device  # the one device choice of the project: cuda, then mps, then cpu
     device = pick_device(args.device)
     if args.command == "report" and not args.report:
         raise AnalyzeError("give --report DIR for the report files")

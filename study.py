@@ -23,6 +23,10 @@ from types import SimpleNamespace
 
 import torch
 
+from analyze import AnalyzeError
+from configurator import ConfigError
+from train import RunError
+
 STUDY_DEFAULTS = dict(
     base="config/bb/base.py",  # the train.py config every variant starts from
     overrides={},  # train.py keys applied to every run (token budget, tracking, ...)
@@ -246,14 +250,9 @@ def main(argv):
             train_all(study, args.dry_run)
         if not args.dry_run:
             write_report(study, args.config)
-    except StudyError as e:
+    except (StudyError, ConfigError, AnalyzeError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except Exception as e:  # a config error from configurator, an analysis error: one line
-        if type(e).__name__ in ("ConfigError", "AnalyzeError", "RunError"):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
     return 0
 
 

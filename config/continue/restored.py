@@ -10,3 +10,6 @@ max_iters = 1800
 eval_interval = 200
 log_interval = 100
 track_interval = 50
+# the weights that write the largest activation of this baseline (residual dim 39, layers 1-2, found with
+# `python analyze.py attribute out-study/bb/baseline/seed1337 --pos 39 --dim 39`): their moments are logged
+track_params = ["transformer.h.*.mlp.c_proj.weight[39, :]"]

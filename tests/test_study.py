@@ -1,0 +1,66 @@
+"""study.py: trains every variant x seed, reports, and resumes a half-finished study instead of starting over."""
+import json
+import os
+
+import pytest
+
+import study
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_study(tmp_path, max_iters=12):
+    path = tmp_path / "tiny_study.py"
+    path.write_text(
+        'base = "config/bb/base.py"\n'
+        f'overrides = {{"max_iters": {max_iters}, "eval_interval": 6, "eval_iters": 2, "track_interval": 6,'
+        ' "log_interval": 6, "n_layer": 2, "n_embd": 32, "batch_size": 8, "block_size": 32}\n'
+        'variants = {"baseline": {}, "kv_bias": {"sink": "kv_bias"}}\n'
+        'seeds = [1, 2]\n'
+        f'out_root = "{tmp_path / "runs"}"\n'
+        f'report_dir = "{tmp_path / "report"}"\n'
+        'probe_batches = 1\nprobe_batch_size = 4\nrepeat_n = 8\n')
+    return str(path)
+
+
+@pytest.mark.slow
+def test_study_trains_reports_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    config = write_study(tmp_path)
+    assert study.main([config]) == 0
+    runs = tmp_path / "runs"
+    for variant in ("baseline", "kv_bias"):
+        for seed in (1, 2):
+            assert study.run_status(str(runs / variant / f"seed{seed}")) == "done"
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert "| baseline |" in text and "| kv_bias |" in text and "non-trigger -> BOS" in text
+    rows = json.load(open(tmp_path / "report" / "results.json"))["rows"]
+    assert rows["kv_bias"][0]["slot_sink_rate"] is not None and rows["baseline"][0]["slot_sink_rate"] is None
+    assert os.path.getsize(tmp_path / "report" / "curves" / "compare.png") > 0
+
+    # a finished study is not trained again; a run cut short resumes from its checkpoint
+    stamps = {p: os.path.getmtime(runs / p / "ckpt.pt") for p in ("baseline/seed1", "kv_bias/seed2")}
+    partial = runs / "kv_bias" / "seed1"
+    metrics = [json.loads(line) for line in open(partial / "metrics.jsonl")]
+    with open(partial / "metrics.jsonl", "w") as f:  # as if killed after the iteration-6 checkpoint
+        f.writelines(json.dumps(e) + "\n" for e in metrics if e["iter"] <= 6)
+    assert study.run_status(str(partial)) == "partial"
+    capsys.readouterr()
+    assert study.main([config]) == 0
+    out = capsys.readouterr().out
+    assert "[kv_bias seed 1]" in out and "--init_from='resume'" in out
+    assert "[baseline seed 1]" not in out and "[kv_bias seed 2]" not in out
+    assert all(os.path.getmtime(runs / p / "ckpt.pt") == stamp for p, stamp in stamps.items())
+    assert study.run_status(str(partial)) == "done"
+
+
+def test_study_config_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.py"
+    bad.write_text('varaints = {"a": {}}\n')
+    assert study.main([str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown study key 'varaints'" in err
+    empty = tmp_path / "empty.py"
+    empty.write_text("seeds = []\n")
+    assert study.main([str(empty)]) == 1
+    assert "at least one seed" in capsys.readouterr().err
