@@ -897,8 +897,10 @@ def final_figures(events):
             "sink_rate": last.get("track_sink_rate"), "slot_sink_rate": last.get("track_slot_sink_rate")}
 
 
-def compare(runs, out_dir):
-    names = [os.path.basename(os.path.normpath(r)) or r for r in runs]
+def compare(runs, out_dir, names=None):
+    names = names or [os.path.basename(os.path.normpath(r)) or r for r in runs]
+    if len(set(names)) < len(names):  # e.g. out/a/seed1 and out/b/seed1: name runs by their whole path
+        names = list(runs)
     series = {name: run_series(read_metrics(r)) for name, r in zip(names, runs)}
     finals = {name: final_figures(read_metrics(r)) for name, r in zip(names, runs)}
     rows = ["| run | iter | val loss | max top-1/median | % heads sinking on pos 0 | % heads sinking on slot |",
@@ -926,7 +928,7 @@ def plot_compare(series, path):
         for color, (name, s) in enumerate(series.items()):  # one colour per run in every panel
             points = [(i, v) for i, v in s[key] if v is not None]
             if points:
-                ax.plot(*zip(*points), marker=".", color=f"C{color}", label=name)
+                ax.plot(*zip(*points), marker=".", color=plt.get_cmap("tab20")(color % 20), label=name)
         ax.set(title=title, xlabel="iter")
         if ax.lines:
             ax.set_yscale(scale)

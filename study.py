@@ -159,12 +159,11 @@ def mean_spread(values):
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
-def fmt(mean_sd, digits=3, percent=False):
+def fmt(mean_sd, digits=3):
     mean, sd = mean_sd
     if mean is None:
         return "-"
-    scale = 100.0 if percent else 1.0
-    return f"{mean * scale:.{digits}f} ± {sd * scale:.{digits}f}"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
 def summary_table(rows_by_variant):
@@ -177,8 +176,8 @@ def summary_table(rows_by_variant):
             f"| {variant}", fmt(mean_spread([r["val_loss"] for r in rows]), 4),
             fmt(mean_spread([r["val_backcopy_loss"] for r in rows]), 4),
             f"{fmt(mean_spread([r['max_ratio'] for r in rows]), 1)} ({', '.join(map(str, where))})",
-            fmt(mean_spread([r["sink_rate"] for r in rows]), 1, percent=True),
-            fmt(mean_spread([r["slot_sink_rate"] for r in rows]), 1, percent=True),
+            fmt(mean_spread([r["sink_rate"] for r in rows]), 1),  # analyze reports these in percent
+            fmt(mean_spread([r["slot_sink_rate"] for r in rows]), 1),
             fmt(mean_spread([r.get("peak_first_mass") for r in rows]), 2),
             fmt(mean_spread([r["repeat_later_max"] for r in rows]), 2)]) + " |")
     return "\n".join(lines) + "\n"
@@ -221,7 +220,7 @@ def write_report(study, config_path):
     os.makedirs(report_dir, exist_ok=True)
     first_seed_runs = [run_dir(study, v, study["seeds"][0]) for v in rows_by_variant]
     curves_dir = os.path.join(report_dir, "curves")
-    analyze.compare(first_seed_runs, curves_dir)
+    analyze.compare(first_seed_runs, curves_dir, names=list(rows_by_variant))
     table, bb = summary_table(rows_by_variant), bb_table(rows_by_variant)
     seeds = ", ".join(map(str, study["seeds"]))
     text = (f"# Study: {config_path}\n\nVariants x seeds ({seeds}) trained with `python study.py {config_path}` "
