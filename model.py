@@ -140,12 +140,14 @@ def causal_mask(n_queries, n_keys, device):
 
 
 def with_slot_row(x, slot, width):
-    """x (B, H, T, D) with slot (H, <=width) prepended as position 0, zero-padded to `width` channels: one
-    allocation and one copy (a cat after a pad would copy twice)."""
+    """x (B, H, T, D) with slot (H, <=width) prepended as position 0, zero-padded to `width` channels. Written
+    into one uninitialised buffer: a single pass over x (a pad then a cat would copy it twice)."""
     B, H, T, D = x.shape
-    out = x.new_zeros(B, H, T + 1, width)
+    out = x.new_empty(B, H, T + 1, width)
     out[:, :, 0, : slot.size(-1)] = slot
+    out[:, :, 0, slot.size(-1):] = 0
     out[:, :, 1:, :D] = x
+    out[:, :, 1:, D:] = 0
     return out
 
 
@@ -270,9 +272,11 @@ class CausalSelfAttention(nn.Module):
         dummy_query = k.size(2) == Tq  # no cached keys
         k = with_slot_row(k, k_slot, width)
         v = with_slot_row(v, v_slot, width)
-        if dummy_query or width > D:
-            q_rows = q.new_zeros(B, H, Tq + dummy_query, width)
+        if dummy_query or width > D:  # queries: a zero dummy row first, 1 in the logit channel
+            q_rows = q.new_empty(B, H, Tq + dummy_query, width)
+            q_rows[:, :, :dummy_query] = 0
             q_rows[:, :, dummy_query:, :D] = q
+            q_rows[:, :, dummy_query:, D:] = 0
             if width > D:
                 q_rows[:, :, dummy_query:, D] = 1.0
             q = q_rows
