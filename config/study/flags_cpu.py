@@ -1,9 +1,9 @@
 # The ablation flags on the default char-level model (BOS-first windows), one short run each at the same
-# budget (1000 iterations, about 1 minute each on 2 CPU cores): shows every flag alive, not only wired.
+# budget (600 iterations, about 40 seconds each on 2 CPU cores): shows every flag alive, not only wired.
 #   python study.py config/study/flags_cpu.py
 base = "config/train_shakespeare_char.py"
-overrides = {"max_iters": 1000, "lr_decay_iters": 1000, "eval_interval": 500, "eval_iters": 20,
-             "log_interval": 500, "track_interval": 500, "prepend_bos": True}
+overrides = {"max_iters": 600, "lr_decay_iters": 600, "eval_interval": 300, "eval_iters": 20,
+             "log_interval": 300, "track_interval": 300, "prepend_bos": True}
 variants = {
     "gpt2_default": {},
     "pos_emb=rope": {"pos_emb": "rope"},
