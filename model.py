@@ -139,18 +139,6 @@ def causal_mask(n_queries, n_keys, device):
     return torch.arange(n_keys, device=device)[None, :] <= q_pos
 
 
-def with_slot_row(x, slot, width):
-    """x (B, H, T, D) with slot (H, <=width) prepended as position 0, zero-padded to `width` channels. Written
-    into one uninitialised buffer: a single pass over x (a pad then a cat would copy it twice)."""
-    B, H, T, D = x.shape
-    out = x.new_empty(B, H, T + 1, width)
-    out[:, :, 0, : slot.size(-1)] = slot
-    out[:, :, 0, slot.size(-1):] = 0
-    out[:, :, 1:, :D] = x
-    out[:, :, 1:, D:] = 0
-    return out
-
-
 def hook(hooks, name, x):
     """An analysis hook point: returns x unchanged unless a function was registered for `name`.
     The function may read x and return None, or return a replacement (patching)."""
@@ -260,28 +248,25 @@ class CausalSelfAttention(nn.Module):
         keys and values; without a cache a dummy query row is prepended too, so the plain causal kernel applies
         and the dummy row's output is dropped. The learned sink logit s becomes a slot key through one extra
         head channel (8 on CUDA, whose fused kernels want multiples of 8): queries carry 1 there, real keys 0,
-        the slot key s / scale, so q.k_slot * scale = s."""
+        the slot key s / scale, so q.k_slot * scale = s. Few ops: on small models their count, not the
+        bytes copied, is what costs."""
         B, H, Tq, D = q.shape
         scale = 1.0 / math.sqrt(D)
         k_slot, v_slot = self.slot_key_value(q.dtype)
-        width = D
         if self.sink == "logit":
-            width = D + (8 if q.is_cuda else 1)
-            k_slot = F.pad(self.sink_logit.to(q.dtype)[:, None] / scale, (D, width - D - 1))
-            v_slot = v_slot.new_zeros(H, width)
-        dummy_query = k.size(2) == Tq  # no cached keys
-        k = with_slot_row(k, k_slot, width)
-        v = with_slot_row(v, v_slot, width)
-        if dummy_query or width > D:  # queries: a zero dummy row first, 1 in the logit channel
-            q_rows = q.new_empty(B, H, Tq + dummy_query, width)
-            q_rows[:, :, :dummy_query] = 0
-            q_rows[:, :, dummy_query:, :D] = q
-            q_rows[:, :, dummy_query:, D:] = 0
-            if width > D:
-                q_rows[:, :, dummy_query:, D] = 1.0
-            q = q_rows
-        y = self.sdpa(q, k, v, scale=scale)
-        return y[:, :, dummy_query:, :D]
+            extra = 8 if q.is_cuda else 1
+            q = torch.cat([q, q.new_ones(B, H, Tq, 1), q.new_zeros(B, H, Tq, extra - 1)], dim=-1)
+            k, v = F.pad(k, (0, extra)), F.pad(v, (0, extra))
+            k_slot = F.pad(self.sink_logit.to(q.dtype)[:, None] / scale, (D, extra - 1))
+            v_slot = v_slot.new_zeros(H, D + extra)
+        k = torch.cat([k_slot.view(1, H, 1, -1).expand(B, -1, -1, -1), k], dim=2)
+        v = torch.cat([v_slot.view(1, H, 1, -1).expand(B, -1, -1, -1), v], dim=2)
+        if k.size(2) == Tq + 1:  # no cached keys: dummy query row + plain causal kernel
+            q = torch.cat([q.new_zeros(B, H, 1, q.size(-1)), q], dim=2)
+            y = self.sdpa(q, k, v, scale=scale)[:, :, 1:]
+        else:
+            y = self.sdpa(q, k, v, scale=scale)
+        return y[..., :D]
 
     def attend_eager(self, q, k, v):
         """Attention written out: scores, slot column, mask, softmax/sigmoid/relu, weighted sum.
