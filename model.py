@@ -646,10 +646,13 @@ class GPT(nn.Module):
             json.dump(hf_config, f, indent=2)
 
 
+# the dedicated sink parameters (optim.py gives them their own group: no weight decay by default)
+SINK_PARAMETERS = ("sink_logit", "k_slot", "v_slot", "bos_resid", "sink_tokens")
+
+
 def is_new_parameter(name):
-    """Parameters a plain GPT-2 checkpoint does not have: the sink mechanisms' and the gate's."""
-    return any(part in name for part in ("sink_logit", "k_slot", "v_slot", "c_gate", "bos_resid", "sink_tokens",
-                                         "q_norm", "k_norm"))
+    """Parameters a plain GPT-2 checkpoint does not have: the sink mechanisms', the gate's, QK-norm's."""
+    return any(part in name for part in SINK_PARAMETERS + ("c_gate", "q_norm", "k_norm"))
 
 
 def read_hf_weights(path):

@@ -26,6 +26,8 @@ import re
 
 import torch
 
+from model import SINK_PARAMETERS
+
 OPTIM_DEFAULTS = dict(
     embed_lr_mult=1.0,  # lr multipliers: the group's lr is the schedule's lr times its multiplier
     head_lr_mult=1.0,
@@ -45,7 +47,6 @@ OPTIM_DEFAULTS = dict(
 )
 
 OPTIMIZERS = ("adamw", "sgd", "muon")
-SINK_PARAM_PARTS = ("sink_logit", "k_slot", "v_slot", "bos_resid", "sink_tokens")
 EMBED_PARAMS = ("transformer.wte.weight", "transformer.wpe.weight")
 EDIT_KEYS = {"param", "moment", "op", "value", "at", "every"}
 MOMENTS = ("m", "v", "both")
@@ -53,7 +54,7 @@ EDIT_OPS = ("scale", "zero", "clip")
 
 
 def is_sink_parameter(name):
-    return any(part in name for part in SINK_PARAM_PARTS)
+    return any(part in name for part in SINK_PARAMETERS)
 
 
 # ----------------------------------------------------------------------------------------------------
