@@ -29,4 +29,4 @@ weight_decay = 1e-4
 grad_clip = 0.0
 decay_lr = False
 warmup_iters = 0
-max_iters = 2000  # about 4 minutes on 2 CPU cores; the layer-0 sink is there by ~1000 steps at this width
+max_iters = 2000  # a few minutes on 2 CPU cores; layer 0's BOS sink: 0.71 at step 1000, 0.99 at 2000
