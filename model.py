@@ -159,12 +159,11 @@ class KVCache:
         self.length = [0] * n_layer
         self.pos = 0
 
-    def update(self, layer, k, v, capacity=None):
+    def update(self, layer, k, v):
         B, H, T, D = k.shape
         n = self.length[layer]
-        if self.buffers[layer] is None or n + T > self.buffers[layer][0].size(2):
-            size = max(capacity or 0, 2 * (n + T))
-            grown = tuple(k.new_empty(B, H, size, D) for _ in range(2))
+        if self.buffers[layer] is None or n + T > self.buffers[layer][0].size(2):  # grow by doubling
+            grown = tuple(k.new_empty(B, H, 2 * (n + T), D) for _ in range(2))
             if n:
                 grown[0][:, :, :n], grown[1][:, :, :n] = self.buffers[layer][0][:, :, :n], self.buffers[layer][1][:, :, :n]
             self.buffers[layer] = grown
