@@ -461,18 +461,6 @@ def looks_like_hub_name(target):
         and target.count("/") <= 1
 
 
-def read_text(text):
-    if text.startswith("FILE:"):
-        path = text[len("FILE:"):]
-        if not os.path.isfile(path):
-            raise AnalyzeError(f"text file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    if not text:
-        raise AnalyzeError("the text is empty")
-    return text
-
-
 def probe_batches(args, model, meta, cfg, kind, device):
     """([(x, y)], trigger masks or None, description) for --text, --data or the target's own dataset."""
     T = min(args.block_size or model.config.block_size, model.config.block_size)
@@ -480,9 +468,9 @@ def probe_batches(args, model, meta, cfg, kind, device):
     trained_with_bos = cfg.get("prepend_bos") or cfg.get("dataset") == "bigram_backcopy"
     bos = args.bos if args.bos is not None else (kind == "gpt2" or bool(trained_with_bos))
     if args.text is not None:
-        from tokenizer import load_tokenizer
+        from tokenizer import load_tokenizer, read_text_argument
         try:
-            ids = load_tokenizer(meta).encode(read_text(args.text))
+            ids = load_tokenizer(meta).encode(read_text_argument(args.text))
         except ValueError as e:
             raise AnalyzeError(str(e)) from None
         ids = ([meta["bos_token"]] if bos else []) + ids

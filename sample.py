@@ -58,17 +58,15 @@ def load_model_and_tokenizer(init_from, out_dir, device):
 
 
 def read_prompt(start):
+    """The --start text (FILE:path reads a file); None when there is none."""
+    from tokenizer import read_text_argument
     if start is None:
         return None
-    if start.startswith("FILE:"):
-        path = start[len("FILE:"):]
-        if not os.path.isfile(path):
-            raise RunError(f"prompt file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            start = f.read()
-    if start == "":
-        raise RunError("the prompt is empty; give --start=TEXT, or leave --start out to begin from the BOS token")
-    return start
+    try:
+        return read_text_argument(start, "prompt")
+    except ValueError as e:
+        hint = "; give --start=TEXT, or leave --start out to begin from the BOS token" if "empty" in str(e) else ""
+        raise RunError(f"{e}{hint}") from None
 
 
 def encode_prompt(tokenizer, text, prepend_bos, block_size):

@@ -156,6 +156,20 @@ class GPT2Tokenizer:
         return self.encoding.decode(ids)
 
 
+def read_text_argument(text, what="text"):
+    """A command-line text: the text itself, or FILE:path for a file's contents. ValueError (one line) for a
+    missing file or an empty text; sample.py and analyze.py turn it into their own error line."""
+    if text.startswith("FILE:"):
+        path = text[len("FILE:"):]
+        if not os.path.isfile(path):
+            raise ValueError(f"{what} file {path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    if not text:
+        raise ValueError(f"the {what} is empty")
+    return text
+
+
 def load_tokenizer(meta):
     """The tokenizer described by a prepared dataset's meta.json (a dict)."""
     kind = meta.get("tokenizer")
