@@ -10,6 +10,7 @@ checkpoint before exiting; a NaN/inf loss stops the run and leaves the last good
 """
 
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -58,6 +59,19 @@ def pick_device(requested, local_rank=0):
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed activation buffers instead of handing them back to the OS: otherwise every step
+    page-faults its multi-MB activations back in, about 5% of a small CPU step. Linux/glibc only; a no-op
+    elsewhere. Memory stays at the run's peak, which a training run reaches anyway."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum: buffers below 32 MB come from the heap
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def pick_dtype(requested, device_type):
@@ -282,6 +296,8 @@ def train(cfg):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if device_type == "cpu":
+        keep_freed_memory()
     if cfg["gradient_accumulation_steps"] % world_size:
         raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be divisible "
                           f"by the number of processes ({world_size})")
