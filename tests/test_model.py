@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import HF_BOS, HF_VOCAB, random_gpt2
-from model import GPT, MLP, GPTConfig, RMSNorm, sample_next
+from model import GPT, MLP, GPTConfig, Linear, RMSNorm, sample_next
 
 
 def tiny(seed=0, **options):
@@ -100,6 +100,24 @@ def test_from_pretrained_untied_head_and_missing_weights_or_files(tmp_path):
         GPT.from_pretrained(str(tmp_path / "empty"))
 
 
+def test_from_pretrained_reads_the_activation_function(tmp_path):
+    # GPT-2 proper uses "gelu_new" (tanh); "gelu" is the exact erf GELU; other activations are refused by name
+    exact = random_gpt2(seed=4, activation_function="gelu")
+    exact.save_pretrained(str(tmp_path / "exact"))
+    model = GPT.from_pretrained(str(tmp_path / "exact")).eval()
+    assert model.config.mlp_act == "gelu_exact"
+    idx = hf_input()
+    with torch.no_grad():
+        logits = model(idx)[0]
+        tanh_logits = GPT.from_pretrained(str(tmp_path / "exact"), mlp_act="gelu").eval()(idx)[0]
+    expected = hf_logits(exact, idx)
+    assert (logits - expected).abs().max().item() <= 1e-5
+    assert (tanh_logits - expected).abs().max().item() > 1e-4  # the two GELUs are told apart
+    random_gpt2(seed=4, activation_function="relu").save_pretrained(str(tmp_path / "relu"))
+    with pytest.raises(ValueError, match="activation_function 'relu'"):
+        GPT.from_pretrained(str(tmp_path / "relu"))
+
+
 def test_from_pretrained_pad_vocab_and_overrides(hf_dir, hf_gpt2):
     model = GPT.from_pretrained(hf_dir, pad_vocab=True, dropout=0.1).eval()
     assert model.transformer.wte.weight.shape == (128, 64)
@@ -122,12 +140,14 @@ def export_and_reload(model, out_dir):
 
 
 @pytest.mark.parametrize("options", [dict(), dict(tie_embeddings=False), dict(bias=False), dict(pad_vocab=True),
+                                     dict(mlp_act="gelu_exact"),
                                      dict(bias=False, tie_embeddings=False, pad_vocab=True)],
-                         ids=["plain", "untied", "no_bias", "pad_vocab", "all"])
+                         ids=["plain", "untied", "no_bias", "pad_vocab", "gelu_exact", "all"])
 def test_export_hf_round_trips_through_transformers(tmp_path, options):
     model = randomize(tiny(**options), scale=0.1).eval()
     hf = export_and_reload(model, tmp_path / "export")
     assert hf.config.tie_word_embeddings == model.config.tie_embeddings
+    assert hf.config.activation_function == ("gelu" if model.config.mlp_act == "gelu_exact" else "gelu_new")
     assert hf.config.vocab_size == 37 and hf.config.n_positions == 16 and hf.config.bos_token_id == 36
     idx = idx_batch(model, T=16)
     with torch.no_grad():
@@ -139,6 +159,7 @@ def test_export_hf_round_trips_through_transformers(tmp_path, options):
         assert not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
     # and back into our format
     again = GPT.from_pretrained(str(tmp_path / "export"), pad_vocab=model.config.pad_vocab).eval()
+    assert again.config.mlp_act == model.config.mlp_act
     with torch.no_grad():
         assert (again(idx)[0] - ours).abs().max().item() <= 1e-6
 
@@ -228,6 +249,38 @@ def test_greedy_generation_is_the_same_with_and_without_cache(options):
         logits, _ = model(idx[:, -16:])
         idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(idx, with_cache)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_decode_layout_computes_the_same_product(bias):
+    torch.manual_seed(0)
+    layer = Linear(24, 40, bias=bias).double()
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    plain = layer(x)
+    layer.decode_layout = True
+    with torch.no_grad():
+        assert torch.allclose(layer(x), plain, rtol=0, atol=1e-12)
+        assert layer.weight_t[1].shape == (24, 40) and layer.weight_t[1].is_contiguous()
+        layer.weight.mul_(2)  # an in-place update (an optimizer step, a load) makes a new copy
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-12)
+
+
+def test_generate_uses_the_current_weights_and_switches_the_decode_layout_off():
+    model = randomize(tiny()).double().eval()
+    prompt = idx_batch(model, B=2, T=5)
+    model.generate(prompt, 3, temperature=0)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 2 * 4 + 1  # c_attn, c_proj, c_fc, c_proj per layer + lm_head
+    widening = [m for m in linears if m.out_features > m.in_features]  # c_attn, c_fc, lm_head: copied
+    assert len(widening) == 2 * 2 + 1 and all(m.weight_t is not None for m in widening)
+    assert all(m.weight_t is None for m in linears if m not in widening)
+    assert not any(m.decode_layout for m in linears)
+    randomize(model, seed=1)  # new weights, copied in place
+    fresh = randomize(tiny(), seed=1).double().eval()
+    assert torch.equal(model.generate(prompt, 20, temperature=0), fresh.generate(prompt, 20, temperature=0))
+    with pytest.raises(IndexError):
+        model.generate(torch.full((1, 3), 1000), 2, temperature=0)  # an error inside generate (token out of range)...
+    assert not any(m.decode_layout for m in linears)  # ...still switches the layout off
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator():
@@ -492,7 +545,7 @@ def test_qk_norm_gives_unit_rms_queries_and_keys():
     assert not hasattr(tiny().transformer.h[0].attn, "q_norm")
 
 
-@pytest.mark.parametrize("act", ["gelu", "relu", "relu2", "swiglu"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_exact", "relu", "relu2", "swiglu"])
 def test_mlp_activations(act):
     model = randomize(tiny(mlp_act=act, n_embd=48, n_head=2)).double().eval()
     mlp = model.transformer.h[0].mlp
@@ -508,6 +561,7 @@ def test_mlp_activations(act):
         model(idx_batch(model))
     pre, post = captured["pre"], captured["post"]
     expected = {"gelu": lambda h: 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3))),
+                "gelu_exact": lambda h: 0.5 * h * (1 + torch.erf(h / math.sqrt(2))),
                 "relu": lambda h: h.clamp(min=0),
                 "relu2": lambda h: h.clamp(min=0) ** 2,
                 "swiglu": lambda h: h[..., :hidden] * torch.sigmoid(h[..., :hidden]) * h[..., hidden:]}[act](pre)
