@@ -22,7 +22,10 @@ import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 BUNDLED_SHAKESPEARE = os.path.join(REPO_ROOT, "data", "shakespeare", "corpus")
-BUNDLED_DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # name -> tokenizer
+# prepared from the bundled corpus on first use: name -> (tokenizer, val_split); shakespeare_char_tail is
+# nanoGPT's split (the last 10% of the concatenated works), for loss comparisons with nanoGPT
+BUNDLED_DATASETS = {"shakespeare_char": ("char", "documents"), "shakespeare": ("gpt2", "documents"),
+                    "shakespeare_char_tail": ("char", "tail")}
 DEFAULT_VAL_FRACTION = 0.1
 MIN_DOCS_FOR_DOC_SPLIT = 10  # fewer documents than this: hold out a span of each instead
 TOKEN_DTYPE = np.uint16
@@ -230,21 +233,43 @@ def make_encoder(tokenizer, docs):
     raise ValueError(f"unknown tokenizer {tokenizer!r} (expected char or gpt2)")
 
 
-def prepare_text_dataset(inputs, out_dir, tokenizer, val_fraction=DEFAULT_VAL_FRACTION, source=None):
-    """Tokenise .txt documents into out_dir/{train,val}.bin (+ .docs.npy) and meta.json."""
+def tail_split(stream, starts, val_fraction):
+    """nanoGPT's split: the last val_fraction of the concatenated stream is val (a fixed span, which may start
+    inside a document; that position counts as a document start in the val index)."""
+    cut = int(len(stream) * (1 - val_fraction))
+    val_starts = np.union1d([0], starts[starts >= cut] - cut)
+    return {"train": (stream[:cut], starts[starts < cut]), "val": (stream[cut:], val_starts)}
+
+
+def prepare_text_dataset(inputs, out_dir, tokenizer, val_fraction=DEFAULT_VAL_FRACTION, source=None,
+                         val_split="documents"):
+    """Tokenise .txt documents into out_dir/{train,val}.bin (+ .docs.npy) and meta.json. val_split: "documents"
+    holds out whole documents (or each document's tail when there are few); "tail" holds out the last
+    val_fraction of the concatenated corpus, in file order, as nanoGPT does."""
+    if val_split not in ("documents", "tail"):
+        raise ValueError(f"--val_split must be documents or tail, got {val_split!r}")
     docs = read_documents(inputs)
     if not docs:
         raise ValueError(f"no text found in {', '.join(inputs)}")
-    train_docs, val_docs, how = split_documents(docs, val_fraction)
-    if not val_docs or not train_docs:
-        raise ValueError("the corpus is too small to split into train and val")
-    encode_docs, meta = make_encoder(tokenizer, train_docs + val_docs)
+    if val_split == "tail":
+        check_val_fraction(val_fraction)
+        encode_docs, meta = make_encoder(tokenizer, docs)
+        splits = tail_split(*documents_to_stream(encode_docs(docs), meta["bos_token"]), val_fraction)
+        how = "tail"
+    else:
+        train_docs, val_docs, how = split_documents(docs, val_fraction)
+        if not val_docs or not train_docs:
+            raise ValueError("the corpus is too small to split into train and val")
+        encode_docs, meta = make_encoder(tokenizer, train_docs + val_docs)
+        splits = {split: documents_to_stream(encode_docs(split_docs), meta["bos_token"])
+                  for split, split_docs in (("train", train_docs), ("val", val_docs))}
     start_output(out_dir)
-    for split, split_docs in (("train", train_docs), ("val", val_docs)):
-        stream, starts = documents_to_stream(encode_docs(split_docs), meta["bos_token"])
+    for split, (stream, starts) in splits.items():
+        if not stream.size:
+            raise ValueError("the corpus is too small to split into train and val")
         write_tokens(os.path.join(out_dir, f"{split}.bin"), stream)
         write_doc_index(os.path.join(out_dir, f"{split}.docs.npy"), starts)
-        meta[f"{split}_tokens"], meta[f"{split}_docs"] = int(stream.size), len(split_docs)
+        meta[f"{split}_tokens"], meta[f"{split}_docs"] = int(stream.size), len(starts)
     remove_stale_shards(out_dir, ["train.bin", "val.bin"])
     meta.update(val_fraction=val_fraction, val_split=how, shards={"train": ["train.bin"], "val": ["val.bin"]},
                 source=source or f"{', '.join(display_path(p) for p in inputs)} ({len(docs)} documents)")
@@ -259,17 +284,22 @@ def text_prepare_main(tokenizer, script_file, argv=None):
                         help=".txt files or folders of them, one document per file (default: bundled Shakespeare)")
     parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(script_file)))
     parser.add_argument("--val_fraction", type=float, default=DEFAULT_VAL_FRACTION)
+    parser.add_argument("--val_split", choices=("documents", "tail"), default="documents",
+                        help="documents: hold out whole documents (default); tail: the last val_fraction of the "
+                             "concatenated corpus, as nanoGPT does")
     args = parser.parse_args(argv)
     t0 = time.time()
     try:
-        meta = prepare_text_dataset(args.input, args.out_dir, tokenizer, args.val_fraction)
+        meta = prepare_text_dataset(args.input, args.out_dir, tokenizer, args.val_fraction,
+                                    val_split=args.val_split)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     print_summary(args.out_dir, meta, time.time() - t0)
 
 
 def print_summary(out_dir, meta, seconds):
-    held_out = "whole documents" if meta["val_split"] == "documents" else "the tail of each document"
+    held_out = {"documents": "whole documents", "spans": "the tail of each document",
+                "tail": "the tail of the concatenated corpus"}[meta["val_split"]]
     print(f"source: {meta['source']}")
     print(f"{meta['train_docs']:,} train / {meta['val_docs']:,} val documents (val = {held_out}, "
           f"val_fraction {meta['val_fraction']})")
@@ -318,7 +348,8 @@ def ensure_prepared(dataset_name, data_root="data"):
         if os.path.exists(meta_path):  # another process prepared it while we waited
             return data_dir
         t0 = time.time()
-        meta = prepare_text_dataset([BUNDLED_SHAKESPEARE], data_dir, BUNDLED_DATASETS[dataset_name])
+        tokenizer, val_split = BUNDLED_DATASETS[dataset_name]
+        meta = prepare_text_dataset([BUNDLED_SHAKESPEARE], data_dir, tokenizer, val_split=val_split)
     print(f"prepared {display_path(data_dir)} from the bundled corpus (meta.json was missing): "
           f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
           f"vocab {meta['vocab_size']:,}, {time.time() - t0:.1f}s")

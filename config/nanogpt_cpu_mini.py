@@ -1,7 +1,7 @@
 # nanoGPT's "CPU mini" settings (its README's laptop example on shakespeare_char), for side-by-side speed and
 # loss comparisons: 4 layers, 4 heads, 128 dims, block 64, batch 12, lr 1e-3, 2000 iters, dropout 0.
 out_dir = "out-nanogpt-cpu-mini"
-dataset = "shakespeare_char"
+dataset = "shakespeare_char_tail"  # nanoGPT's split: val = the last 10% of the concatenated works
 eval_interval = 250
 eval_iters = 20
 log_interval = 10

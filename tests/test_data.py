@@ -111,6 +111,26 @@ def test_char_prepare_span_split_for_few_documents(tmp_path):
         assert 0.05 < len(tail) / len(doc) < 0.2
 
 
+def test_char_prepare_tail_split_is_nanogpts(tmp_path):
+    # val = the last 10% of the concatenated corpus in file order (a fixed span), as nanoGPT's prepare.py
+    docs = write_corpus(tmp_path / "corpus", 12)
+    meta = prep.prepare_text_dataset([str(tmp_path / "corpus")], str(tmp_path / "out"), "char", 0.1,
+                                     val_split="tail")
+    bos = meta["bos_token"]
+    tok = tokenizer.load_tokenizer(meta)
+    _, (train,), (train_starts,) = read_split(str(tmp_path / "out"), "train")
+    _, (val,), (val_starts,) = read_split(str(tmp_path / "out"), "val")
+    whole = np.concatenate([train, val])
+    assert len(train) == int(len(whole) * 0.9) and meta["val_split"] == "tail"
+    assert [tok.decode(d.tolist()) for d in split_at_bos(whole, bos)] == docs  # nothing lost or reordered
+    assert np.array_equal(train_starts, np.flatnonzero(train == bos))
+    # the val span starts inside a document: position 0 counts as a start, then every EOT
+    assert val[0] != bos and np.array_equal(val_starts, np.union1d([0], np.flatnonzero(val == bos)))
+    assert meta["val_docs"] == len(val_starts) and meta["train_docs"] == len(train_starts)
+    with pytest.raises(ValueError, match="val_split"):
+        prep.prepare_text_dataset([str(tmp_path / "corpus")], str(tmp_path / "bad"), "char", 0.1, val_split="random")
+
+
 def test_prepare_is_deterministic(tmp_path):
     write_corpus(tmp_path / "corpus", 15)
     for out in ("a", "b"):
@@ -420,5 +440,22 @@ def test_open_dataset_prepares_bundled_char(tmp_path, capsys):
     assert loader.open_dataset(data_dir) == data_dir  # a prepared folder is used as is
     x, y = loader.TokenLoader(data_dir, "val", 2, 8).next_batch()
     assert x.shape == (2, 8)
+
+
+def test_open_dataset_prepares_the_nanogpt_split_of_the_bundled_corpus(tmp_path, capsys):
+    data_dir = loader.open_dataset("shakespeare_char_tail", data_root=str(tmp_path))
+    meta = prep.read_meta(data_dir)
+    assert meta["val_split"] == "tail" and meta["vocab_size"] == 85
+    total = meta["train_tokens"] + meta["val_tokens"]
+    assert meta["train_tokens"] == int(total * 0.9)
+    train = np.fromfile(os.path.join(data_dir, "train.bin"), dtype=np.uint16)
+    val = np.fromfile(os.path.join(data_dir, "val.bin"), dtype=np.uint16)
+    tok = tokenizer.load_tokenizer(meta)
+    # the held-out tail ends with the last work in file order (The Winter's Tale)
+    corpus = os.path.join(REPO, "data", "shakespeare", "corpus")
+    last = sorted(n for n in os.listdir(corpus) if n.endswith(".txt"))[-1]
+    with open(os.path.join(corpus, last), encoding="utf-8") as f:
+        assert tok.decode(val[-200:].tolist()) == f.read()[-200:]
+    assert train[0] == meta["bos_token"]
 
 
