@@ -46,14 +46,17 @@ def peak_memory_mb(device):
 
 
 def dataset_vocab(cfg, override):
-    """The dataset's vocabulary size when it is prepared; GPT-2's otherwise."""
+    """The dataset's vocabulary size (the bundled ones are prepared if needed); GPT-2's when it is unknown."""
     if override:
         return override
+    if cfg["dataset"] == "bigram_backcopy":
+        from bigram_backcopy import BigramBackcopy
+        return BigramBackcopy("val", 1, 2).vocab_size
     try:
         from loader import open_dataset
         from prep import read_meta
-        return read_meta(open_dataset(cfg["dataset"], auto_prepare=False))["vocab_size"]
-    except Exception:
+        return read_meta(open_dataset(cfg["dataset"]))["vocab_size"]
+    except (OSError, ValueError):
         return 50257
 
 

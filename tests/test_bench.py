@@ -35,3 +35,9 @@ def test_generation_benchmark_reports_prefill_decode_and_first_call(capsys):
     assert 0 < result["prefill_s"] < result["total_s"]
     assert result["tokens_per_s"] == pytest.approx(64 / result["total_s"])
     assert result["tokens_per_s_with_first_call"] < result["tokens_per_s"]
+
+
+def test_benchmarked_vocabulary_follows_the_dataset():
+    assert bench.dataset_vocab({"dataset": "bigram_backcopy"}, 0) == 85  # 84 characters + BOS
+    assert bench.dataset_vocab({"dataset": "no_such_dataset"}, 0) == 50257  # unknown: GPT-2's
+    assert bench.dataset_vocab({"dataset": "shakespeare_char"}, 123) == 123  # --vocab_size wins
