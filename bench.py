@@ -20,7 +20,8 @@ import torch
 
 from configurator import ConfigError, check_value, load_config, model_config, parse_flag_value
 from model import GPT, GPTConfig
-from train import autocast_context, build_optimizer, keep_freed_memory, peak_flops, pick_device, pick_dtype
+from train import (autocast_context, build_optimizer, keep_freed_memory, make_loader, peak_flops, pick_device,
+                   pick_dtype)
 
 BENCH_FLAGS = {"json": False, "generate": False, "steps": 10, "warmup": 3, "rounds": 3, "compare": "",
                "vocab_size": 0, "no_cache_steps": 0}
@@ -49,13 +50,8 @@ def dataset_vocab(cfg, override):
     """The dataset's vocabulary size (the bundled ones are prepared if needed); GPT-2's when it is unknown."""
     if override:
         return override
-    if cfg["dataset"] == "bigram_backcopy":
-        from bigram_backcopy import BigramBackcopy
-        return BigramBackcopy("val", 1, 2).vocab_size
-    try:
-        from loader import open_dataset
-        from prep import read_meta
-        return read_meta(open_dataset(cfg["dataset"]))["vocab_size"]
+    try:  # the loader train.py would use, on the smallest windows
+        return make_loader(dict(cfg, batch_size=1, block_size=1), "val", "cpu").vocab_size
     except (OSError, ValueError):
         return 50257
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import bench
+from configurator import load_config
 
 
 def bench_json(capsys, *argv):
@@ -38,6 +39,9 @@ def test_generation_benchmark_reports_prefill_decode_and_first_call(capsys):
 
 
 def test_benchmarked_vocabulary_follows_the_dataset():
-    assert bench.dataset_vocab({"dataset": "bigram_backcopy"}, 0) == 85  # 84 characters + BOS
-    assert bench.dataset_vocab({"dataset": "no_such_dataset"}, 0) == 50257  # unknown: GPT-2's
-    assert bench.dataset_vocab({"dataset": "shakespeare_char"}, 123) == 123  # --vocab_size wins
+    def vocab(dataset, override=0):
+        return bench.dataset_vocab(load_config([f"--dataset={dataset}"]), override)
+
+    assert vocab("bigram_backcopy") == 85  # 84 characters + BOS
+    assert vocab("no_such_dataset") == 50257  # unknown: GPT-2's
+    assert vocab("shakespeare_char", 123) == 123  # --vocab_size wins
