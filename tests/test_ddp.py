@@ -16,7 +16,8 @@ def run(cmd, out_dir, *flags):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd + COMMON + list(flags) + [f"--out_dir={out_dir}"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    # torchrun's failure summary alone is ~2500 characters: keep enough to show the failing rank's own output
+    assert result.returncode == 0, result.stderr[-10000:]
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
