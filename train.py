@@ -475,6 +475,7 @@ def train(cfg):
 
 def main(argv):
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # train() installs its own
+    code = 1
     try:
         cfg = load_config(argv)
         code = train(cfg)
@@ -490,6 +491,8 @@ def main(argv):
         if int(os.environ.get("RANK", -1)) != -1:
             import torch.distributed as dist
             if dist.is_initialized():
+                if code == 0:  # let every rank finish (rank 0 may still be writing) before gloo's sockets close
+                    dist.barrier()
                 dist.destroy_process_group()
     return code
 
