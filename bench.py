@@ -4,10 +4,13 @@ Benchmark training steps (and, with --generate, KV-cache generation) on this mac
     python bench.py config/train_shakespeare_char.py                  # ms/iter, tokens/s, MFU, peak memory
     python bench.py config/gpt2_124m.py --compare=sink=none,token,logit,kv_bias --json
     python bench.py --generate                                        # GPT-2 124M, 512-token prompt, 64 new tokens
+    python bench.py config/nanogpt_cpu_mini.py --profile              # where a step's time goes, by op family
 
 Steps run on random tokens (no dataset needed) through the same model, optimizer and precision code as
 train.py. --compare=KEY=V1,V2,... times every variant in one process, interleaved in rounds, and reports
 each variant's median ms/iter and its ratio to the first: compare ratios, not absolute times, on a noisy machine.
+--profile then runs --steps more steps of the first variant under torch.profiler and splits their time by op
+family (matmul, attention, activation, norm, loss, optimizer, other ops, and what no op accounts for).
 """
 
 import json
@@ -23,8 +26,17 @@ from model import GPT, GPTConfig
 from train import (autocast_context, build_optimizer, keep_freed_memory, make_loader, peak_flops, pick_device,
                    pick_dtype)
 
-BENCH_FLAGS = {"json": False, "generate": False, "steps": 10, "warmup": 3, "rounds": 3, "compare": "",
-               "vocab_size": 0, "no_cache_steps": 0}
+BENCH_FLAGS = {"json": False, "generate": False, "profile": False, "steps": 10, "warmup": 3, "rounds": 3,
+               "compare": "", "vocab_size": 0, "no_cache_steps": 0}
+
+# op families for --profile: an op belongs to the first family one of whose name fragments it contains
+OP_FAMILIES = [
+    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")),
+    ("activation", ("gelu", "relu", "silu", "sigmoid", "tanh", "glu")),
+    ("norm", ("layer_norm", "rms_norm")),
+    ("loss", ("log_softmax", "nll_loss")),
+]
 
 
 def split_flags(argv):
@@ -79,7 +91,8 @@ class StepRunner:
                 _, loss = self.step_model(self.x, self.y)
             loss.backward()
         if self.cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
+            with torch.profiler.record_function("clip_grad_norm"):  # named for --profile; free when it is off
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -112,6 +125,7 @@ def bench_training(cfg, flags):
     for r in range(flags["rounds"]):  # interleave variants, rotating who goes first, so noise hits all alike
         for i in [(r + j) % len(runners) for j in range(len(runners))]:
             times[i].append(runners[i].time_steps(flags["steps"]))
+    profiled = profile_steps(runners[0], flags["steps"]) if flags["profile"] else None
     peak = peak_flops(device)
     results = []
     for (key, value), runner, ms in zip(variants, runners, times):
@@ -123,7 +137,40 @@ def bench_training(cfg, flags):
                             ratio=ms_per_iter / statistics.median(times[0]),
                             params=runner.model.num_params()))
     return dict(device=device_name(device), peak_mem_mb=peak_memory_mb(device), variants=results,
-                **{k: results[0][k] for k in ("ms_per_iter", "tokens_per_s", "mfu", "params")})
+                **{k: results[0][k] for k in ("ms_per_iter", "tokens_per_s", "mfu", "params")},
+                **({"profile": profiled} if profiled else {}))
+
+
+def op_family(event):
+    """The --profile family of one profiled op: anything inside the optimizer's step, zero_grad or the gradient
+    clipping counts as optimizer, whatever the op; otherwise the first family one of whose name fragments the op's
+    name holds."""
+    parent = event
+    while parent is not None:
+        if parent.name.startswith(("Optimizer.", "clip_grad_norm")):
+            return "optimizer"
+        parent = parent.cpu_parent
+    for family, fragments in OP_FAMILIES:
+        if any(f == event.name if f.startswith("aten::") else f in event.name for f in fragments):
+            return family
+    return "other ops"
+
+
+def profile_steps(runner, steps):
+    """Run `steps` training steps under torch.profiler; ms per step by op family, from each op's self time (device
+    time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+    on_cuda = runner.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        ms_per_step = runner.time_steps(steps)
+    families = dict.fromkeys([f for f, _ in OP_FAMILIES] + ["optimizer", "other ops"], 0.0)
+    for event in prof.events():
+        self_us = event.self_device_time_total if on_cuda else event.self_cpu_time_total
+        if self_us and (on_cuda or event.device_type == torch.autograd.DeviceType.CPU):
+            families[op_family(event)] += self_us / 1000 / steps
+    families["unattributed"] = max(0.0, ms_per_step - sum(families.values()))  # Python and framework time
+    return dict(steps=steps, ms_per_step=ms_per_step, ms_by_family=families)
 
 
 def device_name(device):
@@ -196,6 +243,12 @@ def main(argv):
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             print(f"{r['variant']:>24}: {r['ms_per_iter']:8.2f} ms/iter  {r['tokens_per_s']:10,.0f} tok/s  "
                   f"MFU {mfu:>6}  x{r['ratio']:.3f}")
+        if "profile" in result:
+            p = result["profile"]
+            print(f"where {result['variants'][0]['variant']}'s time goes ({p['steps']} steps under torch.profiler, "
+                  f"{p['ms_per_step']:.2f} ms/step with its overhead):")
+            for family, ms in sorted(p["ms_by_family"].items(), key=lambda kv: -kv[1]):
+                print(f"{family:>24}: {ms:8.2f} ms/step  {100 * ms / p['ms_per_step']:5.1f}%")
     return 0
 
 

@@ -45,3 +45,34 @@ def test_benchmarked_vocabulary_follows_the_dataset():
     assert vocab("bigram_backcopy") == 85  # 84 characters + BOS
     assert vocab("no_such_dataset") == 50257  # unknown: GPT-2's
     assert vocab("shakespeare_char", 123) == 123  # --vocab_size wins
+
+
+def test_profile_splits_the_step_by_op_family(capsys):
+    tiny = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2",
+            "--vocab_size=50", "--steps=3", "--warmup=1", "--rounds=1", "--profile"]
+    profile = bench_json(capsys, *tiny)["profile"]
+    families = profile["ms_by_family"]
+    assert profile["steps"] == 3
+    for family in ("matmul", "attention", "activation", "norm", "loss", "optimizer"):
+        assert families[family] > 0, family  # each has ops in every training step
+    # the families split the profiled step: the ops' self times fit in it, unattributed is the remainder
+    assert sum(v for k, v in families.items() if k != "unattributed") <= profile["ms_per_step"]
+    assert sum(families.values()) == pytest.approx(profile["ms_per_step"], rel=1e-6)
+
+
+def test_op_family_names_the_kernel_family_and_counts_optimizer_work_as_optimizer():
+    from types import SimpleNamespace
+
+    def event(name, parent=None):
+        return SimpleNamespace(name=name, cpu_parent=parent)
+
+    assert bench.op_family(event("aten::mm")) == "matmul"
+    assert bench.op_family(event("aten::mm_backward_extra")) == "other ops"  # matmul names match exactly
+    assert bench.op_family(event("aten::_scaled_dot_product_flash_attention_for_cpu_backward")) == "attention"
+    assert bench.op_family(event("aten::gelu_backward")) == "activation"
+    assert bench.op_family(event("aten::native_layer_norm_backward")) == "norm"
+    assert bench.op_family(event("aten::_log_softmax")) == "loss"
+    assert bench.op_family(event("aten::add_")) == "other ops"
+    step = event("Optimizer.step#Muon.step")
+    assert bench.op_family(event("aten::mm", event("aten::matmul", step))) == "optimizer"  # Muon's own matmuls
+    assert bench.op_family(event("aten::linalg_vector_norm", event("clip_grad_norm"))) == "optimizer"
