@@ -15,7 +15,9 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -484,24 +486,32 @@ def prepare_sharded(texts, out_dir, val_fraction, shard_size, num_proc, source, 
     from tokenizer import gpt2_encoding
     check_val_fraction(val_fraction)
     enc = gpt2_encoding()  # load once here so forked workers inherit it
-    start_output(out_dir)
-    writers = {split: ShardWriter(out_dir, split, shard_size) for split in ("train", "val")}
-    doc_index, total = 0, 0
-    with tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
-        for tokens, lengths in tokenize_stream(nonempty_texts(texts), num_proc):
-            ends = np.cumsum(lengths)
-            for start, end in zip(ends - lengths, ends):
-                writers["val" if is_val_doc(doc_index, val_fraction) else "train"].add(tokens[start:end])
-                doc_index += 1
-            total += int(ends[-1])
-            bar.update(int(ends[-1]))
-            if max_tokens and total >= max_tokens:
-                break
-    for writer in writers.values():
-        writer.flush()
-    if not writers["train"].tokens or not writers["val"].tokens:
-        raise ValueError(f"only {doc_index} documents: too few for a val split of every "
-                         f"{max(2, round(1 / val_fraction))}th document (raise --val_fraction or add data)")
+    os.makedirs(out_dir, exist_ok=True)
+    # shards are written aside first: bad or unreadable input leaves an earlier dataset in out_dir whole
+    staging = tempfile.mkdtemp(prefix=".staging-", dir=out_dir)
+    try:
+        writers = {split: ShardWriter(staging, split, shard_size) for split in ("train", "val")}
+        doc_index, total = 0, 0
+        with tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
+            for tokens, lengths in tokenize_stream(nonempty_texts(texts), num_proc):
+                ends = np.cumsum(lengths)
+                for start, end in zip(ends - lengths, ends):
+                    writers["val" if is_val_doc(doc_index, val_fraction) else "train"].add(tokens[start:end])
+                    doc_index += 1
+                total += int(ends[-1])
+                bar.update(int(ends[-1]))
+                if max_tokens and total >= max_tokens:
+                    break
+        for writer in writers.values():
+            writer.flush()
+        if not writers["train"].tokens or not writers["val"].tokens:
+            raise ValueError(f"only {doc_index} documents: too few for a val split of every "
+                             f"{max(2, round(1 / val_fraction))}th document (raise --val_fraction or add data)")
+        start_output(out_dir)  # the old meta.json goes first: an interruption from here on reads as unprepared
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     remove_stale_shards(out_dir, writers["train"].names + writers["val"].names)
     meta = {"vocab_size": enc.n_vocab, "bos_token": enc.eot_token, "tokenizer": "gpt2"}
     for split, writer in writers.items():

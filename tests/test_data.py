@@ -266,6 +266,21 @@ def test_sharded_prepare_errors(tmp_path):
     assert not os.path.exists(tmp_path / "p" / "meta.json")
 
 
+def test_sharded_prepare_bad_input_leaves_the_earlier_dataset_whole(tmp_path, web_corpus):
+    folder, _ = web_corpus
+    out = tmp_path / "out"
+    args = ["--out_dir", str(out), "--val_fraction", "0.1", "--shard_size", "300", "--num_proc", "1"]
+    run_sharded("openwebtext", ["--input", str(folder), *args])
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    few = tmp_path / "few"
+    os.makedirs(few)
+    write_jsonl_gz(few / "x.jsonl.gz", ["only one document"])  # too few for a val split: refused after reading
+    with pytest.raises(SystemExit, match="error: only 1 documents"):
+        run_sharded("openwebtext", ["--input", str(few), *args])
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # no staging folder left
+    assert prep.read_meta(str(out))["train_docs"] == 36
+
+
 def run_script(script_name, argv, monkeypatch):
     """Run data/<script_name>/prepare.py as __main__ in this process (torch/datasets already loaded)."""
     import runpy
