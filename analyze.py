@@ -712,7 +712,9 @@ def hook_name(point, layer, model):
         return point
     if point not in POSITION_POINTS:
         raise AnalyzeError(f"--hook {point!r} is not one of embed, ln_f, {', '.join(POSITION_POINTS)}")
-    if layer is None or not 0 <= layer < model.config.n_layer:
+    if layer is None:
+        raise AnalyzeError(f"--hook {point} needs --layer (0 to {model.config.n_layer - 1})")
+    if not 0 <= layer < model.config.n_layer:
         raise AnalyzeError(f"--layer must be in [0, {model.config.n_layer - 1}] for --hook {point}")
     return f"h.{layer}.{point}"
 
@@ -1131,9 +1133,10 @@ def run(argv):
 
 
 def main(argv):
+    from train import RunError  # e.g. a device this machine does not have
     try:
         run(argv)
-    except AnalyzeError as e:
+    except (AnalyzeError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from configurator import ConfigError, check_value, load_config, model_config, parse_flag_value
+from configurator import ConfigError, check_ranges, check_value, load_config, model_config, parse_flag_value
 from model import GPT, GPTConfig
-from train import (autocast_context, build_optimizer, keep_freed_memory, make_loader, peak_flops, pick_device,
-                   pick_dtype)
+from train import (RunError, autocast_context, build_optimizer, keep_freed_memory, make_loader, peak_flops,
+                   pick_device, pick_dtype)
 
 BENCH_FLAGS = {"json": False, "generate": False, "profile": False, "steps": 10, "warmup": 3, "rounds": 3,
                "compare": "", "vocab_size": 0, "no_cache_steps": 0}
@@ -40,16 +40,35 @@ OP_FAMILIES = [
 
 
 def split_flags(argv):
-    """Separate bench.py's own flags from config files and config --key=value flags."""
+    """Separate bench.py's own flags from config files and config --key=value flags (ConfigError on a bad one)."""
     own, rest = dict(BENCH_FLAGS), []
     for arg in argv:
         key, _, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if key in own:
-            own[key] = type(BENCH_FLAGS[key])(value) if value and not isinstance(BENCH_FLAGS[key], bool) else (
-                value or True)
-        else:
+        if key not in own:
             rest.append(arg)
+        elif isinstance(BENCH_FLAGS[key], bool):
+            if value not in ("", "True", "False"):
+                raise ConfigError(f"flag --{key} takes no value, or True / False; got {value!r}")
+            own[key] = value != "False"
+        elif isinstance(BENCH_FLAGS[key], str):
+            own[key] = value
+        else:
+            try:
+                own[key] = int(value)
+            except ValueError:
+                raise ConfigError(f"flag --{key} must be an integer, got {value!r}") from None
+    for key, least in (("steps", 1), ("rounds", 1), ("warmup", 0), ("vocab_size", 0), ("no_cache_steps", 0)):
+        if own[key] < least:
+            raise ConfigError(f"flag --{key} must be >= {least}, got {own[key]}")
     return own, rest
+
+
+def parse_compare(text):
+    """--compare=KEY=V1,V2,...: [(key, value), ...], each value checked as the config key's."""
+    key, sep, values = text.partition("=")
+    if not sep or not values:
+        raise ConfigError(f"--compare={text} needs the form KEY=V1,V2,... (e.g. --compare=sink=none,logit)")
+    return [(key, check_value(key, parse_flag_value(v, key), "--compare")) for v in values.split(",")]
 
 
 def peak_memory_mb(device):
@@ -111,13 +130,11 @@ def bench_training(cfg, flags):
     if device == "cpu":
         keep_freed_memory()  # as train.py does
     vocab_size = dataset_vocab(cfg, flags["vocab_size"])
-    variants = [(None, None)]
-    if flags["compare"]:
-        key, _, values = flags["compare"].partition("=")
-        variants = [(key, check_value(key, parse_flag_value(v, key), "--compare")) for v in values.split(",")]
+    variants = parse_compare(flags["compare"]) if flags["compare"] else [(None, None)]
     runners = []
     for key, value in variants:
         variant_cfg = dict(cfg, **({key: value} if key else {}))
+        check_ranges(variant_cfg)  # the variant's whole config must still be valid (e.g. n_embd % n_head)
         runner = StepRunner(variant_cfg, vocab_size, device)
         runner.time_steps(flags["warmup"])
         runners.append(runner)
@@ -220,13 +237,13 @@ def bench_generation(cfg, flags):
 
 
 def main(argv):
-    flags, rest = split_flags(argv)
     try:
+        flags, rest = split_flags(argv)
         cfg = load_config(rest)
-    except ConfigError as e:
+        result = bench_generation(cfg, flags) if flags["generate"] else bench_training(cfg, flags)
+    except (ConfigError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    result = bench_generation(cfg, flags) if flags["generate"] else bench_training(cfg, flags)
     if flags["json"]:
         print(json.dumps(result))
     elif flags["generate"]:

@@ -157,9 +157,12 @@ def check_ranges(config):
     for key in positive:
         if config[key] <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {config[key]}")
-    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "track_interval"):
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "track_interval", "learning_rate", "min_lr",
+                "weight_decay", "grad_clip", "momentum", "ddp_timeout"):
         if config[key] < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {config[key]}")
+    if not 0 <= config["dropout"] < 1:
+        raise ConfigError(f"config key 'dropout' must be in [0, 1), got {config['dropout']}")
     try:
         model_config(config, vocab_size=1, bos_token=0)
         check_optim_config(config)

@@ -87,7 +87,22 @@ def encode_prompt(tokenizer, text, prepend_bos, block_size):
     return ids
 
 
+def check_args(args):
+    """Values argparse's types let through but generate() cannot use: one RunError naming the flag."""
+    from configurator import CHOICES
+    checks = [(args.num_samples >= 1, "--num_samples must be >= 1"),
+              (args.max_new_tokens >= 0, "--max_new_tokens must be >= 0"),
+              (args.temperature >= 0, "--temperature must be >= 0 (0 = greedy)"),
+              (args.top_k >= 0, "--top_k must be >= 0 (0 = off)"),
+              (0 < args.top_p <= 1, "--top_p must be in (0, 1] (1 = off)"),
+              (args.dtype in CHOICES["dtype"], f"--dtype must be one of {', '.join(CHOICES['dtype'])}")]
+    for ok, message in checks:
+        if not ok:
+            raise RunError(message)
+
+
 def sample(args):
+    check_args(args)
     device = pick_device(args.device)
     device_type = device.split(":")[0]
     model, tokenizer, prepend_bos = load_model_and_tokenizer(args.init_from, args.out_dir, device)

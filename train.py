@@ -51,14 +51,31 @@ def setup_distributed(cfg):
     return dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
 
 
+def mps_available():
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def pick_device(requested, local_rank=0):
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return f"cuda:{local_rank}"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """'auto' picks cuda, then mps, then cpu. A named device must exist on this machine (RunError otherwise);
+    a bare 'cuda' means this process's GPU under torchrun, cuda:0 alone."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise RunError(f"device {requested!r} is not a device name: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"device {requested!r}: CUDA is not available here (use --device=cpu or auto)")
+        index = local_rank if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise RunError(f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return f"cuda:{index}"
+    if device.type == "mps" and not mps_available():
+        raise RunError(f"device {requested!r}: MPS is not available here (use --device=cpu or auto)")
+    if device.type not in ("cpu", "mps"):
+        raise RunError(f"device {requested!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+    return device.type
 
 
 def keep_freed_memory():
@@ -105,8 +122,11 @@ def make_loader(cfg, split, device, rank=0, world_size=1):
     """The data source of a dataset: prepared token files (loader.py) or the Bigram-Backcopy generator."""
     if cfg["dataset"] == "bigram_backcopy":
         from bigram_backcopy import BigramBackcopy
-        return BigramBackcopy(split, cfg["batch_size"], cfg["block_size"], seed=cfg["seed"],
-                              n_triggers=cfg["bb_triggers"], device=device, rank=rank, world_size=world_size)
+        try:
+            return BigramBackcopy(split, cfg["batch_size"], cfg["block_size"], seed=cfg["seed"],
+                                  n_triggers=cfg["bb_triggers"], device=device, rank=rank, world_size=world_size)
+        except ValueError as e:  # a trigger count the corpus cannot supply
+            raise ConfigError(f"config key 'bb_triggers': {e}") from None
     from loader import TokenLoader, open_dataset
     data_dir = open_dataset(cfg["dataset"])
     return TokenLoader(data_dir, split, cfg["batch_size"], cfg["block_size"], seed=cfg["seed"],
@@ -387,7 +407,8 @@ def train(cfg):
         lr = lr_at(iter_num, cfg)
         set_lr(optimizer, lr, cfg)  # lr * each group's lr_mult; Muon groups follow muon_lr
 
-        if iter_num % cfg["eval_interval"] == 0 and iter_num != resumed_at or iter_num == cfg["max_iters"]:
+        if (iter_num % cfg["eval_interval"] == 0 and iter_num != resumed_at or iter_num == cfg["max_iters"]
+                or cfg["eval_only"]):
             losses = evaluate(model, eval_loaders, cfg["eval_iters"], ctx, world_size)
             if not math.isfinite(losses["val_loss"]):
                 raise RunError(f"val loss is {losses['val_loss']} at iter {iter_num}; stopping, the last good "
@@ -397,7 +418,7 @@ def train(cfg):
             if master:
                 print(f"step {iter_num}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}")
                 log.write(iter=iter_num, tokens=tokens_seen, lr=lr, best_val_loss=best_val_loss, **losses)
-                if iter_num > 0 and (improved or cfg["always_save_checkpoint"]):
+                if iter_num > 0 and (improved or cfg["always_save_checkpoint"]) and not cfg["eval_only"]:
                     save_checkpoint()
             t_last = time.perf_counter()  # evaluation time is not training time
         if iter_num == cfg["max_iters"] or cfg["eval_only"]:

@@ -323,6 +323,8 @@ def test_probe_subcommands_run_and_write_json(tmp_path, capsys):
     ["ablate", "{tmp}", "--text", "abc", "--entry", "1:0"],
     ["compare", "{tmp}", "--report", "{tmp}/c"],  # no metrics.jsonl
     ["report", "{tmp}", "--bogus"],
+    ["{tmp}", "--text", "abc", "--report", "{tmp}/r", "--device", "foo"],
+    ["intervene", "{tmp}", "--text", "abc", "--dim", "0", "--scale", "2"],  # no --layer
 ])
 def test_bad_input_gives_one_error_line_and_exit_1(tmp_path, capsys, argv):
     save_checkpoint(tiny_model(n_layer=2), tmp_path / "ckpt.pt")

@@ -76,3 +76,21 @@ def test_op_family_names_the_kernel_family_and_counts_optimizer_work_as_optimize
     step = event("Optimizer.step#Muon.step")
     assert bench.op_family(event("aten::mm", event("aten::matmul", step))) == "optimizer"  # Muon's own matmuls
     assert bench.op_family(event("aten::linalg_vector_norm", event("clip_grad_norm"))) == "optimizer"
+
+
+@pytest.mark.parametrize("flag,words", [("--steps=abc", "--steps"), ("--steps=0", "--steps"),
+                                        ("--rounds=0", "--rounds"), ("--json=maybe", "--json"),
+                                        ("--compare=sink", "KEY=V1,V2"), ("--compare=nokey=1,2", "'nokey'"),
+                                        ("--compare=sink=foo", "'foo'"), ("--compare=n_head=3", "n_head=3"),
+                                        ("--device=foo", "not a device name")])
+def test_bad_bench_flag_is_one_clear_error(capsys, flag, words):
+    capsys.readouterr()
+    assert bench.main(["--n_layer=1", "--n_head=2", "--n_embd=32", "--vocab_size=50", "--steps=1", flag]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and words in err[0], err
+
+
+def test_boolean_bench_flags_take_true_or_false():
+    assert bench.split_flags(["--json=False", "--profile"])[0]["json"] is False
+    assert bench.split_flags(["--json=False", "--profile"])[0]["profile"] is True
+    assert bench.split_flags(["--json=True", "cfg.py", "--n_layer=2"])[1] == ["cfg.py", "--n_layer=2"]

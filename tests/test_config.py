@@ -141,7 +141,10 @@ def test_bad_model_option_is_an_error(flag, key):
 
 
 @pytest.mark.parametrize("flag,key", [("--batch_size=0", "batch_size"), ("--n_layer=-1", "n_layer"),
-                                      ("--max_iters=-5", "max_iters"), ("--eval_interval=0", "eval_interval")])
+                                      ("--max_iters=-5", "max_iters"), ("--eval_interval=0", "eval_interval"),
+                                      ("--learning_rate=-1", "learning_rate"), ("--min_lr=-1e-5", "min_lr"),
+                                      ("--weight_decay=-0.1", "weight_decay"), ("--grad_clip=-1", "grad_clip"),
+                                      ("--dropout=1.0", "dropout"), ("--dropout=-0.1", "dropout")])
 def test_out_of_range_values(flag, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config([flag])

@@ -114,6 +114,16 @@ def test_long_prompt_is_cropped_with_a_warning(trained_out, capsys):
     assert texts[0].startswith(prompt[-31:]) and len(texts[0]) == 31 + 6
 
 
+@pytest.mark.parametrize("flag,words", [("--top_p=0", "--top_p"), ("--top_p=1.5", "--top_p"),
+                                        ("--temperature=-1", "--temperature"), ("--max_new_tokens=-3", "--max_new_tokens"),
+                                        ("--num_samples=0", "--num_samples"), ("--top_k=-1", "--top_k"),
+                                        ("--dtype=foo", "--dtype"), ("--device=foo", "not a device name")])
+def test_unusable_sampling_flag_is_one_clear_error(trained_out, capsys, flag, words):
+    code, texts, err = run_sample(capsys, "--out_dir", trained_out, "--max_new_tokens=4", flag)
+    assert code == 1 and texts == []
+    assert words in one_error_line(err)
+
+
 def test_missing_checkpoint(tmp_path, capsys):
     code, _, err = run_sample(capsys, "--out_dir", str(tmp_path / "nothing"))
     assert code == 1 and "no checkpoint" in one_error_line(err)

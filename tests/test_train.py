@@ -280,6 +280,31 @@ def test_resume_with_another_vocabulary_is_an_error(trained_run, other_char_data
     assert "vocab_size" in one_error_line(capsys)
 
 
+def test_eval_only_after_resume_evaluates_once_and_leaves_the_checkpoint(trained_run, char_dataset, capsys):
+    before = sha256(trained_run / "ckpt.pt")
+    evals_before = [it for it, _ in val_losses(trained_run)]
+    capsys.readouterr()
+    # resumed at iter 4, below max_iters: the one evaluation must still happen, and nothing is trained or written
+    assert run_train(trained_run, char_dataset, init_from="resume", max_iters=8, eval_only=True) == 0
+    assert "step 4: train loss" in capsys.readouterr().out
+    assert [it for it, _ in val_losses(trained_run)] == evals_before + [4]
+    assert max(e["iter"] for e in read_metrics(trained_run)) == 4
+    assert sha256(trained_run / "ckpt.pt") == before
+
+
+@pytest.mark.parametrize("device,words", [("foo", "not a device name"), ("cuda", "CUDA is not available"),
+                                          ("xla", "not supported")])
+def test_unusable_device_is_one_clear_error(tmp_path, char_dataset, capsys, monkeypatch, device, words):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    assert run_train(tmp_path / "run", char_dataset, max_iters=2, device=device) == 1
+    assert words in one_error_line(capsys)
+
+
+def test_bigram_backcopy_trigger_count_out_of_range_is_one_clear_error(tmp_path, capsys):
+    assert run_train(tmp_path / "run", "bigram_backcopy", max_iters=2, bb_triggers=0) == 1
+    assert "'bb_triggers'" in one_error_line(capsys)
+
+
 def test_missing_dataset_is_one_clear_error(tmp_path, capsys):
     assert run_train(tmp_path / "run", str(tmp_path / "no_such_dataset"), max_iters=2) == 1
     line = one_error_line(capsys)
