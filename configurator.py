@@ -158,9 +158,15 @@ def check_ranges(config):
         if config[key] <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {config[key]}")
     for key in ("max_iters", "warmup_iters", "lr_decay_iters", "track_interval", "learning_rate", "min_lr",
-                "weight_decay", "grad_clip", "momentum", "ddp_timeout"):
+                "weight_decay", "grad_clip", "momentum"):
         if config[key] < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {config[key]}")
+    if config["ddp_timeout"] <= 0:
+        raise ConfigError(f"config key 'ddp_timeout' must be > 0, got {config['ddp_timeout']}")
+    if not 0 <= config["seed"] < 2**63:
+        raise ConfigError(f"config key 'seed' must be in [0, 2**63), got {config['seed']}")
+    if config["resume_from"] and config["init_from"] != "resume":
+        raise ConfigError(f"config key 'resume_from' needs init_from='resume' (init_from is {config['init_from']!r})")
     if not 0 <= config["dropout"] < 1:
         raise ConfigError(f"config key 'dropout' must be in [0, 1), got {config['dropout']}")
     try:

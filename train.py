@@ -129,9 +129,26 @@ def make_loader(cfg, split, device, rank=0, world_size=1):
             raise ConfigError(f"config key 'bb_triggers': {e}") from None
     from loader import TokenLoader, open_dataset
     data_dir = open_dataset(cfg["dataset"])
-    return TokenLoader(data_dir, split, cfg["batch_size"], cfg["block_size"], seed=cfg["seed"],
-                       prepend_bos=cfg["prepend_bos"], align_to_docs=cfg["align_to_docs"], device=device,
-                       rank=rank, world_size=world_size)
+    try:
+        return TokenLoader(data_dir, split, cfg["batch_size"], cfg["block_size"], seed=cfg["seed"],
+                           prepend_bos=cfg["prepend_bos"], align_to_docs=cfg["align_to_docs"], device=device,
+                           rank=rank, world_size=world_size)
+    except ValueError as e:  # e.g. no window of block_size + 1 tokens in a small split
+        raise ConfigError(str(e)) from None
+
+
+def prepare_out_dir(out_dir, resuming):
+    """Create out_dir, or stop with one line: it is not a writable folder, or a fresh run would overwrite the
+    checkpoint of a run already there."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"out_dir {out_dir!r} cannot be created: {e.strerror}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise RunError(f"out_dir {out_dir!r} is not writable")
+    if not resuming and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        raise RunError(f"{out_dir} already holds a run's checkpoint: continue it with --init_from=resume, or give "
+                       f"another --out_dir (or delete that run)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -238,17 +255,32 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def read_events(path):
+    """The events of a metrics.jsonl. A line that is not a whole JSON object (the last one, cut off by a kill or a
+    full disk) is skipped."""
+    events = []
+    with open(path) as f:
+        for line in f:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+    return events
+
+
 class MetricsLog:
-    """Appends one JSON object per event to out_dir/metrics.jsonl."""
+    """Appends one JSON object per event to out_dir/metrics.jsonl; a fresh run starts the file anew."""
 
     def __init__(self, path, resume_iter=None):
         self.path = path
-        if resume_iter is not None and os.path.exists(path):  # drop events after the checkpoint we resume from
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= resume_iter]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(path + ".tmp", path)
+        # resuming: keep the events up to the checkpoint we resume from (later ones are about to be redone)
+        kept = [e for e in read_events(path) if e.get("iter", 0) <= resume_iter] if (
+            resume_iter is not None and os.path.exists(path)) else []
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(e) + "\n" for e in kept)
+        os.replace(path + ".tmp", path)
 
     def write(self, **event):
         with open(self.path, "a") as f:
@@ -326,6 +358,7 @@ def train(cfg):
     ctx = autocast_context(device_type, dtype)
     out_dir = cfg["out_dir"]
 
+    prepare_out_dir(out_dir, cfg["init_from"] == "resume")
     checkpoint = None
     if cfg["init_from"] == "resume":
         source = cfg["resume_from"] or out_dir
@@ -346,7 +379,11 @@ def train(cfg):
                 raise RunError(str(e)) from None
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         tokens_seen = checkpoint["tokens"]
-        train_loader.load_state_dict(checkpoint["loader"])
+        try:
+            train_loader.load_state_dict(checkpoint["loader"])
+        except (ValueError, KeyError) as e:
+            raise RunError(f"the checkpoint's data position does not fit dataset '{cfg['dataset']}' ({e}): "
+                           f"resume on the dataset it was trained on") from None
         set_rng_state(checkpoint["rng"])
     checkpoint = None  # free memory
 
@@ -396,8 +433,8 @@ def train(cfg):
                 "best_val_loss": best_val_loss, "tokens": tokens_seen, "rng": rng_state(),
                 "loader": pending_loader_state, "meta": train_loader.meta}
 
-    def save_checkpoint():
-        save_atomic(checkpoint_state(), os.path.join(out_dir, "ckpt.pt"))
+    def save_checkpoint(name="ckpt.pt"):
+        save_atomic(checkpoint_state(), os.path.join(out_dir, name))
 
     stop = StopSignal()
     pending_loader_state = train_loader.state_dict()  # the state that reproduces the prefetched batch
@@ -486,8 +523,14 @@ def train(cfg):
             if master:
                 if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
                     raise RunError(f"{stop.received}: parameters are not finite, checkpoint not written")
-                save_checkpoint()
-                print(f"{stop.received} at iter {iter_num}: checkpoint saved to {out_dir}/ckpt.pt")
+                if cfg["always_save_checkpoint"]:
+                    save_checkpoint()
+                    print(f"{stop.received} at iter {iter_num}: checkpoint saved to {out_dir}/ckpt.pt")
+                else:  # ckpt.pt keeps the best-val weights it promises; the stop state goes beside it
+                    save_checkpoint("ckpt_stop.pt")
+                    print(f"{stop.received} at iter {iter_num}: checkpoint saved to {out_dir}/ckpt_stop.pt "
+                          f"(ckpt.pt keeps the best val loss); continue with --init_from=resume "
+                          f"--resume_from={out_dir}/ckpt_stop.pt")
             return 130
     if master and tracker is not None:
         tracker.close()

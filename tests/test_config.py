@@ -133,7 +133,9 @@ def test_config_file_errors(tmp_path):
 
 @pytest.mark.parametrize("flag,key", [("--sink=sinky", "sink"), ("--attn_gate=both", "attn_gate"),
                                       ("--attn_fn=tanh", "attn_fn"), ("--pos_emb=alibi", "pos_emb"),
-                                      ("--mlp_act=tanh", "mlp_act")])
+                                      ("--mlp_act=tanh", "mlp_act"), ("--rope_base=0", "rope_base"),
+                                      ("--logit_softcap=-1", "logit_softcap"), ("--seed=-1", "seed"),
+                                      ("--ddp_timeout=0", "ddp_timeout")])
 def test_bad_model_option_is_an_error(flag, key):
     with pytest.raises(ConfigError) as info:
         load_config([flag])

@@ -173,6 +173,77 @@ def test_stop_signal_in_process_saves_and_returns_130(tmp_path, char_dataset, mo
     assert train.load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == 8
 
 
+def test_stop_signal_keeps_the_best_checkpoint_when_only_improvements_are_saved(tmp_path, char_dataset,
+                                                                                   monkeypatch):
+    import train
+    calls = {"n": 0}
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip_and_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            signal.raise_signal(signal.SIGTERM)
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_signal)
+    out = tmp_path / "run"
+    assert run_train(out, char_dataset, max_iters=1000, eval_interval=4, always_save_checkpoint=False) == 130
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 4  # the last improvement, untouched
+    assert torch.load(out / "ckpt_stop.pt", weights_only=True)["iter_num"] == 6
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    assert run_train(out, char_dataset, max_iters=8, eval_interval=4, always_save_checkpoint=False,
+                     init_from="resume", resume_from=str(out / "ckpt_stop.pt")) == 0
+    assert max(e["iter"] for e in read_metrics(out)) == 8
+    assert train.load_checkpoint(str(out / "ckpt_stop.pt"))["iter_num"] == 6
+
+
+def test_fresh_run_refuses_to_overwrite_a_run(trained_run, char_dataset, capsys):
+    before = sha256(trained_run / "ckpt.pt")
+    capsys.readouterr()
+    assert run_train(trained_run, char_dataset, max_iters=8) == 1
+    assert "--init_from=resume" in one_error_line(capsys)
+    assert sha256(trained_run / "ckpt.pt") == before
+
+
+def test_fresh_run_starts_a_new_metrics_log(tmp_path, char_dataset):
+    out = tmp_path / "run"
+    os.makedirs(out)
+    (out / "metrics.jsonl").write_text('{"iter": 99, "train_loss": 1.0}\n')  # a run that died before a checkpoint
+    assert run_train(out, char_dataset, max_iters=2, eval_interval=2) == 0
+    assert all(e["iter"] <= 2 for e in read_metrics(out))
+
+
+def test_out_dir_that_is_a_file_is_one_clear_error(tmp_path, char_dataset, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert run_train(tmp_path / "afile", char_dataset, max_iters=2) == 1
+    assert "out_dir" in one_error_line(capsys)
+
+
+def test_resume_skips_a_metrics_line_cut_off_by_a_kill(trained_run, char_dataset):
+    with open(trained_run / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 5, "tok')
+    assert run_train(trained_run, char_dataset, init_from="resume", max_iters=6) == 0
+    assert [e["iter"] for e in read_metrics(trained_run) if "val_loss" in e] == [0, 2, 4, 6]
+
+
+def test_resume_from_without_init_from_resume_is_an_error(tmp_path, trained_run, char_dataset, capsys):
+    assert run_train(tmp_path / "new", char_dataset, max_iters=2, resume_from=str(trained_run)) == 1
+    assert "'resume_from'" in one_error_line(capsys)
+
+
+def test_block_size_longer_than_the_data_is_one_clear_error(tmp_path, char_dataset, capsys):
+    assert run_train(tmp_path / "run", char_dataset, max_iters=2, block_size=10**7) == 1
+    assert "block_size" in one_error_line(capsys)
+
+
+def test_resume_on_another_kind_of_dataset_is_one_clear_error(tmp_path, capsys):
+    out = tmp_path / "bb"  # Bigram-Backcopy's vocabulary is the bundled char set + BOS: 85, as shakespeare_char
+    assert run_train(out, "bigram_backcopy", max_iters=2, eval_interval=2) == 0
+    capsys.readouterr()
+    assert run_train(out, "shakespeare_char", init_from="resume", max_iters=4) == 1
+    assert "dataset" in one_error_line(capsys)
+
+
 def test_nan_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, char_dataset, capsys):
     out = tmp_path / "run"
     assert run_train(out, char_dataset, max_iters=10, lr_decay_iters=10) == 0
