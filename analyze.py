@@ -850,9 +850,12 @@ def read_metrics(run):
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    events.append(json.loads(line))
+                    event = json.loads(line)
                 except json.JSONDecodeError:
                     raise AnalyzeError(f"{path}:{number} is not JSON") from None
+                if not isinstance(event, dict):
+                    raise AnalyzeError(f"{path}:{number} is not a JSON object")
+                events.append(event)
     return events
 
 
@@ -1112,9 +1115,19 @@ def cmd_attribute(args, model, batches, masks, source):
     write_json(args.report, "attribute.json", {"target": args.target, "data": source, **result})
 
 
+def check_report_dir(report):
+    """Make --report's folder before any work, so a bad path fails first, not after the analysis."""
+    if report:
+        try:
+            os.makedirs(report, exist_ok=True)
+        except OSError as e:
+            raise AnalyzeError(f"--report {report}: cannot create the folder ({e.strerror})") from None
+
+
 def run(argv):
     args = parse_args(argv)
     check_counts(args)
+    check_report_dir(getattr(args, "report", None))
     if args.command == "compare":
         print(compare(args.runs, args.report), end="")
         print(f"wrote {args.report}/compare.md, compare.json, compare.png")

@@ -70,6 +70,9 @@ class GPTConfig:
                              "and the rows are not normalised (use kv_bias, token or bos_override)")
         if self.n_sink_tokens < 1:
             raise ValueError(f"n_sink_tokens={self.n_sink_tokens} must be >= 1")
+        if self.rope_base <= 0 or self.logit_softcap < 0:
+            raise ValueError(f"rope_base must be > 0 and logit_softcap >= 0 (0 = off), got {self.rope_base} and "
+                             f"{self.logit_softcap}")
 
     @property
     def padded_vocab_size(self):

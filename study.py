@@ -25,7 +25,7 @@ import torch
 
 from analyze import AnalyzeError
 from configurator import ConfigError
-from train import RunError
+from train import RunError, read_events
 
 STUDY_DEFAULTS = dict(
     base="config/bb/base.py",  # the train.py config every variant starts from
@@ -56,6 +56,9 @@ def load_study(path):
         study[key] = value
     if not study["seeds"] or not study["variants"]:
         raise StudyError(f"{path}: a study needs at least one seed and one variant")
+    for name, keys in study["variants"].items():
+        if not isinstance(keys, dict):
+            raise StudyError(f"variant {name!r} in {path} must be a dict of train.py keys, got {keys!r}")
     return study
 
 
@@ -80,9 +83,8 @@ def run_status(out_dir):
     if os.path.isfile(config_path) and os.path.isfile(metrics_path):
         with open(config_path) as f:
             max_iters = json.load(f)["max_iters"]
-        with open(metrics_path) as f:
-            evals = [json.loads(line) for line in f if '"val_loss"' in line]
-        if any(e["iter"] == max_iters for e in evals) and os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+        evals = [e for e in read_events(metrics_path) if "val_loss" in e]
+        if any(e.get("iter") == max_iters for e in evals) and os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
             return "done"
     return "partial" if os.path.isfile(os.path.join(out_dir, "ckpt.pt")) else "new"
 

@@ -162,7 +162,7 @@ def read_text_argument(text, what="text"):
     if text.startswith("FILE:"):
         path = text[len("FILE:"):]
         if not os.path.isfile(path):
-            raise ValueError(f"{what} file {path} does not exist")
+            raise ValueError(f"{what} file {path} " + ("is a folder" if os.path.isdir(path) else "does not exist"))
         with open(path, encoding="utf-8") as f:
             text = f.read()
     if not text:

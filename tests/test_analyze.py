@@ -325,6 +325,7 @@ def test_probe_subcommands_run_and_write_json(tmp_path, capsys):
     ["report", "{tmp}", "--bogus"],
     ["{tmp}", "--text", "abc", "--report", "{tmp}/r", "--device", "foo"],
     ["intervene", "{tmp}", "--text", "abc", "--dim", "0", "--scale", "2"],  # no --layer
+    ["{tmp}", "--text", "abc", "--report", "{tmp}/ckpt.pt"],  # --report is a file
 ])
 def test_bad_input_gives_one_error_line_and_exit_1(tmp_path, capsys, argv):
     save_checkpoint(tiny_model(n_layer=2), tmp_path / "ckpt.pt")
@@ -441,3 +442,9 @@ def test_train_py_appends_tracking_records(tmp_path, monkeypatch):
     tracked = [e for e in events if "track_ratio" in e]
     assert [e["iter"] for e in tracked] == [2, 4]
     assert len(tracked[0]["track_slot_mass"]) == 1 and tracked[0]["track_grad_pos0_ratio"][0] > 0
+
+
+def test_compare_names_a_metrics_line_that_is_not_an_object(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 0, "val_loss": 2.0}\n[1, 2]\n')
+    code, out, err = run_cli(["compare", tmp_path, "--report", tmp_path / "c"], capsys)
+    assert code == 1 and err.startswith("error: ") and "metrics.jsonl:2 is not a JSON object" in err, err

@@ -64,3 +64,17 @@ def test_study_config_errors_are_one_line(tmp_path, capsys):
     empty.write_text("seeds = []\n")
     assert study.main([str(empty)]) == 1
     assert "at least one seed" in capsys.readouterr().err
+    not_dict = tmp_path / "not_dict.py"
+    not_dict.write_text('variants = {"a": "sink=logit"}\n')
+    assert study.main([str(not_dict), "--dry_run"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "variant 'a'" in err and "dict" in err
+
+
+def test_run_status_skips_a_cut_off_metrics_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"max_iters": 10}')
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 10, "val_loss": 2.0}\n{"iter": 11, "tok')
+    assert study.run_status(str(tmp_path)) == "done"
+    (tmp_path / "metrics.jsonl").write_text('{"iter": 5, "val_loss": 2.0}\n{"iter": 10, "val_lo')
+    assert study.run_status(str(tmp_path)) == "partial"

@@ -97,3 +97,13 @@ def test_gpt2_tokenizer_from_meta(offline):
 def test_unknown_tokenizer_kind():
     with pytest.raises(ValueError, match="unsupported tokenizer"):
         tokenizer.load_tokenizer({"tokenizer": "sentencepiece", "vocab_size": 10, "bos_token": 9})
+
+
+def test_text_argument_file_errors_say_what_is_wrong(tmp_path):
+    from tokenizer import read_text_argument
+    with pytest.raises(ValueError, match="prompt file .* is a folder"):
+        read_text_argument(f"FILE:{tmp_path}", "prompt")
+    with pytest.raises(ValueError, match="prompt file .* does not exist"):
+        read_text_argument(f"FILE:{tmp_path / 'none.txt'}", "prompt")
+    (tmp_path / "p.txt").write_text("Hello")
+    assert read_text_argument(f"FILE:{tmp_path / 'p.txt'}", "prompt") == "Hello"
