@@ -5,10 +5,10 @@ Sun et al. (2024, massive activations), Yona et al. (2025, repeated tokens) and 
 
     python analyze.py out-shakespeare-char --report reports/char        # report.json, report.md and PNGs
     python analyze.py path/to/gpt2 --text FILE:prompt.txt --report reports/gpt2
-    python analyze.py intervene out-bb --layer 1 --pos 0 --dim 17 --scale 0.5   # loss and sink masses move
-    python analyze.py ablate out-bb                                      # zero vs mean ablation, val loss
-    python analyze.py repeat out-bb --string a --n 64                    # one token repeated, with/without BOS
-    python analyze.py attribute out-bb --pos 0 --dim 17                  # which MLP neurons write the entry
+    python analyze.py intervene out-bb/base --layer 1 --pos 0 --dim 17 --scale 0.5   # loss and sink masses move
+    python analyze.py ablate out-bb/base                                 # zero vs mean ablation, val loss
+    python analyze.py repeat out-bb/base --string a --n 64               # one token repeated, with/without BOS
+    python analyze.py attribute out-bb/base --pos 0 --dim 17             # which MLP neurons write the entry
     python analyze.py compare out-a out-b --report reports/ab            # metrics.jsonl of runs, overlaid
 
 TARGET is a training out_dir (reads its ckpt.pt), a checkpoint file, or a GPT-2 directory (config.json and

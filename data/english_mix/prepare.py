@@ -1,6 +1,6 @@
 """
 english_mix: the local English corpus for GPU runs (GCIDE dictionary, Python and Perl docs from
-<repo>/../shared/data/english_mix, plus the bundled Shakespeare) in GPT-2 BPE shards, ~17M tokens.
+<repo>/../shared/data/english_mix, plus the bundled Shakespeare) in GPT-2 BPE shards, ~24M tokens.
 Every 10th document is held out for val.
 
     python data/english_mix/prepare.py
