@@ -254,6 +254,9 @@ def main(argv):
     except (StudyError, ConfigError, AnalyzeError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the running train.py got the same Ctrl-C and saved its checkpoint
+        print(f"interrupted: rerun `python study.py {args.config}` to resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -549,6 +549,9 @@ def main(argv):
     except FileNotFoundError as e:  # missing prepared data: the message names the prepare command
         print(f"error: {e}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:  # before the loop's own handler is installed, or a second Ctrl-C: nothing to save
+        print("interrupted", file=sys.stderr)
+        code = 130
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

@@ -78,3 +78,16 @@ def test_run_status_skips_a_cut_off_metrics_line(tmp_path):
     assert study.run_status(str(tmp_path)) == "done"
     (tmp_path / "metrics.jsonl").write_text('{"iter": 5, "val_loss": 2.0}\n{"iter": 10, "val_lo')
     assert study.run_status(str(tmp_path)) == "partial"
+
+
+def test_ctrl_c_during_a_study_is_one_line_that_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "s.py"
+    config.write_text('variants = {"a": {}}\n')
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "train_all", interrupted)
+    assert study.main([str(config)]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rerun" in err and "Traceback" not in err

@@ -197,6 +197,17 @@ def test_stop_signal_keeps_the_best_checkpoint_when_only_improvements_are_saved(
     assert train.load_checkpoint(str(out / "ckpt_stop.pt"))["iter_num"] == 6
 
 
+def test_ctrl_c_before_training_starts_is_one_line_and_code_130(tmp_path, char_dataset, capsys, monkeypatch):
+    import train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "build_model", interrupted)
+    assert run_train(tmp_path / "run", char_dataset, max_iters=2) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
 def test_fresh_run_refuses_to_overwrite_a_run(trained_run, char_dataset, capsys):
     before = sha256(trained_run / "ckpt.pt")
     capsys.readouterr()
