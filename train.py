@@ -92,6 +92,10 @@ def keep_freed_memory():
 
 
 def pick_dtype(requested, device_type):
+    """The autocast dtype a run really uses: CPU autocast is bfloat16 only, so float16 on a CPU runs (and is
+    recorded) as float32."""
+    if requested == "float16" and device_type == "cpu":
+        return "float32"
     if requested != "auto":
         return requested
     return "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"

@@ -532,3 +532,12 @@ def test_train_from_a_gpt2_directory_on_a_bpe_dataset(tmp_path, capsys):
     assert vals[-1][1] < vals[0][1] - 0.5
     ckpt = torch.load(out2 / "ckpt.pt", weights_only=True)
     assert ckpt["model_args"]["sink"] == "logit" and ckpt["model_args"]["block_size"] == 32
+
+
+def test_float16_on_a_cpu_runs_and_is_recorded_as_float32(tmp_path, char_dataset):
+    import train
+    assert train.pick_dtype("float16", "cpu") == "float32" and train.pick_dtype("bfloat16", "cpu") == "bfloat16"
+    assert train.pick_dtype("auto", "cpu") == "float32" and train.pick_dtype("float16", "cuda") == "float16"
+    out = tmp_path / "run"
+    assert run_train(out, char_dataset, max_iters=2, eval_interval=2, dtype="float16") == 0
+    assert json.loads((out / "config.json").read_text())["dtype_resolved"] == "float32"
