@@ -437,6 +437,11 @@ def train(cfg):
                 "best_val_loss": best_val_loss, "tokens": tokens_seen, "rng": rng_state(),
                 "loader": pending_loader_state, "meta": train_loader.meta}
 
+    def kept_checkpoint():
+        if os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+            return f"the last good checkpoint in {out_dir} is untouched"
+        return "no checkpoint was written"
+
     def save_checkpoint(name="ckpt.pt"):
         save_atomic(checkpoint_state(), os.path.join(out_dir, name))
 
@@ -452,8 +457,7 @@ def train(cfg):
                 or cfg["eval_only"]):
             losses = evaluate(model, eval_loaders, cfg["eval_iters"], ctx, world_size)
             if not math.isfinite(losses["val_loss"]):
-                raise RunError(f"val loss is {losses['val_loss']} at iter {iter_num}; stopping, the last good "
-                               f"checkpoint in {out_dir} is untouched")
+                raise RunError(f"val loss is {losses['val_loss']} at iter {iter_num}; stopping, {kept_checkpoint()}")
             improved = losses["val_loss"] < best_val_loss
             best_val_loss = min(best_val_loss, losses["val_loss"])
             if master:
@@ -506,8 +510,7 @@ def train(cfg):
                 dist.all_reduce(loss_value, op=dist.ReduceOp.AVG)
             loss_value = loss_value.item()
             if not math.isfinite(loss_value):
-                raise RunError(f"loss is {loss_value} at iter {iter_num}; stopping, the last good checkpoint in "
-                               f"{out_dir} is untouched")
+                raise RunError(f"loss is {loss_value} at iter {iter_num}; stopping, {kept_checkpoint()}")
             if device_type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t_last

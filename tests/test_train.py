@@ -285,8 +285,12 @@ def test_nan_at_evaluation_keeps_the_checkpoint(tmp_path, char_dataset, capsys, 
     monkeypatch.setattr(train, "evaluate", evaluate_nan)
     capsys.readouterr()
     assert run_train(out, char_dataset, init_from="resume", max_iters=20) == 1
-    assert "nan" in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert "nan" in line and "checkpoint in" in line and "untouched" in line
     assert sha256(out / "ckpt.pt") == before
+    # NaN before any checkpoint: the message does not promise one
+    assert run_train(tmp_path / "fresh", char_dataset, max_iters=20) == 1
+    assert "no checkpoint was written" in one_error_line(capsys)
 
 
 def test_best_val_loss_is_the_minimum_seen(tmp_path, char_dataset, monkeypatch):
