@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -89,6 +90,17 @@ def run_status(out_dir):
     return "partial" if os.path.isfile(os.path.join(out_dir, "ckpt.pt")) else "new"
 
 
+def run_training(cmd):
+    """Run one train.py and return its exit code. A terminal's Ctrl-C reaches the run as well as the study: the
+    study ignores it while the run saves its checkpoint and exits with 130, instead of killing it mid-save."""
+    proc = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train_all(study, dry_run=False):
     for seed in study["seeds"]:  # seed-major: a study stopped half-way has every variant at the first seed
         for variant in study["variants"]:
@@ -103,7 +115,10 @@ def train_all(study, dry_run=False):
             if dry_run:
                 continue
             t0 = time.time()
-            if subprocess.run(cmd).returncode != 0:
+            code = run_training(cmd)
+            if code == 130:  # stopped by Ctrl-C / SIGTERM after saving its checkpoint
+                raise KeyboardInterrupt
+            if code != 0:
                 raise StudyError(f"training {variant} seed {seed} failed; fix it and rerun to resume")
             times_path = os.path.join(out_dir, "study_time.json")
             previous = json.load(open(times_path))["seconds"] if os.path.isfile(times_path) else 0.0
@@ -254,7 +269,7 @@ def main(argv):
     except (StudyError, ConfigError, AnalyzeError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # the running train.py got the same Ctrl-C and saved its checkpoint
+    except KeyboardInterrupt:  # the running train.py got the same Ctrl-C and saved its checkpoint first
         print(f"interrupted: rerun `python study.py {args.config}` to resume", file=sys.stderr)
         return 130
     return 0

@@ -91,3 +91,40 @@ def test_ctrl_c_during_a_study_is_one_line_that_says_how_to_resume(tmp_path, cap
     assert study.main([str(config)]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "rerun" in err and "Traceback" not in err
+
+
+def test_ctrl_c_lets_the_running_training_save_before_the_study_stops(tmp_path, monkeypatch):
+    """A terminal Ctrl-C reaches the study and its train.py: the study must wait while the run saves."""
+    import os
+    import signal
+    import subprocess as sp
+    import sys
+    import threading
+    import time
+    saved = tmp_path / "saved"
+    ready = tmp_path / "ready"
+    child = ("import signal, sys, time, pathlib\n"
+             "def stop(*_):\n"
+             "    time.sleep(0.5)  # the save takes a while\n"
+             f"    pathlib.Path({str(saved)!r}).write_text('ok'); sys.exit(130)\n"
+             "signal.signal(signal.SIGINT, stop)\n"
+             f"pathlib.Path({str(ready)!r}).write_text('')\n"
+             "time.sleep(60)\n")
+    procs = []
+    real_popen = sp.Popen
+
+    def popen(*args, **kwargs):
+        procs.append(real_popen(*args, **kwargs))
+        return procs[-1]
+
+    def ctrl_c():  # what a terminal does: SIGINT to the study and to its child
+        while not ready.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+        procs[0].send_signal(signal.SIGINT)
+
+    monkeypatch.setattr(study.subprocess, "Popen", popen)
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    assert study.run_training([sys.executable, "-c", child]) == 130
+    assert saved.read_text() == "ok"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the study's own handler is back
