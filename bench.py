@@ -183,9 +183,10 @@ def profile_steps(runner, steps):
         ms_per_step = runner.time_steps(steps)
     families = dict.fromkeys([f for f, _ in OP_FAMILIES] + ["optimizer", "other ops"], 0.0)
     for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue  # a CUDA kernel: its time is already its launching op's self device time
         self_us = event.self_device_time_total if on_cuda else event.self_cpu_time_total
-        if self_us and (on_cuda or event.device_type == torch.autograd.DeviceType.CPU):
-            families[op_family(event)] += self_us / 1000 / steps
+        families[op_family(event)] += self_us / 1000 / steps
     families["unattributed"] = max(0.0, ms_per_step - sum(families.values()))  # Python and framework time
     return dict(steps=steps, ms_per_step=ms_per_step, ms_by_family=families)
 
