@@ -150,8 +150,9 @@ def prepare_out_dir(out_dir, resuming):
         raise RunError(f"out_dir {out_dir!r} cannot be created: {e.strerror}") from None
     if not os.access(out_dir, os.W_OK):
         raise RunError(f"out_dir {out_dir!r} is not writable")
-    if not resuming and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
-        raise RunError(f"{out_dir} already holds a run's checkpoint: continue it with --init_from=resume, or give "
+    held = [name for name in ("ckpt.pt", "ckpt_stop.pt") if os.path.exists(os.path.join(out_dir, name))]
+    if not resuming and held:
+        raise RunError(f"{out_dir} already holds a run ({held[0]}): continue it with --init_from=resume, or give "
                        f"another --out_dir (or delete that run)")
 
 
@@ -275,10 +276,13 @@ def read_events(path):
 
 
 class MetricsLog:
-    """Appends one JSON object per event to out_dir/metrics.jsonl; a fresh run starts the file anew."""
+    """Appends one JSON object per event to out_dir/metrics.jsonl; a fresh run starts the file anew. With no
+    path (eval_only) it writes nothing."""
 
     def __init__(self, path, resume_iter=None):
         self.path = path
+        if path is None:
+            return
         # resuming: keep the events up to the checkpoint we resume from (later ones are about to be redone)
         kept = [e for e in read_events(path) if e.get("iter", 0) <= resume_iter] if (
             resume_iter is not None and os.path.exists(path)) else []
@@ -287,6 +291,8 @@ class MetricsLog:
         os.replace(path + ".tmp", path)
 
     def write(self, **event):
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(event) + "\n")
 
@@ -362,7 +368,7 @@ def train(cfg):
     ctx = autocast_context(device_type, dtype)
     out_dir = cfg["out_dir"]
 
-    prepare_out_dir(out_dir, cfg["init_from"] == "resume")
+    prepare_out_dir(out_dir, cfg["init_from"] == "resume" or cfg["eval_only"])
     checkpoint = None
     if cfg["init_from"] == "resume":
         source = cfg["resume_from"] or out_dir
@@ -405,10 +411,13 @@ def train(cfg):
     resumed_at = iter_num if cfg["init_from"] == "resume" else None
     log = None
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(dict(cfg, world_size=world_size, device_resolved=device, dtype_resolved=dtype), f, indent=2)
-        log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), resumed_at)
+        if cfg["eval_only"]:  # a measurement: the run's folder (config, log, checkpoint) is left as it is
+            log = MetricsLog(None)
+        else:
+            with open(os.path.join(out_dir, "config.json"), "w") as f:
+                json.dump(dict(cfg, world_size=world_size, device_resolved=device, dtype_resolved=dtype), f,
+                          indent=2)
+            log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), resumed_at)
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens/iter, device {device}, "
               f"{dtype}, world size {world_size}" + (f", resuming at iter {iter_num}" if resumed_at is not None else ""))
         if hasattr(train_loader, "bayes_loss"):
@@ -535,9 +544,10 @@ def train(cfg):
                     print(f"{stop.received} at iter {iter_num}: checkpoint saved to {out_dir}/ckpt.pt")
                 else:  # ckpt.pt keeps the best-val weights it promises; the stop state goes beside it
                     save_checkpoint("ckpt_stop.pt")
-                    print(f"{stop.received} at iter {iter_num}: checkpoint saved to {out_dir}/ckpt_stop.pt "
-                          f"(ckpt.pt keeps the best val loss); continue with --init_from=resume "
-                          f"--resume_from={out_dir}/ckpt_stop.pt")
+                    best = " (ckpt.pt keeps the best val loss)" if os.path.exists(
+                        os.path.join(out_dir, "ckpt.pt")) else ""
+                    print(f"{stop.received} at iter {iter_num}: checkpoint saved to {out_dir}/ckpt_stop.pt{best}; "
+                          f"continue with --init_from=resume --resume_from={out_dir}/ckpt_stop.pt")
             return 130
     if master and tracker is not None:
         tracker.close()

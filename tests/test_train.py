@@ -216,6 +216,15 @@ def test_fresh_run_refuses_to_overwrite_a_run(trained_run, char_dataset, capsys)
     assert sha256(trained_run / "ckpt.pt") == before
 
 
+def test_fresh_run_refuses_a_folder_holding_only_a_stop_checkpoint(tmp_path, char_dataset, capsys):
+    out = tmp_path / "run"
+    os.makedirs(out)
+    (out / "ckpt_stop.pt").write_bytes(b"a stopped run")
+    assert run_train(out, char_dataset, max_iters=2) == 1
+    assert "ckpt_stop.pt" in one_error_line(capsys)
+    assert (out / "ckpt_stop.pt").read_bytes() == b"a stopped run" and not (out / "metrics.jsonl").exists()
+
+
 def test_fresh_run_starts_a_new_metrics_log(tmp_path, char_dataset):
     out = tmp_path / "run"
     os.makedirs(out)
@@ -367,15 +376,14 @@ def test_resume_with_another_vocabulary_is_an_error(trained_run, other_char_data
 
 
 def test_eval_only_after_resume_evaluates_once_and_leaves_the_checkpoint(trained_run, char_dataset, capsys):
-    before = sha256(trained_run / "ckpt.pt")
-    evals_before = [it for it, _ in val_losses(trained_run)]
+    files = ("ckpt.pt", "metrics.jsonl", "config.json")
+    before = {name: sha256(trained_run / name) for name in files}
     capsys.readouterr()
-    # resumed at iter 4, below max_iters: the one evaluation must still happen, and nothing is trained or written
-    assert run_train(trained_run, char_dataset, init_from="resume", max_iters=8, eval_only=True) == 0
+    # resumed at iter 4, below max_iters: the one evaluation must still happen, and the run folder is left as it is
+    assert run_train(trained_run, char_dataset, init_from="resume", max_iters=8, eval_only=True,
+                     eval_iters=3) == 0
     assert "step 4: train loss" in capsys.readouterr().out
-    assert [it for it, _ in val_losses(trained_run)] == evals_before + [4]
-    assert max(e["iter"] for e in read_metrics(trained_run)) == 4
-    assert sha256(trained_run / "ckpt.pt") == before
+    assert {name: sha256(trained_run / name) for name in files} == before
 
 
 @pytest.mark.parametrize("device,words", [("foo", "not a device name"), ("cuda", "CUDA is not available"),
