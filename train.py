@@ -454,8 +454,8 @@ def train(cfg):
     def save_checkpoint(name="ckpt.pt"):
         save_atomic(checkpoint_state(), os.path.join(out_dir, name))
 
-    if master and resumed_at is not None and resumed_at >= cfg["max_iters"] and not cfg["eval_only"]:
-        print(f"the checkpoint is at iter {resumed_at}, max_iters is {cfg['max_iters']}: nothing to train "
+    if master and resumed_at is not None and resumed_at > cfg["max_iters"] and not cfg["eval_only"]:
+        print(f"the checkpoint is at iter {resumed_at}, past max_iters={cfg['max_iters']}: nothing to train "
               f"(raise --max_iters to continue)")
     stop = StopSignal()
     pending_loader_state = train_loader.state_dict()  # the state that reproduces the prefetched batch
@@ -465,8 +465,8 @@ def train(cfg):
         lr = lr_at(iter_num, cfg)
         set_lr(optimizer, lr, cfg)  # lr * each group's lr_mult; Muon groups follow muon_lr
 
-        due = iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]
-        if due and iter_num != resumed_at or cfg["eval_only"]:  # a resumed iteration was evaluated before the save
+        if (iter_num % cfg["eval_interval"] == 0 and iter_num != resumed_at or iter_num == cfg["max_iters"]
+                or cfg["eval_only"]):
             losses = evaluate(model, eval_loaders, cfg["eval_iters"], ctx, world_size)
             if not math.isfinite(losses["val_loss"]):
                 raise RunError(f"val loss is {losses['val_loss']} at iter {iter_num}; stopping, {kept_checkpoint()}")
