@@ -152,23 +152,29 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, char_dataset)
     assert val_losses(out)[-1] == val_losses(ref)[-1]
 
 
-def test_stop_signal_in_process_saves_and_returns_130(tmp_path, char_dataset, monkeypatch):
-    """The same path as SIGTERM, in-process: the handler is called during the 4th iteration."""
-    import train
+def sigterm_in_iteration(monkeypatch, n):
+    """SIGTERM raised from inside the n-th training iteration (its gradient clipping); returns what ends it."""
     calls = {"n": 0}
     real_clip = torch.nn.utils.clip_grad_norm_
 
     def clip_and_signal(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == n:
             signal.raise_signal(signal.SIGTERM)
         return real_clip(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_signal)
+    return lambda: monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+
+
+def test_stop_signal_in_process_saves_and_returns_130(tmp_path, char_dataset, monkeypatch):
+    """The same path as SIGTERM, in-process: the handler is called during the 4th iteration."""
+    import train
+    end_signal = sigterm_in_iteration(monkeypatch, 4)
     out = tmp_path / "run"
     assert run_train(out, char_dataset, max_iters=1000, eval_interval=1000) == 130
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 4
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    end_signal()
     assert run_train(out, char_dataset, max_iters=8, eval_interval=1000, init_from="resume") == 0
     assert train.load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == 8
 
@@ -176,21 +182,12 @@ def test_stop_signal_in_process_saves_and_returns_130(tmp_path, char_dataset, mo
 def test_stop_signal_keeps_the_best_checkpoint_when_only_improvements_are_saved(tmp_path, char_dataset,
                                                                                    monkeypatch):
     import train
-    calls = {"n": 0}
-    real_clip = torch.nn.utils.clip_grad_norm_
-
-    def clip_and_signal(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            signal.raise_signal(signal.SIGTERM)
-        return real_clip(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_signal)
+    end_signal = sigterm_in_iteration(monkeypatch, 6)
     out = tmp_path / "run"
     assert run_train(out, char_dataset, max_iters=1000, eval_interval=4, always_save_checkpoint=False) == 130
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 4  # the last improvement, untouched
     assert torch.load(out / "ckpt_stop.pt", weights_only=True)["iter_num"] == 6
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    end_signal()
     assert run_train(out, char_dataset, max_iters=8, eval_interval=4, always_save_checkpoint=False,
                      init_from="resume", resume_from=str(out / "ckpt_stop.pt")) == 0
     assert max(e["iter"] for e in read_metrics(out)) == 8
