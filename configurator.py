@@ -153,7 +153,7 @@ def load_config(argv, defaults=None):
 
 def check_ranges(config):
     positive = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
-                "eval_iters", "log_interval", "eval_interval")
+                "eval_iters", "log_interval", "eval_interval", "ddp_timeout")
     for key in positive:
         if config[key] <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {config[key]}")
@@ -161,8 +161,6 @@ def check_ranges(config):
                 "weight_decay", "grad_clip", "momentum"):
         if config[key] < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {config[key]}")
-    if config["ddp_timeout"] <= 0:
-        raise ConfigError(f"config key 'ddp_timeout' must be > 0, got {config['ddp_timeout']}")
     if not 0 <= config["seed"] < 2**63:
         raise ConfigError(f"config key 'seed' must be in [0, 2**63), got {config['seed']}")
     if config["resume_from"] and config["init_from"] != "resume":
