@@ -102,7 +102,8 @@ def pick_dtype(requested, device_type):
 
 
 def autocast_context(device_type, dtype):
-    if dtype == "float32" or device_type == "cpu" and dtype != "bfloat16":
+    """dtype as pick_dtype resolved it (which already turns float16 on a CPU into float32)."""
+    if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
