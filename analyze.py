@@ -468,7 +468,7 @@ def probe_batches(args, model, meta, cfg, kind, device):
     trained_with_bos = cfg.get("prepend_bos") or cfg.get("dataset") == "bigram_backcopy"
     bos = args.bos if args.bos is not None else (kind == "gpt2" or bool(trained_with_bos))
     if args.text is not None:
-        from tokenizer import load_tokenizer, read_text_argument
+        from sinkgpt.tokenizer import load_tokenizer, read_text_argument
         try:
             ids = load_tokenizer(meta).encode(read_text_argument(args.text))
         except ValueError as e:
@@ -500,10 +500,10 @@ def probe_batches(args, model, meta, cfg, kind, device):
 def make_probe_loader(dataset, cfg, args, T, bos, device):
     try:
         if dataset == "bigram_backcopy":
-            from bigram_backcopy import BigramBackcopy
+            from sinkgpt.bigram_backcopy import BigramBackcopy
             return BigramBackcopy("val", args.batch_size, T, seed=args.seed, n_triggers=cfg.get("bb_triggers", 3),
                                   device=device)
-        from loader import TokenLoader, open_dataset
+        from sinkgpt.loader import TokenLoader, open_dataset
         return TokenLoader(open_dataset(dataset), "val", args.batch_size, T, seed=args.seed, prepend_bos=bos,
                            align_to_docs=bool(cfg.get("align_to_docs")), device=device)
     except (FileNotFoundError, ValueError) as e:
@@ -1074,7 +1074,7 @@ def cmd_ablate(args, model, batches, masks, source):
 def cmd_repeat(args, model, meta):
     token = args.token
     if token is None:
-        from tokenizer import load_tokenizer
+        from sinkgpt.tokenizer import load_tokenizer
         try:
             ids = load_tokenizer(meta).encode(args.string)
         except ValueError as e:

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from configurator import ConfigError, check_ranges, check_value, load_config, model_config, parse_flag_value
+from sinkgpt.config import ConfigError, check_ranges, check_value, load_config, model_config, parse_flag_value
 from model import GPT, GPTConfig
 from train import (RunError, autocast_context, build_optimizer, keep_freed_memory, make_loader, peak_flops,
                    pick_device, pick_dtype)

@@ -37,7 +37,7 @@ def parse_args(argv):
 
 def load_model_and_tokenizer(init_from, out_dir, device):
     """(model, tokenizer, prepend_bos) for a checkpoint folder or a GPT-2 directory/name."""
-    from tokenizer import load_tokenizer
+    from sinkgpt.tokenizer import load_tokenizer
     if init_from == "resume":
         path = os.path.join(out_dir, "ckpt.pt")
         checkpoint = load_checkpoint(path)
@@ -59,7 +59,7 @@ def load_model_and_tokenizer(init_from, out_dir, device):
 
 def read_prompt(start):
     """The --start text (FILE:path reads a file); None when there is none."""
-    from tokenizer import read_text_argument
+    from sinkgpt.tokenizer import read_text_argument
     if start is None:
         return None
     try:
@@ -89,7 +89,7 @@ def encode_prompt(tokenizer, text, prepend_bos, block_size):
 
 def check_args(args):
     """Values argparse's types let through but generate() cannot use: one RunError naming the flag."""
-    from configurator import CHOICES
+    from sinkgpt.config import CHOICES
     checks = [(args.num_samples >= 1, "--num_samples must be >= 1"),
               (args.max_new_tokens >= 0, "--max_new_tokens must be >= 0"),
               (args.temperature >= 0, "--temperature must be >= 0 (0 = greedy)"),

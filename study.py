@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from analyze import AnalyzeError
-from configurator import ConfigError
+from sinkgpt.config import ConfigError
 from train import RunError, read_events
 
 STUDY_DEFAULTS = dict(
@@ -47,7 +47,7 @@ class StudyError(Exception):
 
 
 def load_study(path):
-    from configurator import read_config_file
+    from sinkgpt.config import read_config_file
     study = dict(STUDY_DEFAULTS)
     for key, value in read_config_file(path).items():
         if key not in STUDY_DEFAULTS:
@@ -134,7 +134,7 @@ def analyse_run(study, out_dir):
     """The final figures of one run: val loss, massive-activation ratio and where, sink rates, BB masses,
     repeated-token probe."""
     import analyze
-    from tokenizer import load_tokenizer
+    from sinkgpt.tokenizer import load_tokenizer
     model, meta, cfg, kind = analyze.load_target(out_dir, "cpu")
     args = SimpleNamespace(batch_size=study["probe_batch_size"], seed=cfg.get("seed", 1337) + 99)
     loader = analyze.make_probe_loader(cfg["dataset"], cfg, args, model.config.block_size,

@@ -21,9 +21,9 @@ from datetime import timedelta
 
 import torch
 
-from configurator import MODEL_KEYS, ConfigError, load_config, model_config
+from sinkgpt.config import MODEL_KEYS, ConfigError, load_config, model_config
 from model import GPT, GPTConfig
-from optim import (MomentEditor, OptimizerTracker, as_iterations, build_optimizer, load_optimizer_state,
+from sinkgpt.optim import (MomentEditor, OptimizerTracker, as_iterations, build_optimizer, load_optimizer_state,
                    reset_optimizer_state, set_lr)
 
 # dense bf16 peak FLOP/s of the accelerators we know (MFU is null elsewhere)
@@ -126,13 +126,13 @@ def peak_flops(device):
 def make_loader(cfg, split, device, rank=0, world_size=1):
     """The data source of a dataset: prepared token files (loader.py) or the Bigram-Backcopy generator."""
     if cfg["dataset"] == "bigram_backcopy":
-        from bigram_backcopy import BigramBackcopy
+        from sinkgpt.bigram_backcopy import BigramBackcopy
         try:
             return BigramBackcopy(split, cfg["batch_size"], cfg["block_size"], seed=cfg["seed"],
                                   n_triggers=cfg["bb_triggers"], device=device, rank=rank, world_size=world_size)
         except ValueError as e:  # a trigger count the corpus cannot supply
             raise ConfigError(f"config key 'bb_triggers': {e}") from None
-    from loader import TokenLoader, open_dataset
+    from sinkgpt.loader import TokenLoader, open_dataset
     data_dir = open_dataset(cfg["dataset"])
     try:
         return TokenLoader(data_dir, split, cfg["batch_size"], cfg["block_size"], seed=cfg["seed"],

@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import prep  # noqa: E402
+from sinkgpt import prep  # noqa: E402
 
 HAMLET = os.path.join(REPO, "data", "shakespeare", "corpus", "hamlet_gut.txt")
 

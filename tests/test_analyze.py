@@ -412,7 +412,7 @@ def test_tracker_measures_without_side_effects():
 
 
 def test_tracker_bigram_backcopy_metrics_on_a_tiny_corpus(tmp_path):
-    from bigram_backcopy import BigramBackcopy
+    from sinkgpt.bigram_backcopy import BigramBackcopy
     (tmp_path / "tiny.txt").write_text("the cat ate the rat at the gate, then sat at ten.\n" * 4, encoding="utf-8")
     loader = BigramBackcopy("val", 4, 16, n_triggers=2, corpus=tmp_path / "tiny.txt")
     state = loader.state_dict()

@@ -9,7 +9,7 @@ import torch
 
 import analyze
 import train
-from bigram_backcopy import BigramBackcopy
+from sinkgpt.bigram_backcopy import BigramBackcopy
 
 
 def train_bb(tmp_path, name, iters, *flags):

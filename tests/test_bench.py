@@ -5,7 +5,7 @@ import json
 import pytest
 
 import bench
-from configurator import load_config
+from sinkgpt.config import load_config
 
 
 def bench_json(capsys, *argv):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bigram_backcopy import DEFAULT_CORPUS, BigramBackcopy, bayes_loss_per_position, build_table  # noqa: E402
+from sinkgpt.bigram_backcopy import DEFAULT_CORPUS, BigramBackcopy, bayes_loss_per_position, build_table  # noqa: E402
 
 CORPUS = None  # the bundled Shakespeare, data/shakespeare/corpus/*.txt
 

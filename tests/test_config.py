@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-import configurator
-from configurator import DEFAULTS, ConfigError, load_config, model_config
+from sinkgpt import config as configurator
+from sinkgpt.config import DEFAULTS, ConfigError, load_config, model_config
 
 
 def write(path, text):
@@ -109,7 +109,7 @@ def test_include_from_two_folders(tmp_path):
 
 
 def test_repository_config_files_load():
-    repo = os.path.dirname(os.path.abspath(configurator.__file__))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(configurator.__file__)))
     folder = os.path.join(repo, "config")
     # config/study/ holds study.py's plans (base config + variants), not train.py configs
     paths = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names

@@ -12,9 +12,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import loader  # noqa: E402
-import prep  # noqa: E402
-import tokenizer  # noqa: E402
+from sinkgpt import loader  # noqa: E402
+from sinkgpt import prep  # noqa: E402
+from sinkgpt import tokenizer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

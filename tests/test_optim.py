@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from configurator import DEFAULTS
+from sinkgpt.config import DEFAULTS
 from model import GPT, GPTConfig
-from optim import (OPTIM_DEFAULTS, CombinedOptimizer, MomentEditor, Muon, OptimizerTracker, build_optimizer,
+from sinkgpt.optim import (OPTIM_DEFAULTS, CombinedOptimizer, MomentEditor, Muon, OptimizerTracker, build_optimizer,
                    check_optim_config, load_optimizer_state, newton_schulz, param_groups, reset_optimizer_state,
                    set_lr)
 

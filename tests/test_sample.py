@@ -57,7 +57,7 @@ def test_cache_and_no_cache_sample_the_same_greedy_text(trained_out, capsys):
 
 def test_greedy_text_is_the_models_argmax(trained_out, capsys):
     import train
-    from tokenizer import load_tokenizer
+    from sinkgpt.tokenizer import load_tokenizer
     code, texts, _ = run_sample(capsys, "--out_dir", trained_out, "--start=The ", "--max_new_tokens=10",
                                 "--num_samples=1", "--temperature=0")
     assert code == 0
@@ -162,7 +162,7 @@ def test_sample_from_a_gpt2_directory(tmp_path, capsys):
                                 "--max_new_tokens=6", "--num_samples=2", "--seed=3")
     assert again == texts
     # greedy: the tokens transformers' model picks
-    from tokenizer import GPT2Tokenizer
+    from sinkgpt.tokenizer import GPT2Tokenizer
     tok = GPT2Tokenizer()
     ids = tok.encode("Hello, world")
     with torch.no_grad():

@@ -9,7 +9,7 @@ import tiktoken.load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import tokenizer  # noqa: E402
+from sinkgpt import tokenizer  # noqa: E402
 
 # the pattern as published with GPT-2 (tiktoken uses an equivalent, faster possessive form)
 ORIGINAL_GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -100,7 +100,7 @@ def test_unknown_tokenizer_kind():
 
 
 def test_text_argument_file_errors_say_what_is_wrong(tmp_path):
-    from tokenizer import read_text_argument
+    from sinkgpt.tokenizer import read_text_argument
     with pytest.raises(ValueError, match="prompt file .* is a folder"):
         read_text_argument(f"FILE:{tmp_path}", "prompt")
     with pytest.raises(ValueError, match="prompt file .* does not exist"):

@@ -501,7 +501,7 @@ def test_init_from_a_gpt2_directory_builds_that_model(tmp_path, tied):
     """train.py's model for init_from=<GPT-2 folder> gives the folder's logits (the untied head included)."""
     import train
     from conftest import random_gpt2
-    from configurator import load_config
+    from sinkgpt.config import load_config
     hf = random_gpt2(seed=3, tie_word_embeddings=tied)
     hf.save_pretrained(str(tmp_path / "gpt2"))
     cfg = load_config([f"--init_from={tmp_path / 'gpt2'}", "--block_size=32", "--sink=logit"])
@@ -519,7 +519,7 @@ def test_train_from_a_gpt2_directory_on_a_bpe_dataset(tmp_path, capsys):
     run (with a sink option) trains and lowers it."""
     import loader as loader_module
     from conftest import random_gpt2, shakespeare_excerpt
-    import prep
+    from sinkgpt import prep
     text = shakespeare_excerpt(12000)
     src = tmp_path / "src"
     src.mkdir()

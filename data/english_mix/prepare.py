@@ -12,7 +12,7 @@ import sys
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, REPO_ROOT)
-import prep
+from sinkgpt import prep
 
 DEFAULT_INPUT = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "english_mix"))
 

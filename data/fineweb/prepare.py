@@ -10,7 +10,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # repo root
-import prep
+from sinkgpt import prep
 
 if __name__ == "__main__":
     parser = prep.sharded_parser(__doc__, __file__, name="HuggingFaceFW/fineweb-edu", subset="sample-10BT")

@@ -9,7 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # repo root
-import prep
+from sinkgpt import prep
 
 if __name__ == "__main__":
     prep.text_prepare_main("gpt2", __file__)

@@ -22,7 +22,8 @@ import time
 
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+from sinkgpt.common import REPO_ROOT
+
 BUNDLED_SHAKESPEARE = os.path.join(REPO_ROOT, "data", "shakespeare", "corpus")
 # prepared from the bundled corpus on first use: name -> (tokenizer, val_split); shakespeare_char_tail is
 # nanoGPT's split (the last 10% of the concatenated works), for loss comparisons with nanoGPT
@@ -228,7 +229,7 @@ def make_encoder(tokenizer, docs):
         return (lambda texts: [char_ids(t, chars) for t in texts],
                 {"vocab_size": len(chars) + 1, "bos_token": len(chars), "tokenizer": "char", "chars": chars})
     if tokenizer == "gpt2":
-        from tokenizer import gpt2_encoding
+        from sinkgpt.tokenizer import gpt2_encoding
         enc = gpt2_encoding()
         return (lambda texts: enc.encode_ordinary_batch(texts),
                 {"vocab_size": enc.n_vocab, "bos_token": enc.eot_token, "tokenizer": "gpt2"})
@@ -396,7 +397,7 @@ class ShardWriter:
 
 def _tokenize_batch(texts):
     """Worker: GPT-2 tokens of a batch of documents, each led by EOT, as one array + lengths."""
-    from tokenizer import gpt2_encoding
+    from sinkgpt.tokenizer import gpt2_encoding
     enc = gpt2_encoding()
     token_lists = [enc.encode_ordinary(t) for t in texts]
     stream, _ = documents_to_stream(token_lists, enc.eot_token)
@@ -483,7 +484,7 @@ def nonempty_texts(texts):
 def prepare_sharded(texts, out_dir, val_fraction, shard_size, num_proc, source, max_tokens=None, progress=True):
     """Tokenise a stream of documents into GPT-2 shards in out_dir; returns meta."""
     from tqdm import tqdm
-    from tokenizer import gpt2_encoding
+    from sinkgpt.tokenizer import gpt2_encoding
     check_val_fraction(val_fraction)
     enc = gpt2_encoding()  # load once here so forked workers inherit it
     os.makedirs(out_dir, exist_ok=True)

@@ -13,7 +13,7 @@ import os
 from dataclasses import fields
 
 from model import GPTConfig
-from optim import OPTIM_DEFAULTS, OPTIMIZERS, check_optim_config
+from sinkgpt.optim import OPTIM_DEFAULTS, OPTIMIZERS, check_optim_config
 
 
 class ConfigError(Exception):

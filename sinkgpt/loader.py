@@ -13,7 +13,7 @@ import zlib
 import numpy as np
 import torch
 
-import prep
+from sinkgpt import prep
 
 STATE_VERSION = 1
 

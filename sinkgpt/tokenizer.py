@@ -16,7 +16,8 @@ import threading
 import tiktoken
 import tiktoken.load
 
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+from sinkgpt.common import REPO_ROOT
+
 BUNDLED_GPT2_RANKS = os.path.join(REPO_ROOT, "data", "gpt2_tokenizer", "gpt2.tiktoken")
 GPT2_EOT = 50256
 EOT_TEXT = "<|endoftext|>"

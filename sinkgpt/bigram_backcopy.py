@@ -24,7 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CORPUS = Path(__file__).resolve().parent / "data" / "shakespeare" / "corpus"
+from sinkgpt.common import REPO_ROOT
+
+DEFAULT_CORPUS = Path(REPO_ROOT) / "data" / "shakespeare" / "corpus"
 
 
 # -----------------------------------------------------------------------------
@@ -234,24 +236,3 @@ class BigramBackcopy:
             return v.mean().item() if v.numel() else math.nan
         return {"backcopy_loss": mean_or_nan(ce[mask]), "bigram_loss": mean_or_nan(ce[~mask])}
 
-
-if __name__ == "__main__":
-    # quick look: python bigram_backcopy.py [corpus]
-    import sys
-    import time
-    t0 = time.perf_counter()
-    corpus = sys.argv[1] if len(sys.argv) > 1 else None
-    table = build_table(corpus)
-    print(f"table built in {(time.perf_counter() - t0) * 1e3:.0f} ms")
-    for T in (64, 256):
-        loader = BigramBackcopy("train", 32, T, corpus=corpus)
-        loader.next_batch()
-        t0 = time.perf_counter()
-        for _ in range(50):
-            loader.next_batch()
-        ms = (time.perf_counter() - t0) / 50 * 1e3
-        print(f"T={T}: {ms:.2f} ms/batch (B=32), bayes_loss {loader.bayes_loss:.4f} nats")
-    share = table.counts[table.triggers].sum() / table.counts.sum()
-    print(f"vocab_size {loader.vocab_size}, triggers {loader.trigger_chars!r} ({share:.1%} of characters)")
-    x, _ = loader.next_batch()
-    print("sample:", repr("".join(table.chars[i] if i < len(table.chars) else "<BOS>" for i in x[0].tolist())))
