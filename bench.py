@@ -21,10 +21,15 @@ import time
 
 import torch
 
-from sinkgpt.config import ConfigError, check_ranges, check_value, load_config, model_config, parse_flag_value
 from model import GPT, GPTConfig
-from train import (RunError, autocast_context, build_optimizer, keep_freed_memory, make_loader, peak_flops,
-                   pick_device, pick_dtype)
+from sinkgpt.common import InputError
+from sinkgpt.config import ConfigError, check_ranges, check_value, load_config, model_config, parse_flag_value
+from sinkgpt.generation import decode_layout
+from sinkgpt.loader import loader_for_run
+from sinkgpt.optim import build_optimizer
+from sinkgpt.runtime import (autocast_context, device_name, keep_freed_memory, peak_flops, pick_device, pick_dtype,
+                             synchronize, use_compile)
+from sinkgpt.training import train_step
 
 BENCH_FLAGS = {"json": False, "generate": False, "profile": False, "steps": 10, "warmup": 3, "rounds": 3,
                "compare": "", "vocab_size": 0, "no_cache_steps": 0}
@@ -39,28 +44,15 @@ OP_FAMILIES = [
 ]
 
 
-def split_flags(argv):
-    """Separate bench.py's own flags from config files and config --key=value flags (ConfigError on a bad one)."""
-    own, rest = dict(BENCH_FLAGS), []
-    for arg in argv:
-        key, _, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if key not in own:
-            rest.append(arg)
-        elif isinstance(BENCH_FLAGS[key], bool):
-            if value not in ("", "True", "False"):
-                raise ConfigError(f"flag --{key} takes no value, or True / False; got {value!r}")
-            own[key] = value != "False"
-        elif isinstance(BENCH_FLAGS[key], str):
-            own[key] = value
-        else:
-            try:
-                own[key] = int(value)
-            except ValueError:
-                raise ConfigError(f"flag --{key} must be an integer, got {value!r}") from None
+def parse_args(argv):
+    """(bench.py's own flags, the training config): both parsed by the configurator, so config files, --key=value
+    and the one-line errors work as in train.py; a bare --json, --generate or --profile means True."""
+    cfg = load_config(argv, script_keys=BENCH_FLAGS)
+    flags = {key: cfg.pop(key) for key in BENCH_FLAGS}
     for key, least in (("steps", 1), ("rounds", 1), ("warmup", 0), ("vocab_size", 0), ("no_cache_steps", 0)):
-        if own[key] < least:
-            raise ConfigError(f"flag --{key} must be >= {least}, got {own[key]}")
-    return own, rest
+        if flags[key] < least:
+            raise ConfigError(f"flag --{key} must be >= {least}, got {flags[key]}")
+    return flags, cfg
 
 
 def parse_compare(text):
@@ -82,13 +74,13 @@ def dataset_vocab(cfg, override):
     if override:
         return override
     try:  # the loader train.py would use, on the smallest windows
-        return make_loader(dict(cfg, batch_size=1, block_size=1), "val", "cpu").vocab_size
-    except (OSError, ValueError):
+        return loader_for_run(dict(cfg, batch_size=1, block_size=1), "val", "cpu").vocab_size
+    except InputError:
         return 50257
 
 
 class StepRunner:
-    """One model + optimizer, stepped on random batches exactly as train.py steps them."""
+    """One model + optimizer, stepped on random batches by train.py's own training step."""
 
     def __init__(self, cfg, vocab_size, device):
         self.device, self.cfg = device, cfg
@@ -96,32 +88,25 @@ class StepRunner:
         torch.manual_seed(cfg["seed"])
         self.model = GPT(model_config(cfg, vocab_size, bos_token=vocab_size - 1)).to(device)
         self.optimizer = build_optimizer(self.model, cfg, device_type)
-        self.ctx = autocast_context(device_type, pick_dtype(cfg["dtype"], device_type))
-        use_compile = cfg["compile"] if cfg["compile"] != "auto" else device_type == "cuda"
-        self.step_model = torch.compile(self.model) if use_compile else self.model
+        dtype = pick_dtype(cfg["dtype"], device_type)
+        self.ctx = autocast_context(device_type, dtype)
+        self.scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+        self.step_model = torch.compile(self.model) if use_compile(cfg["compile"], device_type) else self.model
         shape = (cfg["batch_size"], cfg["block_size"])
-        self.x = torch.randint(0, vocab_size, shape, device=device)
-        self.y = torch.randint(0, vocab_size, shape, device=device)
+        self.batch = (torch.randint(0, vocab_size, shape, device=device),
+                      torch.randint(0, vocab_size, shape, device=device))
         self.tokens_per_step = shape[0] * shape[1] * cfg["gradient_accumulation_steps"]
 
     def step(self):
-        for _ in range(self.cfg["gradient_accumulation_steps"]):
-            with self.ctx:
-                _, loss = self.step_model(self.x, self.y)
-            loss.backward()
-        if self.cfg["grad_clip"] > 0:
-            with torch.profiler.record_function("clip_grad_norm"):  # named for --profile; free when it is off
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        train_step(self.step_model, self.optimizer, self.scaler, self.batch, lambda: self.batch,
+                   self.cfg["gradient_accumulation_steps"], self.ctx, self.cfg["grad_clip"], self.model.parameters())
 
     def time_steps(self, n):
-        sync = torch.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
-        sync()
+        synchronize(self.device)
         t0 = time.perf_counter()
         for _ in range(n):
             self.step()
-        sync()
+        synchronize(self.device)
         return 1000 * (time.perf_counter() - t0) / n
 
 
@@ -191,14 +176,6 @@ def profile_steps(runner, steps):
     return dict(steps=steps, ms_per_step=ms_per_step, ms_by_family=families)
 
 
-def device_name(device):
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    if device == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
-    return device
-
-
 @torch.no_grad()
 def bench_generation(cfg, flags):
     """GPT-2 124M with random weights: a 512-token prompt, then 64 new tokens, greedy, with the KV cache."""
@@ -209,16 +186,18 @@ def bench_generation(cfg, flags):
         keep_freed_memory()
     prompt = torch.randint(0, 50257, (1, 512), device=device)
     t0 = time.perf_counter()
-    model.generate(prompt[:, :1], 1, temperature=0)  # first call: on CPU it makes the (in, out) weight copies
+    with decode_layout(model):  # first call: on CPU it makes the (in, out) weight copies
+        model.generate(prompt[:, :1], 1, temperature=0)
     first_call_s = time.perf_counter() - t0
-    model.generate(prompt[:, :16], 4, temperature=0)  # warm-up
+    with decode_layout(model):  # warm-up
+        model.generate(prompt[:, :16], 4, temperature=0)
 
     def seconds(n_new):
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        sync()
+        synchronize(device)
         t0 = time.perf_counter()
-        model.generate(prompt, n_new, temperature=0)
-        sync()
+        with decode_layout(model):
+            model.generate(prompt, n_new, temperature=0)
+        synchronize(device)
         return time.perf_counter() - t0
 
     prefills, totals = [], []
@@ -239,10 +218,9 @@ def bench_generation(cfg, flags):
 
 def main(argv):
     try:
-        flags, rest = split_flags(argv)
-        cfg = load_config(rest)
+        flags, cfg = parse_args(argv)
         result = bench_generation(cfg, flags) if flags["generate"] else bench_training(cfg, flags)
-    except (ConfigError, RunError) as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if flags["json"]:

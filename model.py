@@ -1,15 +1,17 @@
 """
 The sinkgpt model: GPT-2 in one file, with options for dedicated attention-sink parameters.
 
-Read it top to bottom: the config, small helpers (norms, rotary positions, masks, hooks, the KV cache),
-attention (where every sink mechanism is one marked piece), the MLP, the block, and the GPT itself with
-loading/exporting Hugging Face GPT-2 weights and generation. Every option defaults to plain GPT-2.
-The mechanisms and metrics are defined in docs/sinks.md (the project's reference sheet).
+Read it top to bottom: the config, small helpers (norms, rotary positions, masks, the hook points and their
+tensor shapes, the KV cache), attention (where every sink mechanism is one marked piece), the MLP, the block,
+and the GPT itself with its scoped analysis hooks, generation, and the neutral start of sink options added to a
+pretrained model. Every option defaults to plain GPT-2. The mechanisms and metrics are defined in docs/sinks.md
+(the project's reference sheet); reading and writing Hugging Face folders is sinkgpt/pretrained.py.
+
+Imports nothing of ours (torch only).
 """
 
-import json
+import contextlib
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -18,7 +20,6 @@ from torch.nn import functional as F
 
 # sink mechanisms that add one extra column ("slot") to every attention row
 SLOT_SINKS = ("logit", "softmax1", "kv_bias", "k_bias")
-HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu": "gelu_exact"}  # transformers' GPT-2 activation_function -> mlp_act
 CHOICES = {
     "sink": ("none", "token", "logit", "softmax1", "kv_bias", "k_bias", "bos_override"),
     "attn_gate": ("none", "headwise", "elementwise"),
@@ -107,35 +108,6 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
-def transposed_copy(w, rows=256):
-    """w.t().contiguous(), copied in blocks of rows: on CPUs about 1.6x faster than one strided copy."""
-    out = torch.empty(w.shape[1], w.shape[0], dtype=w.dtype, device=w.device)
-    for start in range(0, w.shape[0], rows):
-        out[:, start:start + rows].copy_(w[start:start + rows].t())
-    return out
-
-
-class Linear(nn.Linear):
-    """nn.Linear that, while the model generates on a CPU, can multiply by an (in, out) copy of its weight.
-    Decoding one token is bound by reading the weights, and for a widening layer (out > in: c_attn, c_fc, the
-    head) CPU BLAS streams a row-major (in, out) matrix through a vector-matrix product about 1.3-1.5x faster
-    than nn.Linear's (out, in) layout (narrowing layers are faster as they are). The copy is made on first use
-    and kept while the weight is unchanged (same storage, same version): memory for one more copy of those
-    weights."""
-
-    decode_layout = False  # switched on by GPT.generate on CPU
-    weight_t = None  # ((storage pointer, version), the (in, out) copy)
-
-    def forward(self, x):
-        if not self.decode_layout:
-            return F.linear(x, self.weight, self.bias)
-        key = (self.weight.data_ptr(), self.weight._version)
-        if self.weight_t is None or self.weight_t[0] != key:
-            self.weight_t = (key, transposed_copy(self.weight.detach()))
-        y = x @ self.weight_t[1]
-        return y if self.bias is None else y.add_(self.bias)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, ndim, bias=False):  # bias is ignored: RMSNorm has none
         super().__init__()
@@ -172,9 +144,36 @@ def causal_mask(n_queries, n_keys, device):
     return torch.arange(n_keys, device=device)[None, :] <= q_pos
 
 
+# Analysis hook points and the shape of the tensor each one sees. B batch; P residual positions of this forward
+# pass (the T real tokens, after the n_sink_tokens prefix when sink='token'; with a KV cache only the new ones);
+# C n_embd; H heads; D head size; K keys each query can see (cached positions first; slot sinks add one column,
+# column 0); M the MLP's hidden width. Registered with `with model.hooks({"h.3.resid_post": fn}): ...`.
+GLOBAL_HOOK_POINTS = {
+    "embed": "(B, T, C)  token (+ learned position) embeddings, before the sink-token prefix",
+    "ln_f": "(B, P, C)  the final norm's output",
+}
+HOOK_POINTS = {  # per block: "h.<layer>.<point>"
+    "resid_pre": "(B, P, C)  the block's input",
+    "ln_1": "(B, P, C)  attention's normed input (norm_pos='post': the norm after the first residual add)",
+    "q": "(B, H, P, D)  queries, after qk_norm and rotary",
+    "k": "(B, H, P, D)  keys of this pass's positions, after qk_norm and rotary (before cache and slot)",
+    "v": "(B, H, P, D)  values of this pass's positions",
+    "scores": "(B, H, P, K)  q.k / sqrt(D), -inf where not visible; slot sinks: column 0 is the slot",
+    "pattern": "(B, H, P, K)  softmax(scores); sigmoid(scores) for attn_fn=sigmoid; relu(scores) / visible "
+               "keys (the slot counted) for attn_fn=relu",
+    "attn_out": "(B, P, C)  attention's output, after c_proj",
+    "resid_mid": "(B, P, C)  after the attention residual add",
+    "ln_2": "(B, P, C)  the MLP's normed input (norm_pos='post': the norm after the second residual add)",
+    "mlp_pre": "(B, P, M)  c_fc's output (swiglu: (B, P, 2M), gate half then up half)",
+    "mlp_post": "(B, P, M)  after the activation (swiglu: silu(gate) * up)",
+    "mlp_out": "(B, P, C)  the MLP's output, after c_proj",
+    "resid_post": "(B, P, C)  the block's output (after the BOS override when sink='bos_override')",
+}
+
+
 def hook(hooks, name, x):
     """An analysis hook point: returns x unchanged unless a function was registered for `name`.
-    The function may read x and return None, or return a replacement (patching)."""
+    The function may read x and return None, or return a replacement (patching). Free when none is."""
     fn = hooks.get(name) if hooks else None
     if fn is None:
         return x
@@ -217,8 +216,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.head_size, self.layer_idx = H, D, layer_idx
         self.sink, self.attn_fn, self.attn_gate = config.sink, config.attn_fn, config.attn_gate
         self.dropout = config.dropout
-        self.c_attn = Linear(C, 3 * C, bias=config.bias)
-        self.c_proj = Linear(C, C, bias=config.bias)
+        self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)
+        self.c_proj = nn.Linear(C, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_dropout = nn.Dropout(config.dropout)
         if config.qk_norm:  # normalise each head's queries and keys (bounds the attention logits)
@@ -232,8 +231,8 @@ class CausalSelfAttention(nn.Module):
             self.v_slot = nn.Parameter(torch.randn(H, D) * 0.02)
         # --- output gate (Qiu et al. G1): o' = o * sigmoid(x W_g), per head or per channel ---
         if config.attn_gate != "none":
-            self.c_gate = Linear(C, H if config.attn_gate == "headwise" else C, bias=config.bias)
-        self.hooks = {}  # shared with the enclosing Block
+            self.c_gate = nn.Linear(C, H if config.attn_gate == "headwise" else C, bias=config.bias)
+        self.hook_fns = {}  # shared with the enclosing Block
 
     def forward(self, x, rope=None, cache=None):
         B, T, C = x.shape
@@ -244,10 +243,10 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        q, k, v = hook(self.hooks, "q", q), hook(self.hooks, "k", k), hook(self.hooks, "v", v)
+        q, k, v = hook(self.hook_fns, "q", q), hook(self.hook_fns, "k", k), hook(self.hook_fns, "v", v)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if self.attn_fn != "softmax" or "scores" in self.hooks or "pattern" in self.hooks:
+        if self.attn_fn != "softmax" or "scores" in self.hook_fns or "pattern" in self.hook_fns:
             y = self.attend_eager(q, k, v)
         elif self.sink in SLOT_SINKS:
             y = self.attend_slot_sdpa(q, k, v)
@@ -318,14 +317,14 @@ class CausalSelfAttention(nn.Module):
             v = torch.cat([v_slot.view(1, H, 1, D).expand(B, -1, -1, -1), v], dim=2)
             visible = F.pad(visible, (1, 0), value=True)
         scores = scores.masked_fill(~visible, float("-inf"))
-        scores = hook(self.hooks, "scores", scores)
+        scores = hook(self.hook_fns, "scores", scores)
         if self.attn_fn == "softmax":
             pattern = F.softmax(scores, dim=-1)
         elif self.attn_fn == "sigmoid":
             pattern = torch.sigmoid(scores)  # masked entries: sigmoid(-inf) = 0
         else:  # relu, divided by the number of keys each query sees
             pattern = F.relu(scores) / visible.sum(-1, keepdim=True)
-        pattern = hook(self.hooks, "pattern", pattern)
+        pattern = hook(self.hook_fns, "pattern", pattern)
         return self.attn_dropout(pattern) @ v
 
 
@@ -340,16 +339,16 @@ class MLP(nn.Module):
         self.act = config.mlp_act
         if self.act == "swiglu":  # 2/3 of the width keeps the parameter count of a 4C MLP
             hidden = (8 * C // 3 + 63) // 64 * 64
-            self.c_fc = Linear(C, 2 * hidden, bias=config.bias)
+            self.c_fc = nn.Linear(C, 2 * hidden, bias=config.bias)
         else:
             hidden = 4 * C
-            self.c_fc = Linear(C, hidden, bias=config.bias)
-        self.c_proj = Linear(hidden, C, bias=config.bias)
+            self.c_fc = nn.Linear(C, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, C, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.hooks = {}  # shared with the enclosing Block
+        self.hook_fns = {}  # shared with the enclosing Block
 
     def forward(self, x):
-        h = hook(self.hooks, "mlp_pre", self.c_fc(x))
+        h = hook(self.hook_fns, "mlp_pre", self.c_fc(x))
         if self.act == "gelu":
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU, so logits match the released weights
         elif self.act == "gelu_exact":
@@ -361,14 +360,11 @@ class MLP(nn.Module):
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        h = hook(self.hooks, "mlp_post", h)
+        h = hook(self.hook_fns, "mlp_post", h)
         return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    HOOK_POINTS = ("resid_pre", "ln_1", "q", "k", "v", "scores", "pattern", "attn_out",
-                   "resid_mid", "ln_2", "mlp_pre", "mlp_post", "mlp_out", "resid_post")
-
     def __init__(self, config, layer_idx):
         super().__init__()
         self.post_norm = config.norm_pos == "post"
@@ -378,23 +374,23 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         if config.sink == "bos_override":  # L. Dial: the residual at document starts is a learned vector
             self.bos_resid = nn.Parameter(torch.zeros(config.n_embd))
-        self.hooks = {}  # hook point name -> function; one dict shared with attn and mlp
-        self.attn.hooks = self.mlp.hooks = self.hooks
+        self.hook_fns = {}  # hook point -> function; one dict shared with attn and mlp (GPT.hooks fills it)
+        self.attn.hook_fns = self.mlp.hook_fns = self.hook_fns
 
     def forward(self, x, rope=None, cache=None, is_bos=None):
-        x = hook(self.hooks, "resid_pre", x)
+        x = hook(self.hook_fns, "resid_pre", x)
         if self.post_norm:  # original transformer: norm after each residual add
-            x = hook(self.hooks, "resid_mid", hook(self.hooks, "ln_1", self.ln_1(
-                x + hook(self.hooks, "attn_out", self.attn(x, rope, cache)))))
-            x = hook(self.hooks, "ln_2", self.ln_2(x + hook(self.hooks, "mlp_out", self.mlp(x))))
+            x = hook(self.hook_fns, "resid_mid", hook(self.hook_fns, "ln_1", self.ln_1(
+                x + hook(self.hook_fns, "attn_out", self.attn(x, rope, cache)))))
+            x = hook(self.hook_fns, "ln_2", self.ln_2(x + hook(self.hook_fns, "mlp_out", self.mlp(x))))
         else:
-            h = hook(self.hooks, "ln_1", self.ln_1(x))
-            x = hook(self.hooks, "resid_mid", x + hook(self.hooks, "attn_out", self.attn(h, rope, cache)))
-            h = hook(self.hooks, "ln_2", self.ln_2(x))
-            x = x + hook(self.hooks, "mlp_out", self.mlp(h))
+            h = hook(self.hook_fns, "ln_1", self.ln_1(x))
+            x = hook(self.hook_fns, "resid_mid", x + hook(self.hook_fns, "attn_out", self.attn(h, rope, cache)))
+            h = hook(self.hook_fns, "ln_2", self.ln_2(x))
+            x = x + hook(self.hook_fns, "mlp_out", self.mlp(h))
         if is_bos is not None:
             x = torch.where(is_bos[..., None], self.bos_resid.to(x.dtype), x)
-        return hook(self.hooks, "resid_post", x)
+        return hook(self.hook_fns, "resid_post", x)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -420,10 +416,10 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         if config.sink == "token":  # StreamingLLM / registers: learned vectors prepended to every sequence
             self.sink_tokens = nn.Parameter(torch.randn(config.n_sink_tokens, C) * 0.02)
-        self.lm_head = Linear(C, config.padded_vocab_size, bias=False)
+        self.lm_head = nn.Linear(C, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        self.hooks = {}  # global hook points: "embed", "ln_f"
+        self.hook_fns = {}  # the global hook points (GLOBAL_HOOK_POINTS)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
             if name.endswith("c_proj.weight"):
@@ -468,7 +464,7 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         if cfg.pos_emb == "learned":
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
-        x = hook(self.hooks, "embed", x)
+        x = hook(self.hook_fns, "embed", x)
         n_prefix = self.n_prefix if start == 0 else 0  # the sink tokens enter once, then live in the cache
         if n_prefix:
             x = torch.cat([self.sink_tokens.to(x.dtype).expand(B, -1, -1), x], dim=1)
@@ -479,7 +475,7 @@ class GPT(nn.Module):
             x = block(x, rope, cache, is_bos)
         if cache is not None:
             cache.pos += T
-        x = hook(self.hooks, "ln_f", self.transformer.ln_f(x))
+        x = hook(self.hook_fns, "ln_f", self.transformer.ln_f(x))
         x = x[:, n_prefix:]
         if last_only:  # generation needs only the last position's logits
             x = x[:, -1:]
@@ -509,34 +505,48 @@ class GPT(nn.Module):
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
     # ------------------------------------------------------------------------------------------------
-    # analysis hooks
+    # analysis hooks (TransformerLens-style, scoped): the points and their shapes are in HOOK_POINTS
 
     def hook_names(self):
-        names = ["embed", "ln_f"]
-        for layer in range(self.config.n_layer):
-            names += [f"h.{layer}.{point}" for point in Block.HOOK_POINTS]
-        return names
+        return list(GLOBAL_HOOK_POINTS) + [f"h.{layer}.{point}" for layer in range(self.config.n_layer)
+                                           for point in HOOK_POINTS]
 
-    def _hook_dict(self, name):
+    def hook_table(self, name):
+        """(the dict that holds the hook of point `name`, the key in it); KeyError for an unknown name."""
         parts = name.split(".")
-        if len(parts) == 1 and name in ("embed", "ln_f"):
-            return self.hooks, name
-        if len(parts) == 3 and parts[0] == "h" and parts[1].isdigit() and parts[2] in Block.HOOK_POINTS:
+        if len(parts) == 1 and name in GLOBAL_HOOK_POINTS:
+            return self.hook_fns, name
+        if len(parts) == 3 and parts[0] == "h" and parts[1].isdigit() and parts[2] in HOOK_POINTS:
             layer = int(parts[1])
             if layer < self.config.n_layer:
-                return self.transformer.h[layer].hooks, parts[2]
-        raise KeyError(f"unknown hook point {name!r}; points are 'embed', 'ln_f' and 'h.<layer>.<point>' "
-                       f"with point in {', '.join(Block.HOOK_POINTS)}")
+                return self.transformer.h[layer].hook_fns, parts[2]
+        raise KeyError(f"unknown hook point {name!r}; points are {', '.join(GLOBAL_HOOK_POINTS)} and "
+                       f"'h.<layer>.<point>' with point in {', '.join(HOOK_POINTS)}")
 
-    def add_hook(self, name, fn):
-        """Register fn(tensor) -> None | tensor at a hook point, e.g. 'h.3.resid_post' or 'h.0.pattern'."""
-        hooks, point = self._hook_dict(name)
-        hooks[point] = fn
+    @contextlib.contextmanager
+    def hooks(self, fns):
+        """Hooks for the duration of a with-block: {name: fn}, e.g. {"h.3.resid_post": fn}. fn(tensor) returns
+        None (a read) or a tensor that replaces it (a patch). On exit exactly these hooks are removed, also after
+        an error; blocks nest, but a second hook on a point that already has one is a ValueError."""
+        placed = []
+        try:
+            for name, fn in fns.items():
+                table, point = self.hook_table(name)
+                if point in table:
+                    raise ValueError(f"hook point {name!r} already has a hook (an enclosing hooks() block?)")
+                table[point] = fn
+                placed.append((table, point))
+            yield self
+        finally:
+            for table, point in placed:
+                del table[point]
 
-    def clear_hooks(self):
-        self.hooks.clear()
-        for block in self.transformer.h:
-            block.hooks.clear()
+    def run_with_cache(self, idx, names, targets=None):
+        """One forward with read hooks at `names`: (logits, loss, {name: the tensor there, detached})."""
+        cache = {}
+        with self.hooks({name: (lambda x, name=name: cache.__setitem__(name, x.detach())) for name in names}):
+            logits, loss = self(idx, targets)
+        return logits, loss, cache
 
     # ------------------------------------------------------------------------------------------------
     # generation
@@ -548,81 +558,18 @@ class GPT(nn.Module):
         values are kept; once the context is full it is recomputed on the last block_size tokens."""
         block_size = self.config.block_size
         cache, logits = None, None
-        self.set_decode_layout(self.lm_head.weight.device.type == "cpu")
-        try:
-            for _ in range(max_new_tokens):
-                if use_cache and cache is not None and cache.pos < block_size:
-                    logits, _ = self(idx[:, -1:], cache=cache)
-                else:
-                    cache = KVCache(self.config.n_layer) if use_cache else None
-                    logits, _ = self(idx[:, -block_size:], cache=cache, last_only=True)
-                next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-                idx = torch.cat([idx, next_token], dim=1)
-        finally:
-            self.set_decode_layout(False)
+        for _ in range(max_new_tokens):
+            if use_cache and cache is not None and cache.pos < block_size:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            else:
+                cache = KVCache(self.config.n_layer) if use_cache else None
+                logits, _ = self(idx[:, -block_size:], cache=cache, last_only=True)
+            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, next_token], dim=1)
         return idx
 
-    def set_decode_layout(self, on):
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.decode_layout = on and module.out_features > module.in_features
-
     # ------------------------------------------------------------------------------------------------
-    # Hugging Face GPT-2 format
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir, **overrides):
-        """Load GPT-2 weights from a Hugging Face format directory (config.json + model.safetensors or
-        pytorch_model.bin), or by hub name ('gpt2', 'gpt2-medium', ...) when the hub is reachable.
-        `overrides` set options such as sink or dropout; new parameters start as close to the
-        pretrained model as their mechanism allows (init_sinks_from_pretrained)."""
-        path = name_or_dir if os.path.isdir(name_or_dir) else download_gpt2(name_or_dir)
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
-        if hf.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"{path}: model_type {hf.get('model_type')!r} is not gpt2")
-        activation = hf.get("activation_function", "gelu_new")
-        if activation not in HF_ACTIVATIONS:
-            raise ValueError(f"{path}: activation_function {activation!r} is not one of "
-                             f"{', '.join(HF_ACTIVATIONS)}")
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, mlp_act=HF_ACTIVATIONS[activation],
-                           tie_embeddings=hf.get("tie_word_embeddings", True),
-                           bos_token=50256 if hf.get("bos_token_id") is None else hf["bos_token_id"])
-        for key, value in overrides.items():
-            setattr(config, key, value)
-        config.__post_init__()
-        model = cls(config)
-        model.load_hf_state_dict(read_hf_weights(path))
-        model.init_sinks_from_pretrained()
-        return model
-
-    def load_hf_state_dict(self, hf_sd):
-        """Copy a GPT2LMHeadModel state dict in; its Conv1D weights are (in, out), so they are transposed."""
-        hf_sd = {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
-        sd = self.state_dict()
-        V = self.config.vocab_size
-        with torch.no_grad():
-            for name, target in sd.items():
-                key = name.removeprefix("transformer.")
-                if name == "lm_head.weight":
-                    if self.config.tie_embeddings:
-                        continue
-                    key = "lm_head.weight"
-                if key not in hf_sd:
-                    if is_new_parameter(name):
-                        continue
-                    raise KeyError(f"weight {key!r} is missing from the GPT-2 checkpoint")
-                src = hf_sd[key]
-                if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-                    src = src.t()
-                if name in ("transformer.wte.weight", "lm_head.weight"):
-                    target[:V].copy_(src)
-                    target[V:].zero_()
-                    continue
-                if src.shape != target.shape:
-                    raise ValueError(f"weight {key!r} has shape {tuple(src.shape)}, expected {tuple(target.shape)}")
-                target.copy_(src)
+    # starting sink options from a pretrained model
 
     @torch.no_grad()
     def init_sinks_from_pretrained(self):
@@ -644,86 +591,23 @@ class GPT(nn.Module):
             wpe = self.transformer.wpe.weight[0] if hasattr(self.transformer, "wpe") else 0.0
             self.sink_tokens.copy_((self.transformer.wte.weight[cfg.bos_token] + wpe).expand_as(self.sink_tokens))
         if cfg.sink == "bos_override":  # the model's own residual at a BOS in position 0, after each block
-            captured = {}
-            for layer in range(cfg.n_layer):
-                self.add_hook(f"h.{layer}.resid_post", lambda x, layer=layer: captured.__setitem__(layer, x[0, 0]))
+            names = [f"h.{layer}.resid_post" for layer in range(cfg.n_layer)]
             self.config.sink = "none"  # run the plain model once to read them
             try:
-                self(torch.tensor([[cfg.bos_token]], device=self.lm_head.weight.device))
+                _, _, cache = self.run_with_cache(torch.tensor([[cfg.bos_token]], device=self.lm_head.weight.device),
+                                                  names)
             finally:
                 self.config.sink = "bos_override"
-                self.clear_hooks()
-            for layer, block in enumerate(self.transformer.h):
-                block.bos_resid.copy_(captured[layer])
-
-    def export_hf(self, out_dir):
-        """Write config.json + model.safetensors that transformers' GPT2LMHeadModel loads."""
-        cfg = self.config
-        defaults = GPTConfig()
-        unsupported = [key for key in ("sink", "attn_gate", "attn_fn", "pos_emb", "norm", "norm_pos", "qk_norm",
-                                       "logit_softcap") if getattr(cfg, key) != getattr(defaults, key)]
-        if cfg.mlp_act not in HF_ACTIVATIONS.values():
-            unsupported.append("mlp_act")
-        if unsupported:
-            raise ValueError("the Hugging Face GPT-2 format cannot express " +
-                             ", ".join(f"{k}={getattr(cfg, k)!r}" for k in unsupported))
-        from safetensors.torch import save_file
-        V = cfg.vocab_size
-        out = {}
-        for name, tensor in self.state_dict().items():
-            if name == "lm_head.weight" and cfg.tie_embeddings:
-                continue
-            tensor = tensor.detach().float().cpu()
-            if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-                tensor = tensor.t()
-            if name in ("transformer.wte.weight", "lm_head.weight"):
-                tensor = tensor[:V]
-            out[name] = tensor.contiguous()
-        if not cfg.bias:  # GPT-2 always has biases: zeros are exact
-            for name, module in self.named_modules():
-                if isinstance(module, (nn.Linear, LayerNorm)) and name != "lm_head":
-                    out[f"{name}.bias"] = torch.zeros(module.weight.shape[0])
-        os.makedirs(out_dir, exist_ok=True)
-        save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-        hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=V,
-                         n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                         n_head=cfg.n_head, n_inner=None,
-                         activation_function={v: k for k, v in HF_ACTIVATIONS.items()}[cfg.mlp_act],
-                         layer_norm_epsilon=1e-5, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                         attn_pdrop=cfg.dropout, initializer_range=0.02, bos_token_id=cfg.bos_token,
-                         eos_token_id=cfg.bos_token, tie_word_embeddings=cfg.tie_embeddings)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
+            for name, block in zip(names, self.transformer.h):
+                block.bos_resid.copy_(cache[name][0, 0])
 
 
-# the dedicated sink parameters (optim.py gives them their own group: no weight decay by default)
+# the dedicated sink parameters (the optimizer gives them their own group: no weight decay by default)
 SINK_PARAMETERS = ("sink_logit", "k_slot", "v_slot", "bos_resid", "sink_tokens")
 
 
-def is_new_parameter(name):
-    """Parameters a plain GPT-2 checkpoint does not have: the sink mechanisms', the gate's, QK-norm's."""
-    return any(part in name for part in SINK_PARAMETERS + ("c_gate", "q_norm", "k_norm"))
-
-
-def read_hf_weights(path):
-    safetensors_file = os.path.join(path, "model.safetensors")
-    if os.path.exists(safetensors_file):
-        from safetensors.torch import load_file
-        return load_file(safetensors_file)
-    bin_file = os.path.join(path, "pytorch_model.bin")
-    if os.path.exists(bin_file):
-        return torch.load(bin_file, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
-
-
-def download_gpt2(name):
-    """Fetch a GPT-2 checkpoint from the Hugging Face hub (needs network); returns its local folder."""
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(name, allow_patterns=["config.json", "model.safetensors"])
-    except Exception as e:  # no network, unknown name, missing package
-        raise FileNotFoundError(f"{name!r} is not a local folder and could not be fetched from the hub "
-                                f"({type(e).__name__}); pass a folder with config.json and model.safetensors") from None
+def is_sink_parameter(name):
+    return any(part in name for part in SINK_PARAMETERS)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -14,14 +14,18 @@ import sys
 
 import torch
 
-from model import GPT
-from train import RunError, autocast_context, load_checkpoint, model_from_checkpoint, pick_device, pick_dtype
+from sinkgpt.checkpoint import load_model
+from sinkgpt.common import InputError, RunError
+from sinkgpt.config import CHOICES
+from sinkgpt.generation import decode_layout
+from sinkgpt.runtime import autocast_context, pick_device, pick_dtype
+from sinkgpt.tokenizer import load_tokenizer, read_text_argument
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default="out", help="a training run's folder (reads out_dir/ckpt.pt)")
-    parser.add_argument("--init_from", default="resume", help="'resume' (use --out_dir) or a GPT-2 directory/name")
+    parser.add_argument("--init_from", default="resume", help="'resume' (use --out_dir) or a pretrained folder/name")
     parser.add_argument("--start", default=None, help="prompt text, or FILE:path; default: the BOS token alone")
     parser.add_argument("--num_samples", type=int, default=3)
     parser.add_argument("--max_new_tokens", type=int, default=300)
@@ -35,31 +39,8 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def load_model_and_tokenizer(init_from, out_dir, device):
-    """(model, tokenizer, prepend_bos) for a checkpoint folder or a GPT-2 directory/name."""
-    from sinkgpt.tokenizer import load_tokenizer
-    if init_from == "resume":
-        path = os.path.join(out_dir, "ckpt.pt")
-        checkpoint = load_checkpoint(path)
-        model = model_from_checkpoint(checkpoint, path)
-        meta = checkpoint.get("meta") or {}
-        cfg = checkpoint.get("config", {})
-        prepend_bos = bool(cfg.get("prepend_bos") or cfg.get("align_to_docs"))
-    else:
-        try:
-            model = GPT.from_pretrained(init_from)
-        except (FileNotFoundError, KeyError, ValueError) as e:
-            raise RunError(str(e)) from None
-        meta = {"tokenizer": "gpt2", "bos_token": model.config.bos_token, "vocab_size": model.config.vocab_size}
-        prepend_bos = False
-    if not meta:
-        raise RunError(f"{out_dir}/ckpt.pt carries no tokenizer description (meta)")
-    return model.to(device).eval(), load_tokenizer(meta), prepend_bos
-
-
 def read_prompt(start):
     """The --start text (FILE:path reads a file); None when there is none."""
-    from sinkgpt.tokenizer import read_text_argument
     if start is None:
         return None
     try:
@@ -89,7 +70,6 @@ def encode_prompt(tokenizer, text, prepend_bos, block_size):
 
 def check_args(args):
     """Values argparse's types let through but generate() cannot use: one RunError naming the flag."""
-    from sinkgpt.config import CHOICES
     checks = [(args.num_samples >= 1, "--num_samples must be >= 1"),
               (args.max_new_tokens >= 0, "--max_new_tokens must be >= 0"),
               (args.temperature >= 0, "--temperature must be >= 0 (0 = greedy)"),
@@ -105,14 +85,15 @@ def sample(args):
     check_args(args)
     device = pick_device(args.device)
     device_type = device.split(":")[0]
-    model, tokenizer, prepend_bos = load_model_and_tokenizer(args.init_from, args.out_dir, device)
-    ids = encode_prompt(tokenizer, read_prompt(args.start), prepend_bos, model.config.block_size)
+    target = load_model(os.path.join(args.out_dir, "ckpt.pt") if args.init_from == "resume" else args.init_from, device)
+    model, tokenizer = target.model, load_tokenizer(target.meta)
+    ids = encode_prompt(tokenizer, read_prompt(args.start), target.bos, model.config.block_size)
     ctx = autocast_context(device_type, pick_dtype(args.dtype, device_type))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     texts = []
     for _ in range(args.num_samples):
-        with ctx:
+        with ctx, decode_layout(model):
             y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                                top_p=args.top_p, generator=generator, use_cache=not args.no_cache)
         texts.append(tokenizer.decode(y[0].tolist()))
@@ -125,7 +106,7 @@ def main(argv):
         for text in sample(args):
             print(text)
             print("---------------")
-    except RunError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -13,6 +13,8 @@ current token, so heads learn to park their attention somewhere harmless (BOS).
 The data is generated on the fly from a seeded numpy PCG64 stream, so a loader is
 resumable bit for bit through state_dict() / load_state_dict(), and train / val
 (and each rank) draw from separate streams.
+
+May import: sinkgpt.common.
 """
 
 import math

@@ -1,6 +1,8 @@
 """
 What every part of the package shares: where the repository is, the error that means "bad input", and the
-conversion of results to strict JSON. Imports nothing of ours.
+conversion of results to strict JSON.
+
+Imports nothing of ours.
 """
 
 import math

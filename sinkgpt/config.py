@@ -5,6 +5,8 @@ Configuration: every key train.py knows, with its default, and the loader of con
 
 A config file is plain Python assignments (nanoGPT's format). Keys keep nanoGPT's names wherever nanoGPT has one.
 An unknown key or a value of the wrong type stops with one line that names it (and the closest known key).
+
+May import: model, sinkgpt.common, sinkgpt.optim.
 """
 
 import ast
@@ -12,12 +14,14 @@ import difflib
 import os
 from dataclasses import fields
 
+from model import CHOICES as MODEL_CHOICES
 from model import GPTConfig
+from sinkgpt.common import InputError
 from sinkgpt.optim import OPTIM_DEFAULTS, OPTIMIZERS, check_optim_config
 
 
-class ConfigError(Exception):
-    """A mistake in a config file or flag; train.py prints it as one line and exits."""
+class ConfigError(InputError):
+    """A mistake in a config file or flag; the entry points print it as one line and exit."""
 
 
 # the families of keys (README documents each); model keys are GPTConfig's fields
@@ -67,21 +71,20 @@ for _field in fields(GPTConfig):
     if _field.name in MODEL_KEYS:
         DEFAULTS[_field.name] = _field.default
 
-CHOICES = {
-    "optimizer": OPTIMIZERS,
-    "dtype": ("auto", "float32", "bfloat16", "float16"),
-}
+# the one table of the keys that take one of a few values: the model's options, the optimizer, the precision
+CHOICES = dict(MODEL_CHOICES, optimizer=OPTIMIZERS, dtype=("auto", "float32", "bfloat16", "float16"))
 # keys that take more than one type
 EXTRA_TYPES = {"compile": (bool, str), "reset_optimizer_at": (list, int)}
 
 
-def check_value(key, value, source):
-    """Return value converted to the key's type, or raise ConfigError naming the key."""
-    if key not in DEFAULTS:
-        close = difflib.get_close_matches(key, DEFAULTS, n=1)
+def check_value(key, value, source, known=DEFAULTS):
+    """Return value converted to the key's type (the type of its default in `known`), or raise ConfigError
+    naming the key."""
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
-    default = DEFAULTS[key]
+    default = known[key]
     allowed = EXTRA_TYPES.get(key, (type(default),))
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -125,28 +128,33 @@ def read_config_file(path):
             if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
 
 
-def parse_flag_value(text, key):
+def parse_flag_value(text, key, known=DEFAULTS):
     """--key=value: Python literals (numbers, True/False, quoted strings); anything else is a string."""
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
-    if isinstance(DEFAULTS.get(key), str) and not isinstance(value, str) and key not in EXTRA_TYPES:
+    if isinstance(known.get(key), str) and not isinstance(value, str) and key not in EXTRA_TYPES:
         return text  # --out_dir=123 means the string '123'
     return value
 
 
-def load_config(argv, defaults=None):
-    """Defaults, then config files in order, then --key=value flags (in order). Returns a plain dict."""
-    config = dict(DEFAULTS if defaults is None else defaults)
+def load_config(argv, script_keys=None):
+    """Defaults, then config files in order, then --key=value flags (in order). Returns a plain dict.
+    script_keys (name -> default) are a script's own flags (bench.py's), parsed and type-checked like config keys
+    and returned with them; a bare --key sets a True/False key to True."""
+    known = dict(DEFAULTS, **(script_keys or {}))
+    config = dict(known)
     for path in [arg for arg in argv if not arg.startswith("--")]:
         for key, value in read_config_file(path).items():
-            config[key] = check_value(key, value, path)
+            config[key] = check_value(key, value, path, known)
     for flag in [arg for arg in argv if arg.startswith("--")]:  # flags win over files, wherever they stand
         key, sep, text = flag[2:].partition("=")
+        if not sep and isinstance(known.get(key), bool):
+            sep, text = "=", "True"
         if not sep:
             raise ConfigError(f"flag {flag} needs a value: --{key}=VALUE")
-        config[key] = check_value(key, parse_flag_value(text, key), f"flag {flag}")
+        config[key] = check_value(key, parse_flag_value(text, key, known), f"flag {flag}", known)
     check_ranges(config)
     return config
 

@@ -1,10 +1,12 @@
 """
-Training data loader: random (B, T) windows of a prepared dataset (see prep.py for the format).
+Batches for training, evaluation and analysis: random (B, T) windows of a prepared dataset (see prep.py for the
+format), or the Bigram-Backcopy generator, through one factory.
 
-    data_dir = open_dataset("shakespeare_char")          # prepares the bundled data if missing
-    loader = TokenLoader(data_dir, "train", batch_size=12, block_size=256, device="cuda")
+    loader = make_loader("shakespeare_char", "train", batch_size=12, block_size=256, device="cuda")
     x, y = loader.next_batch()                           # int64 (B, T), y = x shifted by one
     ckpt["loader"] = loader.state_dict()                 # plain ints/str: fine for weights_only=True
+
+May import: sinkgpt.common, sinkgpt.prep, sinkgpt.bigram_backcopy.
 """
 import glob
 import os
@@ -14,8 +16,39 @@ import numpy as np
 import torch
 
 from sinkgpt import prep
+from sinkgpt.common import InputError
 
 STATE_VERSION = 1
+
+
+class DataError(InputError):
+    """A dataset that is missing or cannot supply the batches asked for."""
+
+
+def make_loader(dataset, split, batch_size, block_size, *, seed=1337, prepend_bos=False, align_to_docs=False,
+                bb_triggers=3, device="cpu", rank=0, world_size=1):
+    """The batches of a dataset's split: a prepared dataset (a name under data/ or a folder holding meta.json;
+    the bundled ones are prepared on first use) or 'bigram_backcopy' (generated on the fly). DataError, one line,
+    for missing data or a split too short for the windows."""
+    if dataset == "bigram_backcopy":
+        from sinkgpt.bigram_backcopy import BigramBackcopy
+        try:
+            return BigramBackcopy(split, batch_size, block_size, seed=seed, n_triggers=bb_triggers, device=device,
+                                  rank=rank, world_size=world_size)
+        except ValueError as e:  # a trigger count the corpus cannot supply
+            raise DataError(f"config key 'bb_triggers': {e}") from None
+    try:
+        return TokenLoader(open_dataset(dataset), split, batch_size, block_size, seed=seed, prepend_bos=prepend_bos,
+                           align_to_docs=align_to_docs, device=device, rank=rank, world_size=world_size)
+    except (FileNotFoundError, ValueError) as e:  # not prepared; no window of block_size + 1 tokens in a split
+        raise DataError(str(e)) from None
+
+
+def loader_for_run(cfg, split, device, rank=0, world_size=1):
+    """make_loader with a training config's data keys."""
+    return make_loader(cfg["dataset"], split, cfg["batch_size"], cfg["block_size"], seed=cfg["seed"],
+                       prepend_bos=cfg["prepend_bos"], align_to_docs=cfg["align_to_docs"],
+                       bb_triggers=cfg["bb_triggers"], device=device, rank=rank, world_size=world_size)
 
 
 def open_dataset(dataset, data_root="data", auto_prepare=True):

@@ -1,5 +1,5 @@
 """
-Optimizers and interventions on the optimizer state.
+Optimizers and interventions on the optimizer state (the tracking of m, v and updates is in sinkgpt.tracking).
 
     optimizer = build_optimizer(model, cfg, device_type)   # 'adamw' | 'sgd' | 'muon'
     set_lr(optimizer, lr_at(it, cfg), cfg)                 # every iteration, instead of group["lr"] = lr
@@ -18,6 +18,8 @@ Interventions (all off by default, and free when off):
     track_params   log the norms of m, v and the applied update of chosen parameters to metrics.jsonl
 Iterations count optimizer steps: an edit or reset 'at' 100 happens right after the 100th step, the same
 iter_num train.py logs for that step.
+
+May import: model.
 """
 
 import fnmatch
@@ -26,7 +28,7 @@ import re
 
 import torch
 
-from model import SINK_PARAMETERS
+from model import is_sink_parameter
 
 OPTIM_DEFAULTS = dict(
     embed_lr_mult=1.0,  # lr multipliers: the group's lr is the schedule's lr times its multiplier
@@ -51,10 +53,6 @@ EMBED_PARAMS = ("transformer.wte.weight", "transformer.wpe.weight")
 EDIT_KEYS = {"param", "moment", "op", "value", "at", "every"}
 MOMENTS = ("m", "v", "both")
 EDIT_OPS = ("scale", "zero", "clip")
-
-
-def is_sink_parameter(name):
-    return any(part in name for part in SINK_PARAMETERS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -418,110 +416,50 @@ def moment_keys(optimizer, p):
 # moment edits
 
 
-class MomentEdit:
-    def __init__(self, edit, model, optimizer, where):
-        check_edit(edit, where)
-        self.op, self.value = edit["op"], float(edit.get("value", 0.0))
-        self.at = as_iterations(edit.get("at", []))
-        self.every = edit.get("every", 0)
-        wanted = {"m": (0,), "v": (1,), "both": (0, 1)}[edit["moment"]]
-        self.targets = []  # (param, state key, index)
-        for key, p, index in select_params(model, optimizer, edit["param"], where):
-            keys = [moment_keys(optimizer, p)[i] for i in wanted]
-            if edit["moment"] != "both" and keys[0] is None:
-                which = "first" if edit["moment"] == "m" else "second"
-                raise ValueError(f"{where}: {key} has no {which} moment in this optimizer")
-            self.targets += [(p, k, index) for k in keys if k is not None]  # 'both' edits what exists
-
-    def due(self, iter_num):
-        return iter_num in self.at or (self.every > 0 and iter_num % self.every == 0)
-
-    @torch.no_grad()
-    def apply(self, state):
-        for p, key, index in self.targets:
-            moment = state.get(p, {}).get(key)
-            if moment is None:  # no state yet (or just reset): nothing to edit
-                continue
-            view = moment if index is None else moment[index]  # basic indexing: a view, edited in place
-            if self.op == "zero":
-                view.zero_()
-            elif self.op == "scale":
-                view.mul_(self.value)
-            else:
-                view.clamp_(-self.value, self.value)
-
-
 class MomentEditor:
-    """Edits of the optimizer's moments from the moment_edits config; apply(iter_num) right after each step.
+    """The interventions on the optimizer state, applied right after each optimizer step: the moment_edits
+    (scale, zero or clip m and/or v of chosen parameters) and the resets of reset_optimizer_at.
 
-        editor = MomentEditor(raw_model, optimizer, cfg["moment_edits"])
+        editor = MomentEditor(raw_model, optimizer, cfg["moment_edits"], cfg["reset_optimizer_at"])
         editor.apply(iter_num)   # iter_num = optimizer steps taken so far
 
     Every edit is checked against the model at construction: a pattern that matches nothing, an index out of
     range, or 'v' on a parameter without a second moment (Muon, SGD) raises ValueError naming the edit."""
 
-    def __init__(self, model, optimizer, edits):
+    def __init__(self, model, optimizer, edits, reset_at=()):
         self.optimizer = optimizer
-        self.edits = [MomentEdit(edit, model, optimizer, f"moment_edits[{i}] ({edit.get('param')!r})"
-                                 if isinstance(edit, dict) else f"moment_edits[{i}]")
-                      for i, edit in enumerate(edits)]
+        self.reset_at = as_iterations(reset_at)
+        self.edits = []  # (op, value, at iterations, every, [(param, state key, index)])
+        for i, edit in enumerate(edits):
+            where = f"moment_edits[{i}] ({edit.get('param')!r})" if isinstance(edit, dict) else f"moment_edits[{i}]"
+            check_edit(edit, where)
+            wanted = {"m": (0,), "v": (1,), "both": (0, 1)}[edit["moment"]]
+            targets = []
+            for key, p, index in select_params(model, optimizer, edit["param"], where):
+                keys = [moment_keys(optimizer, p)[j] for j in wanted]
+                if edit["moment"] != "both" and keys[0] is None:
+                    which = "first" if edit["moment"] == "m" else "second"
+                    raise ValueError(f"{where}: {key} has no {which} moment in this optimizer")
+                targets += [(p, k, index) for k in keys if k is not None]  # 'both' edits what exists
+            self.edits.append((edit["op"], float(edit.get("value", 0.0)), as_iterations(edit.get("at", [])),
+                               edit.get("every", 0), targets))
 
+    @torch.no_grad()
     def apply(self, iter_num):
-        if not self.edits:
-            return
-        due = [edit for edit in self.edits if edit.due(iter_num)]
-        if due:
-            state = self.optimizer.state
-            for edit in due:
-                edit.apply(state)
-
-
-# ----------------------------------------------------------------------------------------------------
-# tracking
-
-
-class OptimizerTracker:
-    """Norms of m, v and the applied update of selected parameters (or slices), for metrics.jsonl.
-
-        tracker = OptimizerTracker(raw_model, optimizer, cfg["track_params"])
-        tracker.snapshot()          # before optimizer.step(), on tracking iterations only
-        optimizer.step()
-        record = tracker.measure()  # {'opt_m_norm/<name>': .., 'opt_v_norm/<name>': .., 'opt_update_norm/<name>': ..}
-
-    The snapshot copies only the tracked parameters (or slices); v is absent where the optimizer keeps none."""
-
-    def __init__(self, model, optimizer, patterns):
-        self.optimizer = optimizer
-        self.targets = []  # (key, param, index, first-moment key, second-moment key)
-        seen = set()
-        for spec in patterns:
-            for key, p, index in select_params(model, optimizer, spec, f"track_params entry {spec!r}"):
-                if key not in seen:
-                    seen.add(key)
-                    self.targets.append((key, p, index, *moment_keys(optimizer, p)))
-        self.before = None
-
-    @staticmethod
-    def view(t, index):
-        return t if index is None else t[index]
-
-    @torch.no_grad()
-    def snapshot(self):
-        self.before = [self.view(p, index).detach().clone() for _, p, index, _, _ in self.targets]
-
-    @torch.no_grad()
-    def measure(self):
-        state = self.optimizer.state
-        keys, norms = [], []
-        for i, (key, p, index, m_key, v_key) in enumerate(self.targets):
-            for prefix, state_key in (("opt_m_norm", m_key), ("opt_v_norm", v_key)):
-                moment = state.get(p, {}).get(state_key) if state_key else None
-                if moment is not None:
-                    keys.append(f"{prefix}/{key}")
-                    norms.append(self.view(moment, index).float().norm())
-            if self.before is not None:
-                keys.append(f"opt_update_norm/{key}")
-                norms.append((self.view(p, index).float() - self.before[i].float()).norm())
-        self.before = None
-        values = torch.stack(norms).tolist() if norms else []  # one host sync for all of them
-        return {k: v if math.isfinite(v) else None for k, v in zip(keys, values)}
+        state = self.optimizer.state if self.edits else {}
+        for op, value, at, every, targets in self.edits:
+            if iter_num not in at and not (every > 0 and iter_num % every == 0):
+                continue
+            for p, key, index in targets:
+                moment = state.get(p, {}).get(key)
+                if moment is None:  # no state yet (or just reset): nothing to edit
+                    continue
+                view = moment if index is None else moment[index]  # basic indexing: a view, edited in place
+                if op == "zero":
+                    view.zero_()
+                elif op == "scale":
+                    view.mul_(value)
+                else:
+                    view.clamp_(-value, value)
+        if iter_num in self.reset_at:
+            reset_optimizer_state(self.optimizer)

@@ -8,6 +8,8 @@ Every prepared dataset is a folder holding
 Each document is preceded by the end-of-text token (bos_token), so the stream reads
 [EOT doc1 EOT doc2 ...]. All files are written atomically, meta.json last: a folder with a
 meta.json is complete.
+
+May import: sinkgpt.common, sinkgpt.tokenizer.
 """
 import argparse
 import collections

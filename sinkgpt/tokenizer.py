@@ -5,6 +5,8 @@ bundled ranks file) and the character-level tokenizer of a prepared dataset's me
     enc = gpt2_encoding()                  # tiktoken.Encoding, works without network
     tok = load_tokenizer(meta)             # meta = json.load(open("data/<name>/meta.json"))
     ids = tok.encode("To be"); text = tok.decode(ids)
+
+May import: sinkgpt.common.
 """
 import functools
 import hashlib

@@ -1,6 +1,5 @@
 """Shared fixtures: tiny prepared char datasets, a tiny random Hugging Face GPT-2 folder, in-process runs of
 train.py / sample.py, and the `slow` marker (pytest.ini deselects it by default; run with -m slow)."""
-import json
 import os
 import signal
 import sys
@@ -95,8 +94,8 @@ def run_train(out_dir, dataset, **overrides):
 
 
 def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from sinkgpt.checkpoint import read_metrics as read
+    return read(out_dir)
 
 
 def train_losses(out_dir):
@@ -152,3 +151,33 @@ def hf_dir(tmp_path_factory, hf_gpt2):
     hf_gpt2.save_pretrained(path)
     assert os.path.exists(os.path.join(path, "model.safetensors"))
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# tiny random models of our own
+
+
+def tiny(seed=0, **options):
+    """A 2-layer, width-32 GPT with the given options (vocabulary 37, BOS 36, context 16)."""
+    from model import GPT, GPTConfig
+    kwargs = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=37, bos_token=36)
+    kwargs.update(options)
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**kwargs))
+
+
+def randomize(model, seed=0, scale=0.3):
+    """Non-trivial weights everywhere (biases, norms and sink parameters included)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+            if name.endswith("weight") and ("ln_" in name or "_norm" in name):
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(scale * noise)
+    return model
+
+
+def idx_batch(model, B=2, T=12, seed=0):
+    return torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))

@@ -1,5 +1,6 @@
-"""analyze.py: metrics on hand-computed patterns, a planted massive activation found where it was planted,
-interventions, every sink option, the CLI on checkpoints and GPT-2 directories, compare, and the tracker."""
+"""The analysis (sinkgpt.stats, measure, probes, report, tracking and analyze.py): metrics on hand-computed
+patterns, a planted massive activation found where it was planted, interventions, every sink option, the CLI on
+checkpoints and GPT-2 directories, compare, and the tracker."""
 
 import json
 import math
@@ -12,9 +13,14 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import analyze  # noqa: E402
-from analyze import (bb_masses, capture, collect, first_token_mass, key_mass, sink_alpha, sink_rate,  # noqa: E402
-                     slot_mass, split_pattern)
 from model import GPT, GPTConfig  # noqa: E402
+from sinkgpt.measure import capture, collect  # noqa: E402
+from sinkgpt.probes import ablate, attribute, intervene  # noqa: E402
+from sinkgpt.report import build_report  # noqa: E402
+from sinkgpt.stats import (bb_masses, find_massive, first_token_mass, key_mass, rate_from_alphas,  # noqa: E402
+                           safe_ratio, sequence_medians, sink_alpha, slot_mass, split_pattern, top_entries,
+                           value_norms)
+from sinkgpt.tracking import ActivationTracker  # noqa: E402
 
 V = 24  # tiny vocabulary: 23 characters + BOS
 CHARS = list("abcdefghijklmnopqrstuvw")
@@ -66,7 +72,12 @@ def save_checkpoint(model, path, dataset=None):
 
 
 def all_hooks_empty(model):
-    return not model.hooks and all(not block.hooks for block in model.transformer.h)
+    return not model.hook_fns and all(not block.hook_fns for block in model.transformer.h)
+
+
+def sink_rate(patterns, n_slot=0, eps=0.3, T=64, on="first"):
+    """Gu et al.'s Sink_1^eps in percent over every layer's pattern, as collect() computes it."""
+    return rate_from_alphas([sink_alpha(p, n_slot, on, T) for p in patterns], eps)
 
 
 def run_cli(argv, capsys):
@@ -96,7 +107,6 @@ def test_masses_and_sink_rate_by_hand():
     assert sink_rate([pattern, pattern]) == 50.0
     assert sink_rate([pattern], eps=0.2) == 100.0
     assert sink_rate([pattern], T=2) == 100.0  # first 2 queries only: (1 + 0.6)/2 and (1 + 0)/2
-    assert sink_rate([pattern], on="slot") is None
     # attention each key receives from the later queries (i > j), mean over those queries and the heads
     received = key_mass(pattern)
     assert torch.allclose(received[:3], torch.tensor([(0.4 + 0.1 / 3) / 2, (0.25 + 0.0) / 2, (0.2 + 0.0) / 2]))
@@ -135,7 +145,7 @@ def test_value_norms_match_an_explicit_projection():
     torch.manual_seed(0)
     B, H, T, D = 2, 3, 5, 4
     v, W = torch.randn(B, H, T, D), torch.randn(H * D, H * D)
-    bos, other = analyze.value_norms(v, W)
+    bos, other = value_norms(v, W)
     for h in range(H):  # head h's values through its columns of c_proj
         projected = v[:, h] @ W[:, h * D:(h + 1) * D].T  # (B, T, C)
         norms = projected.norm(dim=-1)
@@ -143,16 +153,16 @@ def test_value_norms_match_an_explicit_projection():
         assert torch.allclose(other[h], norms[:, 1:].mean(), rtol=1e-4)
 
 
-def test_activation_stats_and_massive_criteria_by_hand():
+def test_top_entries_medians_and_massive_criteria_by_hand():
     resid = torch.full((2, 4, 8), 0.1)
     resid[1, 0, 3] = -250.0  # large and 2500x the median: massive for Sun et al.
     resid[0, 2, 5] = 20.0  # 200x the median: ratio-only
-    stats = analyze.activation_stats(resid, k=2)
-    assert stats["top"] == [[250.0, 0, 3], [20.0, 2, 5]]
-    assert math.isclose(stats["median"], 0.1, rel_tol=1e-6) and math.isclose(stats["ratio"], 2500.0, rel_tol=1e-5)
-    absmax = resid.abs().amax(0)
-    sun = analyze.find_massive([absmax], [stats["median"]])
-    ratio_only = analyze.find_massive([absmax], [stats["median"]], min_abs=0.0, min_ratio=100.0)
+    absmax = resid.abs().amax(0)  # what collect() keeps per layer: the largest |h| over the batch
+    top, median = top_entries(absmax, 2), sequence_medians(resid).mean().item()
+    assert top == [[250.0, 0, 3], [20.0, 2, 5]]
+    assert math.isclose(median, 0.1, rel_tol=1e-6) and math.isclose(safe_ratio(top[0][0], median), 2500.0, rel_tol=1e-5)
+    sun = find_massive([absmax], [median])
+    ratio_only = find_massive([absmax], [median], min_abs=0.0, min_ratio=100.0)
     assert [(m["position"], m["dim"]) for m in sun] == [(0, 3)]
     assert [(m["position"], m["dim"]) for m in ratio_only] == [(0, 3), (2, 5)]
 
@@ -163,7 +173,7 @@ def test_activation_stats_and_massive_criteria_by_hand():
 
 def test_planted_massive_activation_is_found_where_it_was_planted():
     model = planted_model()
-    report, maps = analyze.build_report(model, [tokens()], k=3)
+    report, maps = build_report(model, [tokens()], k=3)
     layers = report["layers"]
     for layer in range(PLANT_LAYER, model.config.n_layer):
         value, pos, dim = layers[layer]["top"][0]
@@ -179,7 +189,7 @@ def test_planted_massive_activation_is_found_where_it_was_planted():
 
 def test_planted_activation_in_a_sink_token_model_is_at_real_position_0():
     model = planted_model(sink="token", n_sink_tokens=2)
-    layers = analyze.build_report(model, [tokens()])[0]["layers"]
+    layers = build_report(model, [tokens()])[0]["layers"]
     assert layers[PLANT_LAYER]["top"][0][1:] == [0, PLANT_DIM]
     assert all(pos < 0 for e in layers for _, pos, _ in e["sink_token_top"])  # the prefix, reported apart
 
@@ -189,11 +199,11 @@ def test_identity_intervention_changes_nothing_and_scaling_the_planted_dim_does(
     batches = [tokens()]
     name = f"h.{PLANT_LAYER}.resid_post"
     for op, value in (("scale", 1.0), ("add", 0.0)):
-        result = analyze.intervene(model, batches, name, 0, PLANT_DIM, op, value)
+        result = intervene(model, batches, name, 0, PLANT_DIM, op, value)
         assert result["loss_after"] == result["loss_before"]
         assert result["first_token_mass_after"] == result["first_token_mass_before"]
         assert result["top1_after"] == result["top1_before"]
-    scaled = analyze.intervene(model, batches, name, 0, PLANT_DIM, "scale", 0.0)
+    scaled = intervene(model, batches, name, 0, PLANT_DIM, "scale", 0.0)
     assert abs(scaled["delta_loss"]) > 1e-6  # a tiny random model: small, but a real change
     assert scaled["top1_after"][PLANT_LAYER][0] < 100  # the planted entry is gone from that block output
     assert scaled["first_token_mass_after"][PLANT_LAYER + 1] != scaled["first_token_mass_before"][PLANT_LAYER + 1]
@@ -203,10 +213,10 @@ def test_identity_intervention_changes_nothing_and_scaling_the_planted_dim_does(
 def test_ablation_and_mlp_attribution_find_the_planted_neuron():
     model = planted_model()
     batches = [tokens(), tokens(seed=2)]
-    result = analyze.ablate(model, batches, [(PLANT_LAYER, 0, PLANT_DIM)])
+    result = ablate(model, batches, [(PLANT_LAYER, 0, PLANT_DIM)])
     assert 700 < result["entries"][0]["mean"] < 1300
     assert abs(result["delta_zero"]) > abs(result["delta_mean"])  # the value, not its presence, matters
-    attribution = analyze.attribute(model, batches, 0, PLANT_DIM, top=3)
+    attribution = attribute(model, batches, 0, PLANT_DIM, top=3)
     planted = attribution["layers"][PLANT_LAYER]
     assert planted["neurons"][0][0] == NEURON and planted["mlp"] > 700
     assert math.isclose(planted["neuron_sum"] + planted["bias"], planted["mlp"], rel_tol=1e-4)
@@ -395,7 +405,7 @@ class ListLoader:
 def test_tracker_measures_without_side_effects():
     model = planted_model().train()
     loader = ListLoader()
-    tracker = analyze.TrainingTracker(model, {"dataset": "shakespeare_char"}, loader)
+    tracker = ActivationTracker(model, {"dataset": "shakespeare_char"}, loader)
     assert loader.position == 0  # the val loader's state is restored
     record = tracker.measure()
     json.dumps(record, allow_nan=False)
@@ -408,7 +418,6 @@ def test_tracker_measures_without_side_effects():
     assert record["track_top1_pos"][PLANT_LAYER] == 0 and record["track_top1_dim"][PLANT_LAYER] == PLANT_DIM
     assert not any(key.startswith("track_bb_") for key in record)
     assert tracker.measure() == record  # a fixed probe batch: the same model gives the same numbers
-    tracker.close()
 
 
 def test_tracker_bigram_backcopy_metrics_on_a_tiny_corpus(tmp_path):
@@ -419,7 +428,7 @@ def test_tracker_bigram_backcopy_metrics_on_a_tiny_corpus(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=loader.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=32,
                           bos_token=loader.bos_token, sink="kv_bias"))
-    tracker = analyze.TrainingTracker(model, {"dataset": "bigram_backcopy"}, loader)
+    tracker = ActivationTracker(model, {"dataset": "bigram_backcopy"}, loader)
     assert loader.state_dict() == state
     assert (tracker.x[:, 0] == loader.bos_token).all() and tracker.trigger_mask.any()
     record = tracker.measure()

@@ -7,9 +7,11 @@ Adam steps; with a learned sink logit or k/v bias, a later layer moves its dorma
 import pytest
 import torch
 
-import analyze
 import train
+from conftest import REPO
 from sinkgpt.bigram_backcopy import BigramBackcopy
+from sinkgpt.checkpoint import load_model, read_metrics
+from sinkgpt.measure import collect
 
 
 def train_bb(tmp_path, name, iters, *flags):
@@ -24,22 +26,22 @@ def train_bb(tmp_path, name, iters, *flags):
 def bb_layers(out_dir):
     """Per layer: attention on BOS from non-trigger (dormant) and trigger (active) queries, on the slot, on
     fresh validation sequences."""
-    model, _, _, _ = analyze.load_target(out_dir, "cpu")
+    model = load_model(out_dir, "cpu").model
     loader = BigramBackcopy("val", 32, 64, seed=4242)
     batches = [loader.next_batch() for _ in range(4)]
     with torch.no_grad():
-        stats = analyze.collect(model, batches, [loader.trigger_mask(x) for x, _ in batches])
+        stats = collect(model, batches, [loader.trigger_mask(x) for x, _ in batches])
     return [layer["bb"] for layer in stats["layers"]], stats
 
 
 def final_backcopy_loss(out_dir):
-    evals = [e for e in analyze.read_metrics(out_dir) if "val_backcopy_loss" in e]
+    evals = [e for e in read_metrics(out_dir) if "val_backcopy_loss" in e]
     return evals[-1]["val_backcopy_loss"], evals[-1]["val_loss"]
 
 
 @pytest.mark.slow
 def test_bigram_backcopy_grows_a_dormant_bos_sink(tmp_path, monkeypatch):
-    monkeypatch.chdir(train.os.path.dirname(train.os.path.abspath(train.__file__)))
+    monkeypatch.chdir(REPO)
     out_dir = train_bb(tmp_path, "base", 600)
     layers, stats = bb_layers(out_dir)
     sinks = [i for i, bb in enumerate(layers) if bb["dormant_bos"][0] > 0.3 and bb["active_bos"][0] < 0.1]
@@ -55,7 +57,7 @@ def test_bigram_backcopy_grows_a_dormant_bos_sink(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("sink", ["logit", "kv_bias"])
 def test_a_dedicated_slot_takes_over_the_dormant_mass(tmp_path, monkeypatch, sink):
-    monkeypatch.chdir(train.os.path.dirname(train.os.path.abspath(train.__file__)))
+    monkeypatch.chdir(REPO)
     out_dir = train_bb(tmp_path, sink, 800, f"--sink={sink}")
     layers, _ = bb_layers(out_dir)
     taken = [i for i, bb in enumerate(layers)

@@ -90,7 +90,10 @@ def test_bad_bench_flag_is_one_clear_error(capsys, flag, words):
     assert len(err) == 1 and err[0].startswith("error:") and words in err[0], err
 
 
-def test_boolean_bench_flags_take_true_or_false():
-    assert bench.split_flags(["--json=False", "--profile"])[0]["json"] is False
-    assert bench.split_flags(["--json=False", "--profile"])[0]["profile"] is True
-    assert bench.split_flags(["--json=True", "cfg.py", "--n_layer=2"])[1] == ["cfg.py", "--n_layer=2"]
+def test_bench_flags_and_config_keys_parse_together(tmp_path):
+    flags, cfg = bench.parse_args(["--json=False", "--profile"])
+    assert flags["json"] is False and flags["profile"] is True
+    (tmp_path / "cfg.py").write_text("n_layer = 3\nbatch_size = 5\n")
+    flags, cfg = bench.parse_args(["--json=True", str(tmp_path / "cfg.py"), "--n_layer=2", "--steps=4"])
+    assert flags["json"] is True and flags["steps"] == 4 and "json" not in cfg and "steps" not in cfg
+    assert (cfg["n_layer"], cfg["batch_size"]) == (2, 5)  # a flag wins over the file

@@ -1,178 +1,14 @@
-"""model.py: Hugging Face GPT-2 loading/export, GPT-2 initialisation, generation (cache, sampling), analysis
-hooks, and the architecture ablation flags."""
-import json
+"""model.py: GPT-2 initialisation, generation (cache, sampling), the scoped analysis hooks, and the architecture
+ablation flags."""
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HF_BOS, HF_VOCAB, random_gpt2
-from model import GPT, MLP, GPTConfig, Linear, RMSNorm, sample_next
-
-
-def tiny(seed=0, **options):
-    kwargs = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=37, bos_token=36)
-    kwargs.update(options)
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(**kwargs))
-
-
-def randomize(model, seed=0, scale=0.3):
-    """Non-trivial weights everywhere (biases, norms and sink parameters included)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
-            if name.endswith("weight") and ("ln_" in name or "_norm" in name):
-                p.copy_(1.0 + 0.2 * noise)
-            else:
-                p.copy_(scale * noise)
-    return model
-
-
-def idx_batch(model, B=2, T=12, seed=0):
-    return torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def hf_logits(hf_model, idx):
-    with torch.no_grad():
-        return hf_model(idx).logits
-
-
-# ------------------------------------------------------------------------------------------------
-# Hugging Face GPT-2: load and export
-
-
-def hf_input():
-    idx = torch.randint(0, HF_VOCAB, (3, 32), generator=torch.Generator().manual_seed(5))
-    idx[:, 0] = HF_BOS
-    return idx
-
-
-def test_from_pretrained_safetensors_matches_transformers(hf_dir, hf_gpt2):
-    model = GPT.from_pretrained(hf_dir).eval()
-    cfg = model.config
-    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cfg.block_size) == (2, 4, 64, HF_VOCAB, 32)
-    assert cfg.bos_token == HF_BOS and cfg.tie_embeddings
-    idx = hf_input()
-    with torch.no_grad():
-        logits, _ = model(idx)
-    expected = hf_logits(hf_gpt2, idx)
-    assert logits.shape == expected.shape == (3, 32, HF_VOCAB)
-    assert (logits - expected).abs().max().item() <= 1e-5
-
-
-def test_from_pretrained_pytorch_bin_matches_transformers(tmp_path, hf_gpt2):
-    # transformers 5 always writes safetensors: write the legacy format by hand
-    hf_gpt2.config.to_json_file(str(tmp_path / "config.json"))
-    torch.save(hf_gpt2.state_dict(), str(tmp_path / "pytorch_model.bin"))
-    assert not (tmp_path / "model.safetensors").exists()
-    model = GPT.from_pretrained(str(tmp_path)).eval()
-    idx = hf_input()
-    with torch.no_grad():
-        logits, _ = model(idx)
-    assert (logits - hf_logits(hf_gpt2, idx)).abs().max().item() <= 1e-5
-
-
-def test_from_pretrained_untied_head_and_missing_weights_or_files(tmp_path):
-    hf = random_gpt2(seed=3, tie_word_embeddings=False)
-    assert not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
-    hf.save_pretrained(str(tmp_path / "untied"))
-    model = GPT.from_pretrained(str(tmp_path / "untied")).eval()
-    assert not model.config.tie_embeddings
-    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
-    idx = hf_input()
-    with torch.no_grad():
-        assert (model(idx)[0] - hf_logits(hf, idx)).abs().max().item() <= 1e-5
-    # a weight missing from the checkpoint is named
-    from safetensors.torch import load_file, save_file
-    weights = load_file(str(tmp_path / "untied" / "model.safetensors"))
-    del weights["transformer.h.1.mlp.c_fc.weight"]
-    save_file(weights, str(tmp_path / "untied" / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(KeyError, match="h.1.mlp.c_fc.weight"):
-        GPT.from_pretrained(str(tmp_path / "untied"))
-    os.makedirs(tmp_path / "empty")
-    with open(tmp_path / "empty" / "config.json", "w") as f:
-        json.dump(hf.config.to_dict(), f)
-    with pytest.raises(FileNotFoundError, match="safetensors"):
-        GPT.from_pretrained(str(tmp_path / "empty"))
-
-
-def test_from_pretrained_reads_the_activation_function(tmp_path):
-    # GPT-2 proper uses "gelu_new" (tanh); "gelu" is the exact erf GELU; other activations are refused by name
-    exact = random_gpt2(seed=4, activation_function="gelu")
-    exact.save_pretrained(str(tmp_path / "exact"))
-    model = GPT.from_pretrained(str(tmp_path / "exact")).eval()
-    assert model.config.mlp_act == "gelu_exact"
-    idx = hf_input()
-    with torch.no_grad():
-        logits = model(idx)[0]
-        tanh_logits = GPT.from_pretrained(str(tmp_path / "exact"), mlp_act="gelu").eval()(idx)[0]
-    expected = hf_logits(exact, idx)
-    assert (logits - expected).abs().max().item() <= 1e-5
-    assert (tanh_logits - expected).abs().max().item() > 1e-4  # the two GELUs are told apart
-    random_gpt2(seed=4, activation_function="relu").save_pretrained(str(tmp_path / "relu"))
-    with pytest.raises(ValueError, match="activation_function 'relu'"):
-        GPT.from_pretrained(str(tmp_path / "relu"))
-
-
-def test_from_pretrained_pad_vocab_and_overrides(hf_dir, hf_gpt2):
-    model = GPT.from_pretrained(hf_dir, pad_vocab=True, dropout=0.1).eval()
-    assert model.transformer.wte.weight.shape == (128, 64)
-    assert model.config.dropout == 0.1
-    assert torch.equal(model.transformer.wte.weight[HF_VOCAB:], torch.zeros(128 - HF_VOCAB, 64))
-    idx = hf_input()
-    with torch.no_grad():
-        logits, _ = model(idx)
-    assert logits.shape == (3, 32, HF_VOCAB)
-    assert (logits - hf_logits(hf_gpt2, idx)).abs().max().item() <= 1e-5
-    with pytest.raises(ValueError, match="sink"):
-        GPT.from_pretrained(hf_dir, sink="bogus")
-
-
-def export_and_reload(model, out_dir):
-    from transformers import GPT2LMHeadModel
-    model.export_hf(str(out_dir))
-    assert os.path.exists(os.path.join(out_dir, "model.safetensors"))
-    return GPT2LMHeadModel.from_pretrained(str(out_dir)).eval()
-
-
-@pytest.mark.parametrize("options", [dict(), dict(tie_embeddings=False), dict(bias=False), dict(pad_vocab=True),
-                                     dict(mlp_act="gelu_exact"),
-                                     dict(bias=False, tie_embeddings=False, pad_vocab=True)],
-                         ids=["plain", "untied", "no_bias", "pad_vocab", "gelu_exact", "all"])
-def test_export_hf_round_trips_through_transformers(tmp_path, options):
-    model = randomize(tiny(**options), scale=0.1).eval()
-    hf = export_and_reload(model, tmp_path / "export")
-    assert hf.config.tie_word_embeddings == model.config.tie_embeddings
-    assert hf.config.activation_function == ("gelu" if model.config.mlp_act == "gelu_exact" else "gelu_new")
-    assert hf.config.vocab_size == 37 and hf.config.n_positions == 16 and hf.config.bos_token_id == 36
-    idx = idx_batch(model, T=16)
-    with torch.no_grad():
-        ours, _ = model(idx)
-    theirs = hf_logits(hf, idx)
-    assert ours.shape == theirs.shape == (2, 16, 37)
-    assert (ours - theirs).abs().max().item() <= 1e-5
-    if not model.config.tie_embeddings:
-        assert not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
-    # and back into our format
-    again = GPT.from_pretrained(str(tmp_path / "export"), pad_vocab=model.config.pad_vocab).eval()
-    assert again.config.mlp_act == model.config.mlp_act
-    with torch.no_grad():
-        assert (again(idx)[0] - ours).abs().max().item() <= 1e-6
-
-
-@pytest.mark.parametrize("key,value", [("sink", "logit"), ("sink", "token"), ("sink", "bos_override"),
-                                       ("attn_gate", "headwise"), ("attn_fn", "sigmoid"), ("pos_emb", "rope"),
-                                       ("pos_emb", "none"), ("norm", "rmsnorm"), ("norm_pos", "post"),
-                                       ("qk_norm", True), ("mlp_act", "swiglu"), ("logit_softcap", 30.0)])
-def test_export_hf_refuses_what_gpt2_cannot_express(tmp_path, key, value):
-    model = tiny(**{key: value})
-    with pytest.raises(ValueError, match=key):
-        model.export_hf(str(tmp_path / "out"))
-    assert not (tmp_path / "out" / "model.safetensors").exists()
+from conftest import idx_batch, randomize, tiny
+from model import MLP, GPTConfig, RMSNorm, sample_next
+from sinkgpt.generation import decode_layout
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,7 +74,8 @@ def test_greedy_generation_is_the_same_with_and_without_cache(options):
     model = randomize(tiny(**options)).double().eval()
     prompt = idx_batch(model, B=2, T=5)
     prompt[0, 0] = model.config.bos_token
-    with_cache = model.generate(prompt, 30, temperature=0, use_cache=True)
+    with decode_layout(model):  # the cached path as sample.py runs it on a CPU (the (in, out) weight copies)
+        with_cache = model.generate(prompt, 30, temperature=0, use_cache=True)
     without = model.generate(prompt, 30, temperature=0, use_cache=False)
     assert with_cache.shape == (2, 35)
     assert torch.equal(with_cache[:, :5], prompt)
@@ -249,38 +86,6 @@ def test_greedy_generation_is_the_same_with_and_without_cache(options):
         logits, _ = model(idx[:, -16:])
         idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(idx, with_cache)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_decode_layout_computes_the_same_product(bias):
-    torch.manual_seed(0)
-    layer = Linear(24, 40, bias=bias).double()
-    x = torch.randn(3, 5, 24, dtype=torch.float64)
-    plain = layer(x)
-    layer.decode_layout = True
-    with torch.no_grad():
-        assert torch.allclose(layer(x), plain, rtol=0, atol=1e-12)
-        assert layer.weight_t[1].shape == (24, 40) and layer.weight_t[1].is_contiguous()
-        layer.weight.mul_(2)  # an in-place update (an optimizer step, a load) makes a new copy
-        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-12)
-
-
-def test_generate_uses_the_current_weights_and_switches_the_decode_layout_off():
-    model = randomize(tiny()).double().eval()
-    prompt = idx_batch(model, B=2, T=5)
-    model.generate(prompt, 3, temperature=0)
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert len(linears) == 2 * 4 + 1  # c_attn, c_proj, c_fc, c_proj per layer + lm_head
-    widening = [m for m in linears if m.out_features > m.in_features]  # c_attn, c_fc, lm_head: copied
-    assert len(widening) == 2 * 2 + 1 and all(m.weight_t is not None for m in widening)
-    assert all(m.weight_t is None for m in linears if m not in widening)
-    assert not any(m.decode_layout for m in linears)
-    randomize(model, seed=1)  # new weights, copied in place
-    fresh = randomize(tiny(), seed=1).double().eval()
-    assert torch.equal(model.generate(prompt, 20, temperature=0), fresh.generate(prompt, 20, temperature=0))
-    with pytest.raises(IndexError):
-        model.generate(torch.full((1, 3), 1000), 2, temperature=0)  # an error inside generate (token out of range)...
-    assert not any(m.decode_layout for m in linears)  # ...still switches the layout off
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator():
@@ -367,6 +172,10 @@ def expected_hook_shapes(model, B, T):
     return shapes
 
 
+def no_hooks_left(model):
+    return not model.hook_fns and all(not block.hook_fns for block in model.transformer.h)
+
+
 @pytest.mark.parametrize("options", [dict(), dict(sink="token", n_sink_tokens=2), dict(sink="kv_bias"),
                                      dict(mlp_act="swiglu", norm_pos="post")],
                          ids=["plain", "token", "kv_bias", "swiglu-post"])
@@ -378,20 +187,26 @@ def test_every_hook_point_reads_the_right_shape_and_costs_nothing(options):
     names = model.hook_names()
     expected = expected_hook_shapes(model, 2, 7)
     assert sorted(names) == sorted(expected)
-    seen = {}
-    for name in names:
-        model.add_hook(name, lambda x, name=name: seen.__setitem__(name, tuple(x.shape)))
     with torch.no_grad():
-        hooked, _ = model(idx)
-    assert seen == expected
+        hooked, _, cache = model.run_with_cache(idx, names)
+    assert {name: tuple(t.shape) for name, t in cache.items()} == expected
     # reading hooks change nothing (the scores hooks switch to the eager path: equal to float64 rounding)
     assert (hooked - plain).abs().max().item() < 1e-12
-    model.clear_hooks()
+    assert no_hooks_left(model)
     with torch.no_grad():
         assert torch.equal(model(idx)[0], plain)
 
 
-def test_hooks_are_free_and_clear_hooks_restores_the_fresh_model():
+def test_every_hook_point_is_documented_with_its_shape():
+    from model import GLOBAL_HOOK_POINTS, HOOK_POINTS
+    for table in (GLOBAL_HOOK_POINTS, HOOK_POINTS):
+        for point, text in table.items():
+            assert text.startswith("(B, ") and ")" in text, point
+    assert sorted(tiny().hook_names()) == sorted(list(GLOBAL_HOOK_POINTS) + [f"h.{layer}.{point}" for layer in range(2)
+                                                                           for point in HOOK_POINTS])
+
+
+def test_reading_hooks_are_free_and_hooks_are_removed_on_exit():
     model = randomize(tiny(), seed=4).eval()
     fresh = tiny()
     fresh.load_state_dict(model.state_dict())
@@ -399,14 +214,39 @@ def test_hooks_are_free_and_clear_hooks_restores_the_fresh_model():
     idx = idx_batch(model)
     with torch.no_grad():
         reference, _ = fresh(idx)
-        for name in ("embed", "h.0.resid_post", "h.1.mlp_post", "ln_f"):  # not attention: same fused path
-            model.add_hook(name, lambda x: None)
+        with model.hooks({name: (lambda x: None) for name in ("embed", "h.0.resid_post", "h.1.mlp_post", "ln_f")}):
+            assert torch.equal(model(idx)[0], reference)  # not attention: the same fused path
+        with model.hooks({"h.0.attn_out": lambda x: torch.zeros_like(x)}):
+            assert not torch.allclose(model(idx)[0], reference)
+        assert no_hooks_left(model)
         assert torch.equal(model(idx)[0], reference)
-        model.add_hook("h.0.attn_out", lambda x: torch.zeros_like(x))
-        assert not torch.allclose(model(idx)[0], reference)
-        model.clear_hooks()
-        assert torch.equal(model(idx)[0], reference)
-        assert model.hooks == {} and all(b.hooks == {} for b in model.transformer.h)
+
+
+def test_hooks_nest_refuse_a_second_hook_on_one_point_and_leave_on_errors():
+    model = randomize(tiny(), seed=4).double().eval()
+    idx = idx_batch(model)
+
+    def zero(x):
+        return torch.zeros_like(x)
+
+    with torch.no_grad():
+        reference, _ = model(idx)
+        with model.hooks({"h.0.attn_out": zero}):
+            patched, _ = model(idx)
+            with model.hooks({"h.1.mlp_out": zero}):  # nested: both hooks act
+                both, _ = model(idx)
+                assert not torch.equal(both, patched)
+            assert torch.equal(model(idx)[0], patched)  # the inner block removed its own hook only
+            with pytest.raises(ValueError, match="h.0.attn_out"):  # a clash is an error, not a silent replace
+                with model.hooks({"h.1.resid_post": lambda x: None, "h.0.attn_out": lambda x: None}):
+                    pass
+            assert model.transformer.h[1].hook_fns == {}  # what the refused block had placed is gone too
+            assert torch.equal(model(idx)[0], patched)
+        assert no_hooks_left(model) and torch.equal(model(idx)[0], reference)
+        with pytest.raises(RuntimeError, match="inside"):
+            with model.hooks({"h.0.resid_post": zero, "ln_f": zero}):
+                raise RuntimeError("an error inside the block")
+        assert no_hooks_left(model)
 
 
 def test_patching_hooks_replace_the_activation():
@@ -414,19 +254,18 @@ def test_patching_hooks_replace_the_activation():
     idx = idx_batch(model)
     with torch.no_grad():
         # the last block's output zeroed: every position's logits are lm_head(ln_f(0)) = lm_head(ln_f.bias)
-        model.add_hook("h.1.resid_post", lambda x: torch.zeros_like(x))
-        logits, _ = model(idx)
+        with model.hooks({"h.1.resid_post": lambda x: torch.zeros_like(x)}):
+            logits, _ = model(idx)
         expected = model.transformer.ln_f.bias @ model.lm_head.weight.T
         torch.testing.assert_close(logits, expected.expand_as(logits), rtol=0, atol=1e-12)
-        model.clear_hooks()
         # a uniform causal pattern in layer 0 equals the attention output averaging the values
         captured = {}
-        model.add_hook("h.0.v", lambda v: captured.setdefault("v", v))
-        model.add_hook("h.0.pattern", lambda p: torch.ones_like(p).tril() / torch.arange(1, p.size(-1) + 1,
-                                                                                            dtype=p.dtype)[:, None])
-        model.add_hook("h.0.attn_out", lambda x: captured.setdefault("out", x))
-        model(idx)
-        model.clear_hooks()
+        uniform = {"h.0.v": lambda v: captured.setdefault("v", v),
+                   "h.0.pattern": lambda p: torch.ones_like(p).tril() / torch.arange(1, p.size(-1) + 1,
+                                                                                      dtype=p.dtype)[:, None],
+                   "h.0.attn_out": lambda x: captured.setdefault("out", x)}
+        with model.hooks(uniform):
+            model(idx)
     v = captured["v"]  # (B, H, T, D)
     mean_v = v.cumsum(2) / torch.arange(1, v.size(2) + 1, dtype=v.dtype)[:, None]
     attn = model.transformer.h[0].attn
@@ -434,15 +273,61 @@ def test_patching_hooks_replace_the_activation():
     torch.testing.assert_close(captured["out"], y, rtol=0, atol=1e-12)
 
 
+PATTERN_OPTIONS = [dict(), dict(sink="logit"), dict(sink="softmax1"), dict(sink="kv_bias"), dict(sink="k_bias"),
+                   dict(sink="token", n_sink_tokens=2), dict(attn_fn="sigmoid"), dict(attn_fn="sigmoid", sink="kv_bias"),
+                   dict(attn_fn="relu"), dict(attn_fn="relu", sink="kv_bias"), dict(pos_emb="rope", qk_norm=True)]
+
+
+@pytest.mark.parametrize("options", PATTERN_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_scores_and_pattern_hooks_follow_the_formulas(options):
+    """scores = q.k / sqrt(D) where visible (-inf elsewhere) with the slot as column 0; pattern = softmax(scores),
+    sigmoid(scores) unnormalised, or relu(scores) / the number of visible keys (the slot counted); and the
+    attention output is c_proj(pattern @ values) with the slot's value first."""
+    model = randomize(tiny(**options)).double().eval()
+    idx = idx_batch(model, B=2, T=7)
+    names = [f"h.1.{p}" for p in ("q", "k", "v", "scores", "pattern", "attn_out")]
+    with torch.no_grad():
+        _, _, cache = model.run_with_cache(idx, names)
+    q, k, v, scores, pattern, out = (cache[name] for name in names)
+    attn = model.transformer.h[1].attn
+    B, H, P, D = q.shape
+    n_slot = 1 if model.config.sink in ("logit", "softmax1", "kv_bias", "k_bias") else 0
+    assert scores.shape == pattern.shape == (B, H, P, n_slot + P)
+    visible = torch.ones(P, P, dtype=torch.bool).tril()
+    real = scores[..., n_slot:]
+    torch.testing.assert_close(real[..., visible], (q @ k.transpose(-2, -1) / math.sqrt(D))[..., visible],
+                               rtol=0, atol=1e-12)
+    assert (real[..., ~visible] == float("-inf")).all()
+    zero_slot = torch.zeros(H, D, dtype=q.dtype)
+    k_slot = getattr(attn, "k_slot", zero_slot)
+    v_slot = getattr(attn, "v_slot", zero_slot)
+    if model.config.sink == "logit":
+        torch.testing.assert_close(scores[..., 0], attn.sink_logit.view(1, H, 1).expand(B, H, P), rtol=0, atol=0)
+    elif n_slot:
+        torch.testing.assert_close(scores[..., 0], (q * k_slot[None, :, None]).sum(-1) / math.sqrt(D),
+                                   rtol=0, atol=1e-12)
+    n_visible = (torch.arange(P) + 1 + n_slot).to(q.dtype)[:, None]  # keys each query sees, the slot included
+    expected = {"softmax": lambda s: torch.softmax(s, -1), "sigmoid": torch.sigmoid,
+                "relu": lambda s: torch.relu(s) / n_visible}[model.config.attn_fn](scores)
+    torch.testing.assert_close(pattern, expected, rtol=0, atol=1e-12)
+    if model.config.attn_fn == "sigmoid":  # unnormalised: rows do not sum to one
+        assert (pattern.sum(-1) - 1).abs().max() > 1e-3
+    values = torch.cat([v_slot.view(1, H, 1, D).expand(B, -1, -1, -1), v], dim=2) if n_slot else v
+    y = (pattern @ values).transpose(1, 2).reshape(B, P, H * D)
+    torch.testing.assert_close(out, y @ attn.c_proj.weight.T + attn.c_proj.bias, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["bogus", "h.2.q", "h.0.nope", "h.x.q", "h.0", "blocks.0.q"])
 def test_unknown_hook_names_raise_keyerror_listing_the_valid_ones(name):
     model = tiny()
     with pytest.raises(KeyError) as info:
-        model.add_hook(name, lambda x: None)
+        with model.hooks({name: lambda x: None}):
+            pass
     message = str(info.value)
     assert name in message
     for valid in ("embed", "ln_f", "resid_post", "pattern", "mlp_pre"):
         assert valid in message
+    assert no_hooks_left(model)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,21 +337,17 @@ def test_unknown_hook_names_raise_keyerror_listing_the_valid_ones(name):
 def test_rope_scores_depend_only_on_relative_position():
     model = randomize(tiny(pos_emb="rope", block_size=32)).double().eval()
     assert not hasattr(model.transformer, "wpe")
-    captured = {}
-    model.add_hook("h.0.scores", lambda s: captured.setdefault("s", s))
     with torch.no_grad():
-        model(torch.full((1, 20), 5))
-    s = captured["s"][0]  # (H, T, T); identical tokens: q_i . k_j depends on i - j only
+        s = model.run_with_cache(torch.full((1, 20), 5), ["h.0.scores"])[2]["h.0.scores"][0]
+    # (H, T, T); identical tokens: q_i . k_j depends on i - j only
     for i in range(20):  # (to the float32 rounding of the model's rotary tables)
         for j in range(i + 1):
             torch.testing.assert_close(s[:, i, j], s[:, i - j, 0], rtol=0, atol=1e-6)
     assert (s[:, 1:, 0] - s[:, 1:, 1:].diagonal(dim1=1, dim2=2)).abs().max() > 1e-3  # the offset matters
     # learned positions do not have the property
     learned = randomize(tiny(block_size=32)).double().eval()
-    learned.add_hook("h.0.scores", lambda s: captured.__setitem__("l", s))
     with torch.no_grad():
-        learned(torch.full((1, 20), 5))
-    s = captured["l"][0]
+        s = learned.run_with_cache(torch.full((1, 20), 5), ["h.0.scores"])[2]["h.0.scores"][0]
     assert (s[:, 5, 3] - s[:, 2, 0]).abs().max() > 1e-3
 
 
@@ -487,12 +368,9 @@ def test_rmsnorm_normalises_to_unit_rms_without_centering():
         assert isinstance(module, RMSNorm) and not hasattr(module, "bias")
         with torch.no_grad():
             module.weight.fill_(1.0)
-    captured = {}
-    model.add_hook("h.0.ln_1", lambda x: captured.setdefault("ln", x))
-    model.add_hook("h.0.resid_pre", lambda x: captured.setdefault("x", x))
     with torch.no_grad():
-        model(idx_batch(model))
-    ln, x = captured["ln"], captured["x"]
+        cache = model.run_with_cache(idx_batch(model), ["h.0.ln_1", "h.0.resid_pre"])[2]
+    ln, x = cache["h.0.ln_1"], cache["h.0.resid_pre"]
     torch.testing.assert_close(ln, x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt(), rtol=0, atol=1e-12)
     assert ln.mean(-1).abs().max() > 1e-3  # not centred
 
@@ -504,11 +382,10 @@ def test_post_norm_block_output_is_normalised():
             for ln in (block.ln_1, block.ln_2):
                 ln.weight.fill_(1.0)
                 ln.bias.zero_()
-    captured = {}
-    for point in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
-        model.add_hook(f"h.1.{point}", lambda x, point=point: captured.setdefault(point, x))
+    points = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
     with torch.no_grad():
-        model(idx_batch(model))
+        cache = model.run_with_cache(idx_batch(model), [f"h.1.{point}" for point in points])[2]
+    captured = {point: cache[f"h.1.{point}"] for point in points}
 
     def ln(x):
         return F.layer_norm(x, (x.size(-1),), eps=1e-5)
@@ -521,10 +398,9 @@ def test_post_norm_block_output_is_normalised():
     torch.testing.assert_close(out, ln(captured["resid_mid"] + captured["mlp_out"]), rtol=0, atol=1e-12)
     # pre-norm (the default) does not normalise the residual stream
     pre = randomize(tiny()).double().eval()
-    pre.add_hook("h.1.resid_post", lambda x: captured.__setitem__("pre", x))
     with torch.no_grad():
-        pre(idx_batch(pre))
-    assert (captured["pre"].std(-1, unbiased=False) - 1).abs().max() > 0.05
+        pre_out = pre.run_with_cache(idx_batch(pre), ["h.1.resid_post"])[2]["h.1.resid_post"]
+    assert (pre_out.std(-1, unbiased=False) - 1).abs().max() > 0.05
 
 
 def test_qk_norm_gives_unit_rms_queries_and_keys():
@@ -534,11 +410,8 @@ def test_qk_norm_gives_unit_rms_queries_and_keys():
     with torch.no_grad():
         attn.q_norm.weight.fill_(1.0)
         attn.k_norm.weight.fill_(1.0)
-    captured = {}
-    model.add_hook("h.0.q", lambda q: captured.setdefault("q", q))
-    model.add_hook("h.0.k", lambda k: captured.setdefault("k", k))
     with torch.no_grad():
-        model(idx_batch(model))
+        captured = model.run_with_cache(idx_batch(model), ["h.0.q", "h.0.k"])[2]
     for t in captured.values():
         rms = t.pow(2).mean(-1).sqrt()
         assert ((rms - 1).abs() < 1e-3).all()
@@ -554,12 +427,9 @@ def test_mlp_activations(act):
     assert mlp.c_proj.weight.shape == (48, hidden)
     if act == "swiglu":
         assert hidden == 128  # 8/3 * 48 = 128: a multiple of 64 already
-    captured = {}
-    model.add_hook("h.0.mlp_pre", lambda h: captured.setdefault("pre", h))
-    model.add_hook("h.0.mlp_post", lambda h: captured.setdefault("post", h))
     with torch.no_grad():
-        model(idx_batch(model))
-    pre, post = captured["pre"], captured["post"]
+        cache = model.run_with_cache(idx_batch(model), ["h.0.mlp_pre", "h.0.mlp_post"])[2]
+    pre, post = cache["h.0.mlp_pre"], cache["h.0.mlp_post"]
     expected = {"gelu": lambda h: 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3))),
                 "gelu_exact": lambda h: 0.5 * h * (1 + torch.erf(h / math.sqrt(2))),
                 "relu": lambda h: h.clamp(min=0),

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from sinkgpt.config import DEFAULTS
 from model import GPT, GPTConfig
-from sinkgpt.optim import (OPTIM_DEFAULTS, CombinedOptimizer, MomentEditor, Muon, OptimizerTracker, build_optimizer,
-                   check_optim_config, load_optimizer_state, newton_schulz, param_groups, reset_optimizer_state,
-                   set_lr)
+from sinkgpt.config import DEFAULTS
+from sinkgpt.optim import (OPTIM_DEFAULTS, CombinedOptimizer, MomentEditor, Muon, build_optimizer, check_optim_config,
+                           load_optimizer_state, newton_schulz, param_groups, reset_optimizer_state, set_lr)
+from sinkgpt.tracking import OptimizerTracker
 
 C_PROJ = "transformer.h.0.mlp.c_proj.weight"  # (n_embd, 4 n_embd) = (32, 128)
 

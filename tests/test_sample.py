@@ -5,6 +5,7 @@ import torch
 
 import sample
 from conftest import run_train
+from sinkgpt.checkpoint import load_checkpoint, model_from_checkpoint
 
 SEP = "---------------\n"
 
@@ -56,13 +57,12 @@ def test_cache_and_no_cache_sample_the_same_greedy_text(trained_out, capsys):
 
 
 def test_greedy_text_is_the_models_argmax(trained_out, capsys):
-    import train
     from sinkgpt.tokenizer import load_tokenizer
     code, texts, _ = run_sample(capsys, "--out_dir", trained_out, "--start=The ", "--max_new_tokens=10",
                                 "--num_samples=1", "--temperature=0")
     assert code == 0
-    ckpt = train.load_checkpoint(f"{trained_out}/ckpt.pt")
-    model = train.model_from_checkpoint(ckpt).eval()
+    ckpt = load_checkpoint(f"{trained_out}/ckpt.pt")
+    model = model_from_checkpoint(ckpt).eval()
     tok = load_tokenizer(ckpt["meta"])
     ids = tok.encode("The ")
     with torch.no_grad():
@@ -157,14 +157,15 @@ def test_sample_from_a_gpt2_directory(tmp_path, capsys):
     code, texts, err = run_sample(capsys, "--init_from", str(tmp_path / "gpt2"), "--start=Hello, world",
                                   "--max_new_tokens=6", "--num_samples=2", "--seed=3")
     assert code == 0, err
-    assert len(texts) == 2 and all(t.startswith("Hello, world") for t in texts)
+    # a pretrained model starts its sequences with its BOS token, as it saw documents in training
+    assert len(texts) == 2 and all(t.startswith("<|endoftext|>Hello, world") for t in texts)
     code, again, _ = run_sample(capsys, "--init_from", str(tmp_path / "gpt2"), "--start=Hello, world",
                                 "--max_new_tokens=6", "--num_samples=2", "--seed=3")
     assert again == texts
     # greedy: the tokens transformers' model picks
     from sinkgpt.tokenizer import GPT2Tokenizer
     tok = GPT2Tokenizer()
-    ids = tok.encode("Hello, world")
+    ids = [tok.bos_token] + tok.encode("Hello, world")
     with torch.no_grad():
         for _ in range(4):
             ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))

@@ -1,7 +1,7 @@
 """Exactness of every sink mechanism (docs/sinks.md): the attention used in training (the fused fast path, and the
 eager path the analysis hooks switch to) against a plain eager reference written here, in float64, for the output
 and the gradients; the KV cache against the full forward; cases that show each option really acts; and how
-close GPT.from_pretrained(..., sink=...) starts to the plain pretrained GPT-2."""
+close from_pretrained(..., sink=...) starts to the plain pretrained GPT-2."""
 import math
 
 import pytest
@@ -9,6 +9,7 @@ import torch
 
 from conftest import HF_BOS, HF_VOCAB
 from model import GPT, SLOT_SINKS, CausalSelfAttention, GPTConfig, KVCache
+from sinkgpt.pretrained import from_pretrained
 
 TOL = 1e-10
 
@@ -167,10 +168,10 @@ def check_against_reference(attn, B, T, seed, path, rope=None):
     names = list(params)
     leaves = [x] + [params[n] for n in names]
 
-    attn.hooks = {"scores": lambda s: None} if path == "eager" else {}  # a reading hook selects the eager path
+    attn.hook_fns = {"scores": lambda s: None} if path == "eager" else {}  # a reading hook selects the eager path
     out = attn(x, rope=rope)
     grads = torch.autograd.grad((out * upstream).sum(), leaves)
-    attn.hooks = {}
+    attn.hook_fns = {}
     ref = ref_attention(attn, x, rope)
     ref_grads = torch.autograd.grad((ref * upstream).sum(), leaves)
 
@@ -231,7 +232,7 @@ def test_fast_path_really_is_the_fused_one():
     attn.attend_eager = lambda *a: calls.append(1) or original(*a)
     attn(torch.randn(1, 4, 16, dtype=torch.float64))
     assert calls == []
-    attn.hooks = {"pattern": lambda p: None}
+    attn.hook_fns = {"pattern": lambda p: None}
     attn(torch.randn(1, 4, 16, dtype=torch.float64))
     assert calls == [1]
 
@@ -300,10 +301,7 @@ def test_bos_override_matches_reference(pos_emb):
     check_gpt_against_reference(model, idx, bos_resid[0])
     check_gpt_against_reference(model, idx, bos_resid[1])
     # the override is really applied: the last block's residual at a BOS is exactly the learned vector
-    captured = {}
-    model.add_hook("h.1.resid_post", lambda x: captured.setdefault("x", x))
-    model(idx)
-    model.clear_hooks()
+    captured = {"x": model.run_with_cache(idx, ["h.1.resid_post"])[2]["h.1.resid_post"]}
     torch.testing.assert_close(captured["x"][0, 5], bos_resid[1].detach(), rtol=0, atol=0)
     assert not torch.equal(captured["x"][0, 4], bos_resid[1].detach())
     # a sequence without BOS never sees the parameter
@@ -336,18 +334,18 @@ def test_whole_model_matches_reference(options):
 @pytest.mark.parametrize("options", GPT_MECHANISMS, ids=[mech_id(m) for m in GPT_MECHANISMS])
 def test_kv_cache_equals_full_forward(options, eager):
     model = make_gpt(**options).eval()
-    if eager:  # reading hooks on the scores switch every layer to the eager path
-        for layer in range(model.config.n_layer):
-            model.add_hook(f"h.{layer}.scores", lambda s: None)
+    # reading hooks on the scores switch every layer to the eager path
+    reads = {f"h.{layer}.scores": (lambda s: None) for layer in range(model.config.n_layer)} if eager else {}
     idx = sample_idx(model, 2, 14, seed=9, bos_positions=[(0, 0), (1, 0), (0, 6), (1, 9), (0, 12)])
-    full, _ = model(idx)
-    cache = KVCache(model.config.n_layer)
-    pieces, start = [], 0
-    for size in (5, 3, 1, 1, 2, 1, 1):  # a prefill, a chunk, then single tokens
-        logits, _ = model(idx[:, start:start + size], cache=cache)
-        assert logits.shape == (2, size, model.config.vocab_size)
-        pieces.append(logits)
-        start += size
+    with model.hooks(reads):
+        full, _ = model(idx)
+        cache = KVCache(model.config.n_layer)
+        pieces, start = [], 0
+        for size in (5, 3, 1, 1, 2, 1, 1):  # a prefill, a chunk, then single tokens
+            logits, _ = model(idx[:, start:start + size], cache=cache)
+            assert logits.shape == (2, size, model.config.vocab_size)
+            pieces.append(logits)
+            start += size
     assert start == idx.size(1) and cache.pos == idx.size(1)
     incremental = torch.cat(pieces, dim=1)
     assert rel_err(incremental, full) <= TOL, rel_err(incremental, full)
@@ -393,7 +391,7 @@ def test_large_sink_logit_switches_attention_off_and_very_negative_gives_plain_a
     plain = plain_twin(attn)
     x = x_input(16)
     hooks = {"scores": lambda s: None} if path == "eager" else {}
-    attn.hooks, plain.hooks = hooks, hooks
+    attn.hook_fns, plain.hook_fns = hooks, hooks
     reference = plain(x)
     with torch.no_grad():
         attn.sink_logit.fill_(30.0)
@@ -414,14 +412,14 @@ def test_kv_bias_with_an_aligned_huge_key_returns_the_slot_value(path):
         attn.c_attn.weight[:C].zero_()
         b_q = attn.c_attn.bias[:C].view(H, D)
         attn.k_slot.copy_(60.0 * math.sqrt(D) * b_q / b_q.pow(2).sum(-1, keepdim=True))  # q.k'/sqrt(d) = 60
-    attn.hooks = {"scores": lambda s: None} if path == "eager" else {}
+    attn.hook_fns = {"scores": lambda s: None} if path == "eager" else {}
     y = attn(x_input(C))
     expected = attn.v_slot.detach().reshape(1, 1, C).expand_as(y)
     assert rel_err(y, expected) < 1e-12
     # k_bias: the same alignment gives an output of ~0 (its slot value is 0)
     kb = make_attention(2, sink="k_bias")
     kb.load_state_dict({k: v for k, v in attn.state_dict().items() if k != "v_slot"})
-    kb.hooks = attn.hooks
+    kb.hook_fns = attn.hook_fns
     assert kb(x_input(C)).abs().max() < 1e-12
 
 
@@ -433,7 +431,7 @@ def test_headwise_gate_closed_and_open(sink, path):
     ungated = make_attention(4, sink=sink)
     ungated.load_state_dict({k: v for k, v in attn.state_dict().items() if not k.startswith("c_gate")})
     hooks = {"scores": lambda s: None} if path == "eager" else {}
-    attn.hooks, ungated.hooks = hooks, hooks
+    attn.hook_fns, ungated.hook_fns = hooks, hooks
     x = x_input(16)
     reference = ungated(x)
     with torch.no_grad():
@@ -466,9 +464,9 @@ def test_elementwise_gate_scales_each_channel():
 
 def capture_pattern(attn, x):
     captured = {}
-    attn.hooks = {"pattern": lambda p: captured.setdefault("p", p)}
+    attn.hook_fns = {"pattern": lambda p: captured.setdefault("p", p)}
     attn(x)
-    attn.hooks = {}
+    attn.hook_fns = {}
     return captured["p"]
 
 
@@ -517,14 +515,14 @@ def step0_sequence():
 
 @pytest.fixture(scope="module")
 def plain_pretrained_logits(hf_dir):
-    model = GPT.from_pretrained(hf_dir).eval()
+    model = from_pretrained(hf_dir).eval()
     with torch.no_grad():
         return model(step0_sequence())[0]
 
 
 @pytest.mark.parametrize("options", STEP0_OPTIONS, ids=[mech_id(m) for m in STEP0_OPTIONS])
 def test_pretrained_step0_deviation(options, hf_dir, plain_pretrained_logits, record_property):
-    model = GPT.from_pretrained(hf_dir, **options).eval()
+    model = from_pretrained(hf_dir, **options).eval()
     assert model.config.bos_token == HF_BOS
     with torch.no_grad():
         logits = model(step0_sequence())[0]
@@ -549,7 +547,7 @@ def test_pretrained_step0_deviation(options, hf_dir, plain_pretrained_logits, re
 
 
 def test_pretrained_sink_logit_and_open_gate_start_values(hf_dir):
-    model = GPT.from_pretrained(hf_dir, sink="logit", attn_gate="headwise")
+    model = from_pretrained(hf_dir, sink="logit", attn_gate="headwise")
     for block in model.transformer.h:
         assert torch.equal(block.attn.sink_logit, torch.full((4,), -10.0))
         assert torch.equal(block.attn.c_gate.weight, torch.zeros(4, 64))
@@ -557,16 +555,14 @@ def test_pretrained_sink_logit_and_open_gate_start_values(hf_dir):
 
 
 def test_pretrained_bos_override_holds_the_models_own_bos_residual(hf_dir):
-    plain = GPT.from_pretrained(hf_dir).eval()
-    captured = {}
-    for layer in range(2):
-        plain.add_hook(f"h.{layer}.resid_post", lambda x, layer=layer: captured.__setitem__(layer, x[0, 0].clone()))
+    plain = from_pretrained(hf_dir).eval()
     with torch.no_grad():
-        plain(torch.tensor([[HF_BOS, 3, 4]]))
-    model = GPT.from_pretrained(hf_dir, sink="bos_override")
+        cache = plain.run_with_cache(torch.tensor([[HF_BOS, 3, 4]]), ["h.0.resid_post", "h.1.resid_post"])[2]
+    captured = {layer: cache[f"h.{layer}.resid_post"][0, 0] for layer in range(2)}
+    model = from_pretrained(hf_dir, sink="bos_override")
     for layer, block in enumerate(model.transformer.h):
         torch.testing.assert_close(block.bos_resid.detach(), captured[layer], rtol=1e-5, atol=1e-5)
-    assert model.config.sink == "bos_override" and not any(b.hooks for b in model.transformer.h)
+    assert model.config.sink == "bos_override" and not any(b.hook_fns for b in model.transformer.h)
 
 
 @pytest.mark.parametrize("attn_fn", ["sigmoid", "relu"])

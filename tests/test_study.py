@@ -5,6 +5,7 @@ import os
 import pytest
 
 import study
+from sinkgpt import study_runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +32,7 @@ def test_study_trains_reports_and_resumes(tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
     for variant in ("baseline", "kv_bias"):
         for seed in (1, 2):
-            assert study.run_status(str(runs / variant / f"seed{seed}")) == "done"
+            assert study_runner.run_status(str(runs / variant / f"seed{seed}")) == "done"
     text = (tmp_path / "report" / "results.md").read_text()
     assert "| baseline |" in text and "| kv_bias |" in text and "non-trigger -> BOS" in text
     rows = json.load(open(tmp_path / "report" / "results.json"))["rows"]
@@ -44,14 +45,14 @@ def test_study_trains_reports_and_resumes(tmp_path, monkeypatch, capsys):
     metrics = [json.loads(line) for line in open(partial / "metrics.jsonl")]
     with open(partial / "metrics.jsonl", "w") as f:  # as if killed after the iteration-6 checkpoint
         f.writelines(json.dumps(e) + "\n" for e in metrics if e["iter"] <= 6)
-    assert study.run_status(str(partial)) == "partial"
+    assert study_runner.run_status(str(partial)) == "partial"
     capsys.readouterr()
     assert study.main([config]) == 0
     out = capsys.readouterr().out
     assert "[kv_bias seed 1]" in out and "--init_from='resume'" in out
     assert "[baseline seed 1]" not in out and "[kv_bias seed 2]" not in out
     assert all(os.path.getmtime(runs / p / "ckpt.pt") == stamp for p, stamp in stamps.items())
-    assert study.run_status(str(partial)) == "done"
+    assert study_runner.run_status(str(partial)) == "done"
 
 
 def test_study_config_errors_are_one_line(tmp_path, capsys):
@@ -75,9 +76,9 @@ def test_run_status_skips_a_cut_off_metrics_line(tmp_path):
     (tmp_path / "config.json").write_text('{"max_iters": 10}')
     (tmp_path / "ckpt.pt").write_bytes(b"")
     (tmp_path / "metrics.jsonl").write_text('{"iter": 10, "val_loss": 2.0}\n{"iter": 11, "tok')
-    assert study.run_status(str(tmp_path)) == "done"
+    assert study_runner.run_status(str(tmp_path)) == "done"
     (tmp_path / "metrics.jsonl").write_text('{"iter": 5, "val_loss": 2.0}\n{"iter": 10, "val_lo')
-    assert study.run_status(str(tmp_path)) == "partial"
+    assert study_runner.run_status(str(tmp_path)) == "partial"
 
 
 def test_ctrl_c_during_a_study_is_one_line_that_says_how_to_resume(tmp_path, capsys, monkeypatch):
@@ -123,8 +124,8 @@ def test_ctrl_c_lets_the_running_training_save_before_the_study_stops(tmp_path, 
         os.kill(os.getpid(), signal.SIGINT)
         procs[0].send_signal(signal.SIGINT)
 
-    monkeypatch.setattr(study.subprocess, "Popen", popen)
+    monkeypatch.setattr(study_runner.subprocess, "Popen", popen)
     threading.Thread(target=ctrl_c, daemon=True).start()
-    assert study.run_training([sys.executable, "-c", child]) == 130
+    assert study_runner.run_training([sys.executable, "-c", child]) == 130
     assert saved.read_text() == "ok"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the study's own handler is back

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from conftest import REPO, flags, read_metrics, run_train, train_losses, val_losses
+from sinkgpt.checkpoint import model_from_checkpoint
+from sinkgpt.runtime import pick_dtype
 
 
 def sha256(path):
@@ -62,8 +64,7 @@ def test_short_run_learns_and_writes_its_files(tmp_path, char_dataset):
     assert ckpt["iter_num"] == 60 and ckpt["tokens"] == 60 * 8 * 32
     assert ckpt["best_val_loss"] == pytest.approx(min(v for _, v in vals))
     assert ckpt["model_args"]["n_layer"] == 2 and ckpt["meta"]["tokenizer"] == "char"
-    import train
-    model = train.model_from_checkpoint(ckpt)
+    model = model_from_checkpoint(ckpt)
     assert model.config.vocab_size == ckpt["meta"]["vocab_size"]
 
 
@@ -517,7 +518,7 @@ def test_init_from_a_gpt2_directory_builds_that_model(tmp_path, tied):
 def test_train_from_a_gpt2_directory_on_a_bpe_dataset(tmp_path, capsys):
     """init_from=<GPT-2 folder>: the step-0 val loss is the folder's model's loss on the same batches; then the
     run (with a sink option) trains and lowers it."""
-    import loader as loader_module
+    from sinkgpt import loader as loader_module
     from conftest import random_gpt2, shakespeare_excerpt
     from sinkgpt import prep
     text = shakespeare_excerpt(12000)
@@ -553,9 +554,8 @@ def test_train_from_a_gpt2_directory_on_a_bpe_dataset(tmp_path, capsys):
 
 
 def test_float16_on_a_cpu_runs_and_is_recorded_as_float32(tmp_path, char_dataset):
-    import train
-    assert train.pick_dtype("float16", "cpu") == "float32" and train.pick_dtype("bfloat16", "cpu") == "bfloat16"
-    assert train.pick_dtype("auto", "cpu") == "float32" and train.pick_dtype("float16", "cuda") == "float16"
+    assert pick_dtype("float16", "cpu") == "float32" and pick_dtype("bfloat16", "cpu") == "bfloat16"
+    assert pick_dtype("auto", "cpu") == "float32" and pick_dtype("float16", "cuda") == "float16"
     out = tmp_path / "run"
     assert run_train(out, char_dataset, max_iters=2, eval_interval=2, dtype="float16") == 0
     assert json.loads((out / "config.json").read_text())["dtype_resolved"] == "float32"

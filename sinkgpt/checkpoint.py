@@ -1,0 +1,234 @@
+"""
+What a run leaves on disk and how it is read back: checkpoints (atomic save, load, the model inside), the
+training progress they carry, metrics.jsonl (the log and its one reader), and the one way to load a model
+with its tokenizer from a run folder, a checkpoint file or a pretrained folder.
+
+    save_checkpoint(path, raw_model, optimizer, cfg, progress, meta)   # temp file, fsync, rename
+    ckpt = load_checkpoint(path)                                        # weights_only=True, one-line errors
+    target = load_model("out-bb/base", device)                          # model, tokenizer, config, bos rule
+    events = read_metrics("out-bb/base")                                # a cut-off last line is skipped
+
+May import: model, sinkgpt.common, sinkgpt.pretrained.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from model import GPT, GPTConfig
+from sinkgpt.common import InputError, RunError
+from sinkgpt.pretrained import PretrainedError, from_pretrained
+
+# the keys every training checkpoint holds (load_checkpoint checks what a caller needs)
+CHECKPOINT_KEYS = ("model", "model_args", "optimizer", "iter_num", "best_val_loss", "tokens", "loader", "rng")
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+@dataclass
+class TrainProgress:
+    """Where a run stands: what a checkpoint needs besides the weights and the optimizer. `loader` is the data
+    loader's state that reproduces the next batch the loop will train on (the one already prefetched)."""
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    tokens: int = 0
+    loader: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint):
+        return cls(checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint["tokens"], checkpoint["loader"])
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file in the same folder, flush it to disk, then rename over the target: a crash
+    mid-write leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, model, optimizer, cfg, progress, meta):
+    """Everything a bit-for-bit resume needs, as tensors and plain types (loads with weights_only=True)."""
+    save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "model_args": model.config.to_dict(), "config": cfg, "iter_num": progress.iter_num,
+                 "best_val_loss": progress.best_val_loss, "tokens": progress.tokens, "rng": rng_state(),
+                 "loader": progress.loader, "meta": meta}, path)
+
+
+def checkpoint_path(target):
+    """A run folder means its ckpt.pt; a file is itself."""
+    return os.path.join(target, "ckpt.pt") if os.path.isdir(target) else target
+
+
+def load_checkpoint(path, device="cpu", keys=("model", "model_args")):
+    """torch.load(weights_only=True) with one clear error for missing, truncated, corrupted or foreign files."""
+    if not os.path.exists(path):
+        raise RunError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise RunError(f"checkpoint {path} is unreadable (truncated or corrupted?): {type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise RunError(f"{path} is not a sinkgpt checkpoint: missing {', '.join(missing)}")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, path="checkpoint"):
+    model = GPT(GPTConfig.from_dict(checkpoint["model_args"]))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line or "Missing" in line
+                      or "Unexpected" in line), str(e).splitlines()[0])
+        raise RunError(f"{path} does not match its model config: {first}") from None
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
+class MetricsError(InputError):
+    """A metrics.jsonl that is missing or has a bad line before its last."""
+
+
+def metrics_path(run):
+    return os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+
+
+def read_metrics(run):
+    """The events (dicts) of a run's metrics.jsonl (a run folder or the file). The last line, when it is not
+    whole JSON, was cut off by a kill or a full disk and is skipped; any other line that is not a JSON object is
+    a MetricsError naming the file and the line."""
+    path = metrics_path(run)
+    if not os.path.isfile(path):
+        raise MetricsError(f"{run}: no metrics.jsonl")
+    with open(path) as f:
+        lines = f.read().split("\n")
+    events = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the file's end, with no newline after it: a write cut off
+                continue
+            raise MetricsError(f"{path}:{number} is not JSON") from None
+        if not isinstance(event, dict):
+            raise MetricsError(f"{path}:{number} is not a JSON object")
+        events.append(event)
+    return events
+
+
+class MetricsLog:
+    """Appends one JSON object per event to out_dir/metrics.jsonl; a fresh run starts the file anew, a resumed
+    one keeps the events up to the iteration it resumes from (later ones are about to be redone). With no path
+    (eval_only) it writes nothing."""
+
+    def __init__(self, path, resume_iter=None):
+        self.path = path
+        if path is None:
+            return
+        kept = [e for e in read_metrics(path) if e.get("iter", 0) <= resume_iter] if (
+            resume_iter is not None and os.path.exists(path)) else []
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(e) + "\n" for e in kept)
+        os.replace(path + ".tmp", path)
+
+    def write(self, **event):
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# a model and its tokenizer, for sampling and analysis
+
+
+@dataclass
+class LoadedModel:
+    model: GPT  # in eval mode, on the device asked for
+    meta: dict  # the tokenizer description (sinkgpt.tokenizer.load_tokenizer reads it)
+    config: dict  # the training config ({} for a pretrained folder)
+    kind: str  # 'checkpoint' or 'pretrained'
+    bos: bool  # sequences start with the BOS token, as the model saw them in training
+
+
+def trained_with_bos(cfg):
+    """The one BOS rule: a training run saw BOS at position 0 when it prepended it, when its windows started at
+    document starts (which are BOS tokens), or on Bigram-Backcopy (every sequence starts with BOS)."""
+    return bool(cfg.get("prepend_bos") or cfg.get("align_to_docs") or cfg.get("dataset") == "bigram_backcopy")
+
+
+def is_pretrained_folder(path):
+    """A Hugging Face folder: config.json beside the weights (a run folder has a config.json of its own)."""
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        os.path.isfile(os.path.join(path, name)) for name in weights)
+
+
+def looks_like_hub_name(target):
+    """'gpt2' or 'openai-community/gpt2' (fetched when the hub is reachable), not a missing local path."""
+    return not os.path.exists(target) and not target.startswith((".", "/", "~")) and not target.endswith(".pt") \
+        and target.count("/") <= 1
+
+
+def load_model(target, device="cpu"):
+    """A model with its tokenizer from a run folder (its ckpt.pt), a checkpoint file, or a pretrained folder
+    (config.json + weights; or a hub name). Pretrained models are documents-in-a-stream models: they start
+    sequences with their BOS token. RunError / PretrainedError with one line for anything else."""
+    run_checkpoint = os.path.join(target, "ckpt.pt")
+    if os.path.isfile(target) or os.path.isfile(run_checkpoint):
+        path = target if os.path.isfile(target) else run_checkpoint
+        checkpoint = load_checkpoint(path)
+        model = model_from_checkpoint(checkpoint, path)
+        cfg = checkpoint.get("config") or {}
+        meta = checkpoint.get("meta")
+        if not meta:
+            raise RunError(f"{path} carries no tokenizer description (meta)")
+        loaded = LoadedModel(model, meta, cfg, "checkpoint", trained_with_bos(cfg))
+    elif is_pretrained_folder(target) or looks_like_hub_name(target):
+        model = from_pretrained(target)
+        loaded = LoadedModel(model, pretrained_meta(target, model), {}, "pretrained", True)
+    elif os.path.isdir(target):
+        raise RunError(f"{target} holds neither a run (ckpt.pt) nor a pretrained model (config.json and weights)")
+    else:
+        raise RunError(f"no checkpoint at {target}" if target.endswith(".pt") else f"{target} does not exist")
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def pretrained_meta(folder, model):
+    """The tokenizer of a pretrained folder: a meta.json beside its config.json, else GPT-2 BPE."""
+    meta_path = os.path.join(folder, "meta.json")
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path) as f:
+                return json.load(f)
+        except json.JSONDecodeError as e:
+            raise PretrainedError(f"{meta_path} is not JSON ({e})") from None
+    return {"tokenizer": "gpt2", "bos_token": model.config.bos_token, "vocab_size": model.config.vocab_size}

@@ -1,0 +1,249 @@
+"""
+The study runner: trains a baseline and every variant of a study config on the same data, token budget and
+seeds (one train.py process each, resumable), then writes one report (table + overlaid curves) from the finished
+runs. study.py is its command line.
+
+A study config is plain Python assignments (STUDY_DEFAULTS's keys). Runs go to out_root/<variant>/seed<N>; a run
+that finished is skipped, one with a checkpoint resumes, so an interrupted study picks up where it stopped.
+
+May import: sinkgpt.checkpoint, sinkgpt.common, sinkgpt.config, sinkgpt.measure, sinkgpt.probes,
+sinkgpt.report, sinkgpt.tokenizer.
+"""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from sinkgpt.checkpoint import load_model, read_metrics
+from sinkgpt.common import InputError, plain
+from sinkgpt.config import read_config_file
+from sinkgpt.measure import collect
+from sinkgpt.probes import probe_batches, repeat_probe
+from sinkgpt.report import compare
+from sinkgpt.tokenizer import load_tokenizer
+
+STUDY_DEFAULTS = dict(
+    base="config/bb/base.py",  # the train.py config every variant starts from
+    overrides={},  # train.py keys applied to every run (token budget, tracking, ...)
+    variants={"baseline": {}},  # name -> train.py keys that make the variant
+    seeds=[1337, 1338],
+    out_root="out-study",
+    report_dir="out-study/report",
+    probe_batches=4,  # val batches the final analysis averages over
+    probe_batch_size=16,
+    repeat_n=64,  # repeated-token probe length
+    repeat_text="a",  # the token repeated (encoded with the run's tokenizer, first token taken)
+)
+
+
+class StudyError(InputError):
+    """A bad study config, or a run of it that failed."""
+
+
+def load_study(path):
+    study = dict(STUDY_DEFAULTS)
+    for key, value in read_config_file(path).items():
+        if key not in STUDY_DEFAULTS:
+            raise StudyError(f"unknown study key '{key}' in {path} (keys: {', '.join(STUDY_DEFAULTS)})")
+        if type(value) is not type(STUDY_DEFAULTS[key]):
+            raise StudyError(f"study key '{key}' in {path} must be {type(STUDY_DEFAULTS[key]).__name__}")
+        study[key] = value
+    if not study["seeds"] or not study["variants"]:
+        raise StudyError(f"{path}: a study needs at least one seed and one variant")
+    for name, keys in study["variants"].items():
+        if not isinstance(keys, dict):
+            raise StudyError(f"variant {name!r} in {path} must be a dict of train.py keys, got {keys!r}")
+    return study
+
+
+def flag(key, value):
+    return f"--{key}={value!r}" if isinstance(value, (str, list, dict)) else f"--{key}={value}"
+
+
+def run_dir(study, variant, seed):
+    return os.path.join(study["out_root"], variant, f"seed{seed}")
+
+
+def train_command(study, variant, seed, resume):
+    keys = dict(study["overrides"], **study["variants"][variant], seed=seed, out_dir=run_dir(study, variant, seed))
+    if resume:
+        keys["init_from"] = "resume"
+    return [sys.executable, "train.py", study["base"]] + [flag(k, v) for k, v in keys.items()]
+
+
+def run_status(out_dir):
+    """'done', 'partial' (a checkpoint to resume from) or 'new'."""
+    config_path, metrics_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, "metrics.jsonl")
+    if os.path.isfile(config_path) and os.path.isfile(metrics_path):
+        with open(config_path) as f:
+            max_iters = json.load(f)["max_iters"]
+        evals = [e for e in read_metrics(metrics_path) if "val_loss" in e]
+        if any(e.get("iter") == max_iters for e in evals) and os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+            return "done"
+    return "partial" if os.path.isfile(os.path.join(out_dir, "ckpt.pt")) else "new"
+
+
+def run_training(cmd):
+    """Run one train.py and return its exit code. A terminal's Ctrl-C reaches the run as well as the study: the
+    study ignores it while the run saves its checkpoint and exits with 130, instead of killing it mid-save."""
+    proc = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train_all(study, dry_run=False):
+    for seed in study["seeds"]:  # seed-major: a study stopped half-way has every variant at the first seed
+        for variant in study["variants"]:
+            out_dir = run_dir(study, variant, seed)
+            status = run_status(out_dir)
+            if status == "done":
+                continue
+            if status == "new" and os.path.isdir(out_dir):
+                shutil.rmtree(out_dir)  # logs of a run that never checkpointed
+            cmd = train_command(study, variant, seed, resume=status == "partial")
+            print(("would run: " if dry_run else f"[{variant} seed {seed}] ") + " ".join(cmd), flush=True)
+            if dry_run:
+                continue
+            t0 = time.time()
+            code = run_training(cmd)
+            if code == 130:  # stopped by Ctrl-C / SIGTERM after saving its checkpoint
+                raise KeyboardInterrupt
+            if code != 0:
+                raise StudyError(f"training {variant} seed {seed} failed; fix it and rerun to resume")
+            times_path = os.path.join(out_dir, "study_time.json")
+            previous = json.load(open(times_path))["seconds"] if os.path.isfile(times_path) else 0.0
+            with open(times_path, "w") as f:
+                json.dump({"seconds": previous + time.time() - t0}, f)
+
+
+# ----------------------------------------------------------------------------------------------------
+# analysis of the finished runs
+
+
+def analyse_run(study, out_dir):
+    """The final figures of one run: val loss, massive-activation ratio and where, sink rates, BB masses,
+    repeated-token probe."""
+    target = load_model(out_dir, "cpu")
+    model, meta, cfg = target.model, target.meta, target.config
+    batches, masks, _ = probe_batches(target, "cpu", batches=study["probe_batches"],
+                                      batch_size=study["probe_batch_size"], seed=cfg.get("seed", 1337) + 99)
+    with torch.no_grad():
+        stats = collect(model, batches, masks)
+    events = read_metrics(out_dir)
+    evals = [e for e in events if e.get("val_loss") is not None]
+    best = max(stats["layers"], key=lambda layer: layer["ratio"] if math.isfinite(layer["ratio"]) else 0.0)
+    token = load_tokenizer(meta).encode(study["repeat_text"])[0]
+    repeat = repeat_probe(model, token, study["repeat_n"], meta["bos_token"])["variants"]["no_bos"]
+    row = {
+        "val_loss": evals[-1]["val_loss"],
+        "val_backcopy_loss": evals[-1].get("val_backcopy_loss"),
+        "max_ratio": best["ratio"], "max_ratio_at": [best["layer"]] + list(best["top"][0][1:]),
+        "sink_rate": stats["sink_rate"], "slot_sink_rate": stats["slot_sink_rate"],
+        "first_mass": [layer["first_token_mass_mean"] for layer in stats["layers"]],
+        "slot_mass": [layer["slot_mass_mean"] for layer in stats["layers"]],
+        "pos0_norm_ratio": [layer["pos0_norm_ratio"] for layer in stats["layers"]],
+        "repeat_later_max": max(layer["later_max"] for layer in repeat),
+        "repeat_pos0": sum(layer["mass_pos0"] for layer in repeat) / len(repeat),
+    }
+    if masks is not None:
+        row["bb"] = [{k: layer["bb"][k] for k in ("dormant_bos", "active_bos", "dormant_slot", "value_ratio",
+                                                   "resid_ratio") if k in layer["bb"]} for layer in stats["layers"]]
+    peak = [e for e in events if "track_first_mass" in e]
+    if peak:  # transient sinks: the figure at its peak as well as at the end
+        row["peak_first_mass"] = max(max(v for v in e["track_first_mass"] if v is not None) for e in peak)
+    return row
+
+
+def mean_spread(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def fmt(mean_sd, digits=3):
+    mean, sd = mean_sd
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def summary_table(rows_by_variant):
+    lines = ["| variant | val loss | back-copy loss | max top-1/median (layer, pos, dim) | % heads on pos 0 "
+             "(alpha>0.3) | % heads on slot | peak mass on pos 0 | repeated-token: max later-key mass |",
+             "|---|---|---|---|---|---|---|---|"]
+    for variant, rows in rows_by_variant.items():
+        where = rows[0]["max_ratio_at"]
+        lines.append(" | ".join([
+            f"| {variant}", fmt(mean_spread([r["val_loss"] for r in rows]), 4),
+            fmt(mean_spread([r["val_backcopy_loss"] for r in rows]), 4),
+            f"{fmt(mean_spread([r['max_ratio'] for r in rows]), 1)} ({', '.join(map(str, where))})",
+            fmt(mean_spread([r["sink_rate"] for r in rows]), 1),  # analyze reports these in percent
+            fmt(mean_spread([r["slot_sink_rate"] for r in rows]), 1),
+            fmt(mean_spread([r.get("peak_first_mass") for r in rows]), 2),
+            fmt(mean_spread([r["repeat_later_max"] for r in rows]), 2)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bb_table(rows_by_variant):
+    """Per layer, seed-averaged: dormant (non-trigger) vs active attention on BOS, on the slot, value drain."""
+    lines = ["| variant | layer | non-trigger -> BOS | trigger -> BOS | non-trigger -> slot | BOS value / others "
+             "| BOS residual / others |", "|---|---|---|---|---|---|---|"]
+    for variant, rows in rows_by_variant.items():
+        if "bb" not in rows[0]:
+            return ""
+        for layer in range(len(rows[0]["bb"])):
+            def col(key):
+                vals = [r["bb"][layer].get(key) for r in rows]
+                vals = [sum(v) / len(v) if isinstance(v, list) else v for v in vals if v is not None]
+                return fmt(mean_spread(vals), 2)
+            lines.append(f"| {variant} | {layer} | {col('dormant_bos')} | {col('active_bos')} | "
+                         f"{col('dormant_slot')} | {col('value_ratio')} | {col('resid_ratio')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(study, config_path):
+    rows_by_variant, seconds = {}, 0.0
+    for variant in study["variants"]:
+        rows = []
+        for seed in study["seeds"]:
+            out_dir = run_dir(study, variant, seed)
+            if run_status(out_dir) != "done":
+                continue
+            rows.append(analyse_run(study, out_dir))
+            times_path = os.path.join(out_dir, "study_time.json")
+            seconds += json.load(open(times_path))["seconds"] if os.path.isfile(times_path) else 0.0
+        if rows:
+            rows_by_variant[variant] = rows
+    if not rows_by_variant:
+        raise StudyError("no finished runs to report on yet")
+    report_dir = study["report_dir"]
+    os.makedirs(report_dir, exist_ok=True)
+    first_seed_runs = [run_dir(study, v, study["seeds"][0]) for v in rows_by_variant]
+    curves_dir = os.path.join(report_dir, "curves")
+    compare(first_seed_runs, curves_dir, names=list(rows_by_variant))
+    table, bb = summary_table(rows_by_variant), bb_table(rows_by_variant)
+    seeds = ", ".join(map(str, study["seeds"]))
+    text = (f"# Study: {config_path}\n\nVariants x seeds ({seeds}) trained with `python study.py {config_path}` "
+            f"(base config `{study['base']}`, overrides `{study['overrides']}`); {sum(map(len, rows_by_variant.values()))}"
+            f" runs, {seconds / 60:.1f} minutes of training in all. Mean ± sd over seeds.\n\n{table}\n")
+    if bb:
+        text += f"## Bigram-Backcopy, per layer\n\n{bb}\n"
+    text += "## Curves (first seed)\n\n![curves](curves/compare.png)\n"
+    with open(os.path.join(report_dir, "results.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(report_dir, "results.json"), "w") as f:
+        json.dump(plain({"study": study, "rows": rows_by_variant, "train_seconds": seconds}), f, indent=1)
+    print(text)
+    return text

@@ -1,0 +1,234 @@
+"""
+The pieces train.py's loop is made of: the run folder, the model to start from (scratch, a checkpoint or a
+pretrained folder), the learning-rate schedule, evaluation on fixed batches, the training step (micro-steps,
+clipping, the optimizer step; bench.py times the same function) and the stop signal.
+
+May import: model, sinkgpt.checkpoint, sinkgpt.common, sinkgpt.config, sinkgpt.optim,
+sinkgpt.pretrained, sinkgpt.runtime.
+"""
+
+import contextlib
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model import GPT
+from sinkgpt.checkpoint import TrainProgress, model_from_checkpoint, set_rng_state
+from sinkgpt.common import RunError
+from sinkgpt.config import MODEL_KEYS, ConfigError, model_config
+from sinkgpt.optim import load_optimizer_state
+from sinkgpt.pretrained import from_pretrained
+from sinkgpt.runtime import all_reduce_mean
+
+
+# ----------------------------------------------------------------------------------------------------
+# set-up
+
+
+def prepare_out_dir(out_dir, resuming):
+    """Create out_dir, or stop with one line: it is not a writable folder, or a fresh run would overwrite the
+    checkpoint of a run already there."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"out_dir {out_dir!r} cannot be created: {e.strerror}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise RunError(f"out_dir {out_dir!r} is not writable")
+    held = [name for name in ("ckpt.pt", "ckpt_stop.pt") if os.path.exists(os.path.join(out_dir, name))]
+    if not resuming and held:
+        raise RunError(f"{out_dir} already holds a run ({held[0]}): continue it with --init_from=resume, or give "
+                       f"another --out_dir (or delete that run)")
+
+
+def micro_steps_per_rank(cfg, world_size):
+    """gradient_accumulation_steps is global: each of the world_size processes runs its share."""
+    if cfg["gradient_accumulation_steps"] % world_size:
+        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be divisible "
+                          f"by the number of processes ({world_size})")
+    return cfg["gradient_accumulation_steps"] // world_size
+
+
+# ----------------------------------------------------------------------------------------------------
+# restore or init
+
+
+def build_model(cfg, vocab_size, bos_token, checkpoint=None):
+    """The model a run starts from: the checkpoint's (resume), a fresh one (scratch), or a pretrained folder
+    with this config's options (sinks, dropout, ...) on top of its shape."""
+    if checkpoint is not None:
+        saved = checkpoint["model_args"]
+        for key in MODEL_KEYS:
+            if key in saved and saved[key] != cfg[key] and key != "dropout":
+                raise RunError(f"config key '{key}'={cfg[key]!r} differs from the checkpoint's {saved[key]!r}; "
+                               "resume with the checkpoint's model settings")
+        if saved["vocab_size"] != vocab_size:
+            raise RunError(f"checkpoint vocab_size {saved['vocab_size']} does not match dataset "
+                           f"'{cfg['dataset']}' ({vocab_size})")
+        return model_from_checkpoint(checkpoint, os.path.join(cfg["out_dir"], "ckpt.pt"))
+    if cfg["init_from"] == "scratch":
+        return GPT(model_config(cfg, vocab_size, bos_token))
+    shape_keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "tie_embeddings")
+    model = from_pretrained(cfg["init_from"], **{k: cfg[k] for k in MODEL_KEYS if k not in shape_keys})
+    if model.config.vocab_size != vocab_size:
+        raise RunError(f"{cfg['init_from']} has vocab_size {model.config.vocab_size} but dataset "
+                       f"'{cfg['dataset']}' has {vocab_size}; use a GPT-2 BPE dataset")
+    if cfg["block_size"] < model.config.block_size:
+        model.crop_block_size(cfg["block_size"])
+    return model
+
+
+def restore_progress(cfg, checkpoint, optimizer, train_loader):
+    """The progress to start from: zero for a new run; for a resume the checkpoint's iteration, best val loss,
+    token count, data position, RNG state and (unless reset_optimizer) optimizer state."""
+    if checkpoint is None:
+        return TrainProgress(loader=train_loader.state_dict())
+    if not cfg["reset_optimizer"]:  # reset_optimizer: fresh moments (also lets a resume switch optimizer)
+        try:
+            load_optimizer_state(optimizer, checkpoint["optimizer"])
+        except ValueError as e:
+            raise RunError(str(e)) from None
+    progress = TrainProgress.from_checkpoint(checkpoint)
+    try:
+        train_loader.load_state_dict(progress.loader)
+    except (ValueError, KeyError) as e:
+        raise RunError(f"the checkpoint's data position does not fit dataset '{cfg['dataset']}' ({e}): "
+                       f"resume on the dataset it was trained on") from None
+    set_rng_state(checkpoint["rng"])
+    return progress
+
+
+def lr_at(it, cfg):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (0 = max_iters)."""
+    if not cfg["decay_lr"]:
+        return cfg["learning_rate"]
+    decay_iters = cfg["lr_decay_iters"] or cfg["max_iters"]
+    if it < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
+    if it >= decay_iters:
+        return cfg["min_lr"]
+    ratio = (it - cfg["warmup_iters"]) / max(1, decay_iters - cfg["warmup_iters"])
+    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation and the training step
+
+
+class FixedBatches:
+    """A loader that restarts from the same state at every evaluation: every evaluation sees the same batches,
+    so val losses compare across iterations and runs."""
+
+    def __init__(self, loader):
+        self.loader, self.start = loader, loader.state_dict()
+
+    def restart(self):
+        self.loader.load_state_dict(self.start)
+        return self.loader
+
+
+@torch.no_grad()
+def evaluate(model, eval_batches, eval_iters, ctx, world_size):
+    """{split}_loss: mean loss over eval_iters batches per split (and a Bigram-Backcopy val split's own metrics),
+    averaged over the ranks."""
+    model.eval()
+    out = {}
+    for split, batches in eval_batches.items():
+        loader = batches.restart()
+        losses = torch.zeros(eval_iters)
+        extra = {}
+        for i in range(eval_iters):
+            x, y = loader.next_batch()
+            with ctx:
+                logits, loss = model(x, y)
+            losses[i] = loss.item()
+            if split == "val" and hasattr(loader, "eval_metrics"):
+                for key, value in loader.eval_metrics(logits, x, y).items():
+                    extra[key] = extra.get(key, 0.0) + value / eval_iters
+        mean = losses.mean()
+        if world_size > 1:
+            mean = all_reduce_mean(mean.to(next(model.parameters()).device), world_size)
+        out[f"{split}_loss"] = mean.item()
+        out.update({f"{split}_{k}": v for k, v in extra.items()})
+    model.train()
+    return out
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # the last micro-batch's loss (on the device: reading it is a host sync)
+    grad_norm: torch.Tensor | None  # before clipping; None when grad_clip is off
+    next_batch: tuple  # the first micro-batch of the next step, already fetched
+
+
+def train_step(model, optimizer, scaler, batch, fetch, accum_steps, ctx, grad_clip, clip_params,
+               before_update=None):
+    """One optimizer step: accum_steps micro-batches of forward and backward (under DDP gradients sync on the
+    last one only), fetching each next batch while the device works; then clipping, `before_update()` (a
+    tracker's snapshot), the optimizer step and zero_grad. `model` may be compiled or DDP-wrapped; clipping acts
+    on clip_params (the raw model's)."""
+    for micro_step in range(accum_steps):
+        last = micro_step == accum_steps - 1
+        no_sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+        with no_sync:
+            with ctx:
+                _, loss = model(*batch)
+                loss = loss / accum_steps
+            batch = fetch()
+            scaler.scale(loss).backward()
+    grad_norm = None
+    if grad_clip > 0:
+        with torch.profiler.record_function("clip_grad_norm"):  # a name bench.py --profile counts as optimizer
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(clip_params, grad_clip)
+    if before_update is not None:
+        before_update()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss.detach() * accum_steps, grad_norm, batch)
+
+
+class Throughput:
+    """ms/iter, tokens/s and MFU of the training iterations since the last log line (evaluation excluded)."""
+
+    def __init__(self, tokens_per_iter, flops_per_iter, peak_flops):
+        self.tokens_per_iter, self.flops_per_iter, self.peak = tokens_per_iter, flops_per_iter, peak_flops
+        self.restart()
+
+    def restart(self):
+        self.t0, self.iters = time.perf_counter(), 0
+
+    def tick(self):
+        self.iters += 1
+
+    def lap(self):
+        """(ms_per_iter, tokens_per_s, mfu or None) since the last lap or restart; then restarts."""
+        elapsed = time.perf_counter() - self.t0
+        ms_per_iter = 1000 * elapsed / self.iters
+        tokens_per_s = self.tokens_per_iter * self.iters / elapsed
+        mfu = self.flops_per_iter * self.iters / elapsed / self.peak if self.peak else None
+        self.restart()
+        return ms_per_iter, tokens_per_s, mfu
+
+
+# ----------------------------------------------------------------------------------------------------
+# stopping
+
+
+class StopSignal:
+    """Ctrl-C / SIGTERM ask the loop to save a checkpoint and stop after the current iteration; a second one
+    stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
