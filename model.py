@@ -39,6 +39,7 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    n_kv_head: int = 0  # key/value heads, shared by groups of query heads (grouped-query attention); 0 = n_head
     dropout: float = 0.0
     bias: bool = True  # biases in linears and norms, as in GPT-2
     pad_vocab: bool = False  # pad the embedding rows to a multiple of 64 (faster matmuls); logits keep vocab_size
@@ -53,8 +54,10 @@ class GPTConfig:
     rope_base: float = 10000.0
     norm: str = "layernorm"
     norm_pos: str = "pre"
+    norm_eps: float = 1e-5
     qk_norm: bool = False
     mlp_act: str = "gelu"  # GPT-2's tanh approximation; gelu_exact = the erf GELU (nanoGPT's nn.GELU())
+    mlp_hidden: int = 0  # the MLP's hidden width; 0 = 4 * n_embd (swiglu: 8/3 * n_embd rounded up to 64)
     tie_embeddings: bool = True
     logit_softcap: float = 0.0  # 0 = off; else logits = c * tanh(logits / c)
 
@@ -64,6 +67,11 @@ class GPTConfig:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_kv_head < 0 or self.n_head % self.kv_heads:
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (0 = n_head)")
+        if self.mlp_hidden < 0 or self.norm_eps <= 0:
+            raise ValueError(f"mlp_hidden must be >= 0 (0 = the default width) and norm_eps > 0, got "
+                             f"{self.mlp_hidden} and {self.norm_eps}")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("pos_emb='rope' needs an even head size (n_embd // n_head)")
         if self.attn_fn != "softmax" and self.sink in ("logit", "softmax1", "k_bias"):
@@ -83,13 +91,30 @@ class GPTConfig:
     def head_size(self):
         return self.n_embd // self.n_head
 
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_size(self):
+        """The MLP's hidden width (the gate and the up projection each have it with swiglu)."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp_act == "swiglu":  # 2/3 of the width keeps the parameter count of a 4C MLP
+            return (8 * self.n_embd // 3 + 63) // 64 * 64
+        return 4 * self.n_embd
+
     def to_dict(self):
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d):
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """A config from saved model_args; a key this model does not implement is a ValueError naming it (keys
+        added since the checkpoint was written take their defaults, which reproduce the old behaviour)."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"model setting {unknown[0]!r}={d[unknown[0]]!r} is not implemented by this model")
+        return cls(**d)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -99,27 +124,29 @@ class GPTConfig:
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1). GPT-2's eps is 1e-5."""
 
-    def __init__(self, ndim, bias):
+    def __init__(self, ndim, bias, eps=1e-5):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.eps = eps
 
     def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, ndim, bias=False):  # bias is ignored: RMSNorm has none
+    def __init__(self, ndim, bias=False, eps=1e-5):  # bias is ignored: RMSNorm has none
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
+        self.eps = eps
 
     def forward(self, x):
-        return F.rms_norm(x, self.weight.shape, self.weight, 1e-5)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def make_norm(config, ndim=None):
     norm_class = LayerNorm if config.norm == "layernorm" else RMSNorm
-    return norm_class(ndim or config.n_embd, config.bias)
+    return norm_class(ndim or config.n_embd, config.bias, config.norm_eps)
 
 
 def rope_tables(head_size, n_positions, base):
@@ -146,8 +173,8 @@ def causal_mask(n_queries, n_keys, device):
 
 # Analysis hook points and the shape of the tensor each one sees. B batch; P residual positions of this forward
 # pass (the T real tokens, after the n_sink_tokens prefix when sink='token'; with a KV cache only the new ones);
-# C n_embd; H heads; D head size; K keys each query can see (cached positions first; slot sinks add one column,
-# column 0); M the MLP's hidden width. Registered with `with model.hooks({"h.3.resid_post": fn}): ...`.
+# C n_embd; H query heads; Hkv key/value heads (n_kv_head); D head size; K keys each query can see (cached
+# positions first; slot sinks add one column, column 0); M the MLP's hidden width. Registered with `with model.hooks({"h.3.resid_post": fn}): ...`.
 GLOBAL_HOOK_POINTS = {
     "embed": "(B, T, C)  token (+ learned position) embeddings, before the sink-token prefix",
     "ln_f": "(B, P, C)  the final norm's output",
@@ -156,8 +183,8 @@ HOOK_POINTS = {  # per block: "h.<layer>.<point>"
     "resid_pre": "(B, P, C)  the block's input",
     "ln_1": "(B, P, C)  attention's normed input (norm_pos='post': the norm after the first residual add)",
     "q": "(B, H, P, D)  queries, after qk_norm and rotary",
-    "k": "(B, H, P, D)  keys of this pass's positions, after qk_norm and rotary (before cache and slot)",
-    "v": "(B, H, P, D)  values of this pass's positions",
+    "k": "(B, Hkv, P, D)  keys of this pass's positions, after qk_norm and rotary (before cache and slot)",
+    "v": "(B, Hkv, P, D)  values of this pass's positions",
     "scores": "(B, H, P, K)  q.k / sqrt(D), -inf where not visible; slot sinks: column 0 is the slot",
     "pattern": "(B, H, P, K)  softmax(scores); sigmoid(scores) for attn_fn=sigmoid; relu(scores) / visible "
                "keys (the slot counted) for attn_fn=relu",
@@ -187,7 +214,7 @@ class KVCache:
     `pos` counts real tokens (sink-token prefixes are cached but take no position)."""
 
     def __init__(self, n_layer):
-        self.buffers = [None] * n_layer  # (keys, values), each (B, H, capacity, D)
+        self.buffers = [None] * n_layer  # (keys, values), each (B, n_kv_head, capacity, D)
         self.length = [0] * n_layer
         self.pos = 0
 
@@ -210,25 +237,31 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal self-attention with H query heads and n_kv_head key/value heads (grouped-query attention: query
+    head h reads key/value head h // (H / n_kv_head); plain multi-head attention when they are equal)."""
+
     def __init__(self, config, layer_idx):
         super().__init__()
-        C, H, D = config.n_embd, config.n_head, config.head_size
-        self.n_head, self.head_size, self.layer_idx = H, D, layer_idx
+        C, H, Hkv, D = config.n_embd, config.n_head, config.kv_heads, config.head_size
+        self.n_head, self.n_kv_head, self.head_size, self.layer_idx = H, Hkv, D, layer_idx
         self.sink, self.attn_fn, self.attn_gate = config.sink, config.attn_fn, config.attn_gate
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)
+        self.c_attn = nn.Linear(C, C + 2 * Hkv * D, bias=config.bias)  # queries, then keys, then values
         self.c_proj = nn.Linear(C, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_dropout = nn.Dropout(config.dropout)
         if config.qk_norm:  # normalise each head's queries and keys (bounds the attention logits)
-            self.q_norm, self.k_norm = RMSNorm(D), RMSNorm(D)
+            self.q_norm, self.k_norm = RMSNorm(D, eps=config.norm_eps), RMSNorm(D, eps=config.norm_eps)
         # --- sink parameters: one extra softmax column per head (docs/sinks.md) ---
+        # The slot is one more key/value position, so like every key and value it has one per key/value head
+        # (the fused GQA kernel and the KV cache run unchanged); the sink logit, a per-head scalar, has one per
+        # query head, as in gpt-oss (which uses GQA).
         if config.sink == "logit":  # gpt-oss: a learned logit s with value 0
             self.sink_logit = nn.Parameter(torch.zeros(H))
         if config.sink in ("kv_bias", "k_bias"):  # Sun et al. / Gu et al.: a learned key (and value)
-            self.k_slot = nn.Parameter(torch.randn(H, D) * 0.02)
+            self.k_slot = nn.Parameter(torch.randn(Hkv, D) * 0.02)
         if config.sink == "kv_bias":
-            self.v_slot = nn.Parameter(torch.randn(H, D) * 0.02)
+            self.v_slot = nn.Parameter(torch.randn(Hkv, D) * 0.02)
         # --- output gate (Qiu et al. G1): o' = o * sigmoid(x W_g), per head or per channel ---
         if config.attn_gate != "none":
             self.c_gate = nn.Linear(C, H if config.attn_gate == "headwise" else C, bias=config.bias)
@@ -236,9 +269,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, cache=None):
         B, T, C = x.shape
-        H, D = self.n_head, self.head_size
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_size
+        q, k, v = self.c_attn(x).split([C, Hkv * D, Hkv * D], dim=2)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k, v = (t.view(B, T, Hkv, D).transpose(1, 2) for t in (k, v))  # (B, Hkv, T, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -259,17 +293,22 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def sdpa(self, q, k, v, scale=None):
-        """Fused causal attention; k/v may start with cached or prepended positions (lower-right mask)."""
+        """Fused causal attention; k/v may start with cached or prepended positions (lower-right mask) and may
+        have fewer heads than q (GQA, which the kernel reads without repeating them)."""
         Tq, Tk = q.size(2), k.size(2)
         dropout_p = self.dropout if self.training else 0.0
+        gqa = k.size(1) != q.size(1)
         if Tq == Tk:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale,
+                                                  enable_gqa=gqa)
         mask = None if Tq == 1 else causal_mask(Tq, Tk, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=gqa)
 
     def slot_key_value(self, dtype):
-        """The extra key and value (H, D) that every query sees. softmax1 is a zero key (logit 0) and a zero value."""
-        zeros = torch.zeros(self.n_head, self.head_size, dtype=dtype, device=self.c_attn.weight.device)
+        """The extra key and value (n_kv_head, D) that every query sees. softmax1 is a zero key (logit 0) and a
+        zero value."""
+        zeros = torch.zeros(self.n_kv_head, self.head_size, dtype=dtype, device=self.c_attn.weight.device)
         k_slot = self.k_slot.to(dtype) if hasattr(self, "k_slot") else zeros
         v_slot = self.v_slot.to(dtype) if hasattr(self, "v_slot") else zeros
         return k_slot, v_slot
@@ -277,21 +316,23 @@ class CausalSelfAttention(nn.Module):
     def attend_slot_sdpa(self, q, k, v):
         """Attention with one extra key/value slot, exact and on the fused kernel. The slot is prepended to the
         keys and values; without a cache a dummy query row is prepended too, so the plain causal kernel applies
-        and the dummy row's output is dropped. The learned sink logit s becomes a slot key through one extra
-        head channel (8 on CUDA, whose fused kernels want multiples of 8): queries carry 1 there, real keys 0,
-        the slot key s / scale, so q.k_slot * scale = s. Few ops: on small models their count, not the
-        bytes copied, is what costs."""
+        and the dummy row's output is dropped. The learned sink logit s_h becomes a slot column through one
+        extra head channel (8 on CUDA, whose fused kernels want multiples of 8): query head h carries s_h there,
+        real keys 0, the slot key 1 / scale, so q.k_slot * scale = s_h. Few ops: on small models their count,
+        not the bytes copied, is what costs."""
         B, H, Tq, D = q.shape
+        Hkv = k.size(1)
         scale = 1.0 / math.sqrt(D)
         k_slot, v_slot = self.slot_key_value(q.dtype)
         if self.sink == "logit":
             extra = 8 if q.is_cuda else 1
-            q = torch.cat([q, q.new_ones(B, H, Tq, 1), q.new_zeros(B, H, Tq, extra - 1)], dim=-1)
+            logit = self.sink_logit.to(q.dtype).view(1, H, 1, 1).expand(B, H, Tq, 1)
+            q = torch.cat([q, logit, q.new_zeros(B, H, Tq, extra - 1)], dim=-1)
             k, v = F.pad(k, (0, extra)), F.pad(v, (0, extra))
-            k_slot = F.pad(self.sink_logit.to(q.dtype)[:, None] / scale, (D, extra - 1))
-            v_slot = v_slot.new_zeros(H, D + extra)
-        k = torch.cat([k_slot.view(1, H, 1, -1).expand(B, -1, -1, -1), k], dim=2)
-        v = torch.cat([v_slot.view(1, H, 1, -1).expand(B, -1, -1, -1), v], dim=2)
+            k_slot = F.pad(k_slot.new_full((Hkv, 1), 1.0 / scale), (D, extra - 1))
+            v_slot = v_slot.new_zeros(Hkv, D + extra)
+        k = torch.cat([k_slot.view(1, Hkv, 1, -1).expand(B, -1, -1, -1), k], dim=2)
+        v = torch.cat([v_slot.view(1, Hkv, 1, -1).expand(B, -1, -1, -1), v], dim=2)
         if k.size(2) == Tq + 1:  # no cached keys: dummy query row + plain causal kernel
             q = torch.cat([q.new_zeros(B, H, 1, q.size(-1)), q], dim=2)
             y = self.sdpa(q, k, v, scale=scale)[:, :, 1:]
@@ -303,12 +344,16 @@ class CausalSelfAttention(nn.Module):
         """Attention written out: scores, slot column, mask, softmax/sigmoid/relu, weighted sum.
         Used for attn_fn != softmax and whenever an analysis hook wants the scores or the pattern."""
         B, H, Tq, D = q.shape
+        group = H // k.size(1)
+        k_slot, v_slot = self.slot_key_value(q.dtype)
+        if group > 1:  # each key/value head serves `group` consecutive query heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            k_slot, v_slot = k_slot.repeat_interleave(group, dim=0), v_slot.repeat_interleave(group, dim=0)
         Tk = k.size(2)
         scale = 1.0 / math.sqrt(D)
         scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
         visible = causal_mask(Tq, Tk, q.device)
         if self.sink in SLOT_SINKS:  # the slot is column 0, visible to every query
-            k_slot, v_slot = self.slot_key_value(q.dtype)
             if self.sink == "logit":
                 slot_scores = self.sink_logit.to(q.dtype).view(1, H, 1, 1).expand(B, H, Tq, 1)
             else:
@@ -335,14 +380,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        C = config.n_embd
+        C, hidden = config.n_embd, config.hidden_size
         self.act = config.mlp_act
-        if self.act == "swiglu":  # 2/3 of the width keeps the parameter count of a 4C MLP
-            hidden = (8 * C // 3 + 63) // 64 * 64
-            self.c_fc = nn.Linear(C, 2 * hidden, bias=config.bias)
-        else:
-            hidden = 4 * C
-            self.c_fc = nn.Linear(C, hidden, bias=config.bias)
+        self.c_fc = nn.Linear(C, 2 * hidden if self.act == "swiglu" else hidden, bias=config.bias)  # swiglu: gate, up
         self.c_proj = nn.Linear(hidden, C, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.hook_fns = {}  # shared with the enclosing Block

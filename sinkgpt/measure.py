@@ -82,8 +82,9 @@ def layer_reducer(model, trigger_mask=None):
             if trigger_mask is not None:
                 out["bb"] = bb_masses(x, trigger_mask, n_slot)
             return out
-        if point == "v":
-            return value_norms(x.detach().float(), blocks[layer].attn.c_proj.weight.detach().float(), n_prefix)
+        if point == "v":  # (B, n_kv_head, P, D): each key/value head serves a group of query heads
+            v = x.detach().float().repeat_interleave(model.config.n_head // x.size(1), dim=1)
+            return value_norms(v, blocks[layer].attn.c_proj.weight.detach().float(), n_prefix)
         return x.detach()
     return reduce
 

@@ -164,7 +164,8 @@ def expected_hook_shapes(model, B, T):
     for layer in range(cfg.n_layer):
         shapes.update({f"h.{layer}.{p}": (B, Tn, C) for p in ("resid_pre", "ln_1", "attn_out", "resid_mid", "ln_2",
                                                                "mlp_out", "resid_post")})
-        shapes.update({f"h.{layer}.{p}": (B, H, Tn, D) for p in ("q", "k", "v")})
+        shapes[f"h.{layer}.q"] = (B, H, Tn, D)
+        shapes.update({f"h.{layer}.{p}": (B, cfg.kv_heads, Tn, D) for p in ("k", "v")})
         cols = Tn + (1 if cfg.sink in ("logit", "softmax1", "kv_bias", "k_bias") else 0)
         shapes.update({f"h.{layer}.{p}": (B, H, Tn, cols) for p in ("scores", "pattern")})
         shapes[f"h.{layer}.mlp_pre"] = (B, Tn, 2 * hidden if cfg.mlp_act == "swiglu" else hidden)
@@ -177,8 +178,8 @@ def no_hooks_left(model):
 
 
 @pytest.mark.parametrize("options", [dict(), dict(sink="token", n_sink_tokens=2), dict(sink="kv_bias"),
-                                     dict(mlp_act="swiglu", norm_pos="post")],
-                         ids=["plain", "token", "kv_bias", "swiglu-post"])
+                                     dict(mlp_act="swiglu", norm_pos="post"), dict(n_head=4, n_kv_head=2)],
+                         ids=["plain", "token", "kv_bias", "swiglu-post", "gqa"])
 def test_every_hook_point_reads_the_right_shape_and_costs_nothing(options):
     model = randomize(tiny(**options)).double().eval()
     idx = idx_batch(model, B=2, T=7)
@@ -275,7 +276,9 @@ def test_patching_hooks_replace_the_activation():
 
 PATTERN_OPTIONS = [dict(), dict(sink="logit"), dict(sink="softmax1"), dict(sink="kv_bias"), dict(sink="k_bias"),
                    dict(sink="token", n_sink_tokens=2), dict(attn_fn="sigmoid"), dict(attn_fn="sigmoid", sink="kv_bias"),
-                   dict(attn_fn="relu"), dict(attn_fn="relu", sink="kv_bias"), dict(pos_emb="rope", qk_norm=True)]
+                   dict(attn_fn="relu"), dict(attn_fn="relu", sink="kv_bias"), dict(pos_emb="rope", qk_norm=True),
+                   dict(n_head=4, n_kv_head=2, sink="kv_bias"), dict(n_head=4, n_kv_head=1, sink="logit"),
+                   dict(n_head=4, n_kv_head=2, attn_fn="relu", sink="kv_bias")]
 
 
 @pytest.mark.parametrize("options", PATTERN_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
@@ -291,6 +294,8 @@ def test_scores_and_pattern_hooks_follow_the_formulas(options):
     q, k, v, scores, pattern, out = (cache[name] for name in names)
     attn = model.transformer.h[1].attn
     B, H, P, D = q.shape
+    group = H // k.size(1)  # grouped-query attention: query head h reads key/value head h // group
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     n_slot = 1 if model.config.sink in ("logit", "softmax1", "kv_bias", "k_bias") else 0
     assert scores.shape == pattern.shape == (B, H, P, n_slot + P)
     visible = torch.ones(P, P, dtype=torch.bool).tril()
@@ -298,9 +303,9 @@ def test_scores_and_pattern_hooks_follow_the_formulas(options):
     torch.testing.assert_close(real[..., visible], (q @ k.transpose(-2, -1) / math.sqrt(D))[..., visible],
                                rtol=0, atol=1e-12)
     assert (real[..., ~visible] == float("-inf")).all()
-    zero_slot = torch.zeros(H, D, dtype=q.dtype)
-    k_slot = getattr(attn, "k_slot", zero_slot)
-    v_slot = getattr(attn, "v_slot", zero_slot)
+    zero_slot = torch.zeros(H // group, D, dtype=q.dtype)
+    k_slot = getattr(attn, "k_slot", zero_slot).repeat_interleave(group, dim=0)
+    v_slot = getattr(attn, "v_slot", zero_slot).repeat_interleave(group, dim=0)
     if model.config.sink == "logit":
         torch.testing.assert_close(scores[..., 0], attn.sink_logit.view(1, H, 1).expand(B, H, P), rtol=0, atol=0)
     elif n_slot:

@@ -43,15 +43,18 @@ def ref_rope(x, cos, sin):
 def ref_attention(attn, x, rope=None):
     """Eager attention of module `attn` (its parameters, read directly) on the normed block input x (B, T, C)."""
     B, T, C = x.shape
-    H = attn.n_head
+    H, Hkv = attn.n_head, attn.n_kv_head
     D = C // H
+    group = H // Hkv  # grouped-query attention: query head h reads key/value head h // group
     qkv = x @ attn.c_attn.weight.T
     if attn.c_attn.bias is not None:
         qkv = qkv + attn.c_attn.bias
-    q, k, v = (t.reshape(B, T, H, D).transpose(1, 2) for t in qkv.split(C, dim=-1))
-    if hasattr(attn, "q_norm"):  # RMSNorm per head, eps 1e-5
-        q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + 1e-5) * attn.q_norm.weight
-        k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + 1e-5) * attn.k_norm.weight
+    q, k, v = qkv.split([C, Hkv * D, Hkv * D], dim=-1)
+    q = q.reshape(B, T, H, D).transpose(1, 2)
+    k, v = (t.reshape(B, T, Hkv, D).transpose(1, 2).repeat_interleave(group, dim=1) for t in (k, v))
+    if hasattr(attn, "q_norm"):  # RMSNorm per head
+        q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + attn.q_norm.eps) * attn.q_norm.weight
+        k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + attn.k_norm.eps) * attn.k_norm.weight
     if rope is not None:
         q, k = ref_rope(q, *rope), ref_rope(k, *rope)
     scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (B, H, T, T)
@@ -62,9 +65,10 @@ def ref_attention(attn, x, rope=None):
             column = attn.sink_logit.view(1, H, 1, 1).expand(B, H, T, 1)  # not scaled by 1/sqrt(d)
         elif attn.sink == "softmax1":
             column = scores.new_zeros(B, H, T, 1)
-        else:  # kv_bias / k_bias: q . k' / sqrt(d)
-            column = (q * attn.k_slot.view(1, H, 1, D)).sum(-1, keepdim=True) / math.sqrt(D)
-        v_slot = attn.v_slot if attn.sink == "kv_bias" else torch.zeros(H, D, dtype=x.dtype)
+        else:  # kv_bias / k_bias: q . k' / sqrt(d), one slot key per key/value head
+            k_slot = attn.k_slot.repeat_interleave(group, dim=0)
+            column = (q * k_slot.view(1, H, 1, D)).sum(-1, keepdim=True) / math.sqrt(D)
+        v_slot = attn.v_slot.repeat_interleave(group, dim=0) if attn.sink == "kv_bias" else torch.zeros(H, D, dtype=x.dtype)
         scores = torch.cat([column, scores], dim=-1)
         values = torch.cat([v_slot.view(1, H, 1, D).expand(B, H, 1, D), v], dim=2)
         visible = torch.cat([torch.ones(T, 1, dtype=torch.bool), visible], dim=1)
@@ -91,10 +95,10 @@ def ref_attention(attn, x, rope=None):
 
 def ref_layer_norm(norm, x):
     if isinstance(norm, torch.nn.Module) and type(norm).__name__ == "RMSNorm":
-        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
     mean = x.mean(-1, keepdim=True)
     var = (x - mean).pow(2).mean(-1, keepdim=True)
-    out = (x - mean) / torch.sqrt(var + 1e-5) * norm.weight
+    out = (x - mean) / torch.sqrt(var + norm.eps) * norm.weight
     return out if norm.bias is None else out + norm.bias
 
 
@@ -152,7 +156,7 @@ def randomize_attention(attn, gen):
 
 def make_attention(H, seed=0, C_per_head=None, **options):
     C = 16 if C_per_head is None else C_per_head * H
-    cfg = GPTConfig(n_layer=1, n_head=H, n_embd=C, block_size=32, vocab_size=10, **options)
+    cfg = GPTConfig(n_layer=1, n_head=H, n_embd=C, block_size=32, vocab_size=10, **options)  # n_kv_head: GQA
     torch.manual_seed(seed)
     attn = CausalSelfAttention(cfg, 0).double()
     randomize_attention(attn, torch.Generator().manual_seed(seed + 1))
@@ -199,19 +203,21 @@ CASES = [(m, path) for m in MECHANISMS for path in (("fast", "eager") if m.get("
                                                       else ("eager",))]
 
 
-@pytest.mark.parametrize("H", [1, 2, 4])
+@pytest.mark.parametrize("H,n_kv_head", [(1, 1), (2, 2), (4, 4), (4, 2), (4, 1)],
+                         ids=["H1", "H2", "H4", "H4-kv2", "H4-kv1"])
 @pytest.mark.parametrize("options,path", CASES, ids=[f"{mech_id(m)}-{p}" for m, p in CASES])
-def test_attention_matches_reference(options, path, H):
-    attn = make_attention(H, seed=H, **options)
+def test_attention_matches_reference(options, path, H, n_kv_head):
+    attn = make_attention(H, seed=H + n_kv_head, n_kv_head=n_kv_head, **options)
     for B in (1, 3):
         for T in (1, 5, 17):
             check_against_reference(attn, B, T, seed=100 * B + T, path=path)
 
 
+@pytest.mark.parametrize("n_kv_head", [2, 1])
 @pytest.mark.parametrize("sink", ("none",) + SLOT_SINKS)
-def test_attention_with_rope_matches_reference(sink):
+def test_attention_with_rope_matches_reference(sink, n_kv_head):
     """Rotary positions apply to queries and real keys only; the slot key is not rotated."""
-    attn = make_attention(2, seed=3, C_per_head=8, sink=sink)
+    attn = make_attention(2, seed=3, C_per_head=8, sink=sink, n_kv_head=n_kv_head)
     for path in ("fast", "eager"):
         check_against_reference(attn, 3, 9, seed=5, path=path, rope=rope_table(torch.arange(9), 8))
 
@@ -317,6 +323,15 @@ GPT_MECHANISMS += [dict(sink="token", n_sink_tokens=2, pos_emb="rope"), dict(att
                    dict(pos_emb="rope", sink="softmax1", qk_norm=True), dict(pos_emb="rope", sink="bos_override"),
                    dict(sink="token", attn_gate="elementwise"), dict(sink="bos_override", attn_gate="headwise"),
                    dict(sink="k_bias", attn_gate="headwise", norm="rmsnorm", bias=False)]
+# grouped-query attention (4 query heads, 2 or 1 key/value heads) with every option, the Llama shape among them
+GPT_MECHANISMS += [dict(n_head=4, n_kv_head=2, sink=s) for s in ("none", "token", "logit", "softmax1", "kv_bias",
+                                                                 "k_bias", "bos_override")]
+GPT_MECHANISMS += [dict(n_head=4, n_kv_head=1, sink="kv_bias", attn_gate="headwise"),
+                   dict(n_head=4, n_kv_head=2, attn_fn="relu", sink="kv_bias"),
+                   dict(n_head=4, n_kv_head=2, attn_fn="sigmoid", attn_gate="elementwise"),
+                   dict(n_head=4, n_kv_head=2, sink="logit", qk_norm=True, pos_emb="rope"),
+                   dict(n_head=4, n_kv_head=2, pos_emb="rope", norm="rmsnorm", mlp_act="swiglu", bias=False,
+                        tie_embeddings=False, norm_eps=1e-6, mlp_hidden=24, sink="softmax1")]
 
 
 @pytest.mark.parametrize("options", GPT_MECHANISMS, ids=[mech_id(m) for m in GPT_MECHANISMS])
@@ -571,3 +586,28 @@ def test_slot_with_zero_value_is_refused_without_softmax(sink, attn_fn):
     # unnormalised rows ignore a zero-value slot: the combination would train a parameter that does nothing
     with pytest.raises(ValueError, match=f"sink='{sink}' does nothing with attn_fn='{attn_fn}'"):
         GPTConfig(sink=sink, attn_fn=attn_fn)
+
+
+# ------------------------------------------------------------------------------------------------
+# grouped-query attention: the fused kernel and the cache see only the shared key/value heads
+
+
+@pytest.mark.parametrize("sink", ("none",) + SLOT_SINKS)
+def test_gqa_fast_path_gives_the_kernel_and_the_cache_the_shared_heads_only(sink, monkeypatch):
+    model = make_gpt(n_head=4, n_kv_head=2, sink=sink).eval()
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append((q.size(1), k.size(1), v.size(1), kwargs.get("enable_gqa")))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    idx = sample_idx(model, 2, 6, seed=1)
+    cache = KVCache(model.config.n_layer)
+    with torch.no_grad():
+        model(idx[:, :5], cache=cache)
+        model(idx[:, 5:], cache=cache)
+    assert seen and all(entry == (4, 2, 2, True) for entry in seen), seen
+    keys, values = cache.buffers[0]
+    assert keys.size(1) == values.size(1) == 2 and cache.length[0] == 6
