@@ -8,7 +8,7 @@ with its tokenizer from a run folder, a checkpoint file or a pretrained folder.
     target = load_model("out-bb/base", device)                          # model, tokenizer, config, bos rule
     events = read_metrics("out-bb/base")                                # a cut-off last line is skipped
 
-May import: model, sinkgpt.common, sinkgpt.pretrained.
+May import: model, sinkgpt.common, sinkgpt.pretrained, sinkgpt.tokenizer.
 """
 
 import json
@@ -20,6 +20,7 @@ import torch
 from model import GPT, GPTConfig
 from sinkgpt.common import InputError, RunError
 from sinkgpt.pretrained import PretrainedError, from_pretrained
+from sinkgpt.tokenizer import GPT2_VOCAB, describe_tokenizer, folder_tokenizer_meta
 
 # the keys every training checkpoint holds (load_checkpoint checks what a caller needs)
 CHECKPOINT_KEYS = ("model", "model_args", "optimizer", "iter_num", "best_val_loss", "tokens", "loader", "rng")
@@ -223,12 +224,24 @@ def load_model(target, device="cpu"):
 
 
 def pretrained_meta(folder, model):
-    """The tokenizer of a pretrained folder: a meta.json beside its config.json, else GPT-2 BPE."""
+    """The tokenizer of a pretrained folder: a meta.json beside its config.json, else its tokenizer.json (through
+    the tokenizers library), else GPT-2 BPE; one error line when the model's vocabulary cannot hold its ids."""
     meta_path = os.path.join(folder, "meta.json")
     if os.path.isfile(meta_path):
         try:
             with open(meta_path) as f:
-                return json.load(f)
+                meta = json.load(f)
         except json.JSONDecodeError as e:
             raise PretrainedError(f"{meta_path} is not JSON ({e})") from None
-    return {"tokenizer": "gpt2", "bos_token": model.config.bos_token, "vocab_size": model.config.vocab_size}
+    elif os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        try:
+            meta = folder_tokenizer_meta(folder)
+        except ValueError as e:
+            raise PretrainedError(str(e)) from None
+    else:
+        meta = {"tokenizer": "gpt2", "bos_token": model.config.bos_token, "vocab_size": GPT2_VOCAB}
+    if meta.get("vocab_size", 0) > model.config.vocab_size:
+        raise PretrainedError(f"{folder}: the model's vocabulary ({model.config.vocab_size} tokens) is smaller than "
+                              f"its tokenizer's ({describe_tokenizer(meta)}, {meta['vocab_size']} tokens): give the "
+                              "folder its own tokenizer.json")
+    return meta

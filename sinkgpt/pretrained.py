@@ -1,12 +1,14 @@
 """
-Pretrained weights in and out: Hugging Face folders (config.json + safetensors) into a GPT, and a GPT back
-out as a folder transformers loads.
+Pretrained weights in and out: Hugging Face folders (config.json + safetensors, sharded or not) into a GPT,
+and a GPT back out as a folder transformers loads. Two families: GPT-2 (GPT2LMHeadModel) and Llama
+(LlamaForCausalLM: SmolLM2, TinyLlama, Llama-2/3-style checkpoints), told apart by config.json's model_type.
 
-    model = from_pretrained("path/to/gpt2", sink="logit")   # new sink parameters start at their neutral point
-    export_hf(model, "out/hf")                              # config.json + model.safetensors
+    model = from_pretrained("path/to/SmolLM2", sink="logit")   # new sink parameters start at their neutral point
+    export_hf(model, "out/hf")                                 # config.json + model.safetensors
 
-A config field the model does not implement, with a value other than the one it does, is refused with one
-line naming the field (PretrainedError).
+A config field that changes the computation in a way our model does not implement is refused with one line
+naming the field and its value (PretrainedError); the fields that only describe the checkpoint (dtype,
+use_cache, token ids, ...) are read or passed over.
 
 May import: model, sinkgpt.common.
 """
@@ -46,7 +48,8 @@ def download(name):
     """Fetch a checkpoint from the Hugging Face hub (needs network); returns its local folder."""
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(name, allow_patterns=["config.json", "model.safetensors"])
+        return snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
+                                                       "tokenizer.json", "tokenizer_config.json"])
     except Exception as e:  # no network, unknown name, missing package
         raise PretrainedError(f"{name!r} is not a local folder and could not be fetched from the hub "
                               f"({type(e).__name__}); pass a folder with config.json and model.safetensors") from None
@@ -64,14 +67,40 @@ def read_hf_config(path):
 
 
 def read_hf_weights(path):
+    """The state dict of a folder: model.safetensors, shards listed by model.safetensors.index.json, or the
+    legacy pytorch_model.bin."""
+    from safetensors.torch import load_file
     safetensors_file = os.path.join(path, "model.safetensors")
     if os.path.exists(safetensors_file):
-        from safetensors.torch import load_file
         return load_file(safetensors_file)
+    index_file = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index_file):
+        with open(index_file) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.exists(os.path.join(path, s))]
+        if missing:
+            raise PretrainedError(f"{path}: shard {missing[0]} (listed in model.safetensors.index.json) is missing")
+        weights = {}
+        for shard in shards:
+            weights.update(load_file(os.path.join(path, shard)))
+        return weights
     bin_file = os.path.join(path, "pytorch_model.bin")
     if os.path.exists(bin_file):
         return torch.load(bin_file, map_location="cpu", weights_only=True)
-    raise PretrainedError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+    raise PretrainedError(f"{path} holds neither model.safetensors (or its sharded index) nor pytorch_model.bin")
+
+
+def refuse_unimplemented(hf, path, checks):
+    """checks: field -> (the value we implement, whether a missing field means it). One line for the first
+    field that is set to anything else."""
+    for field, (implemented, missing_ok) in checks.items():
+        if field not in hf:
+            if not missing_ok:
+                raise PretrainedError(f"{path}/config.json: {field} is missing")
+            continue
+        if hf[field] != implemented and not (implemented is None and hf[field] in (None, {}, [])):
+            raise PretrainedError(f"{path}/config.json: {field}={hf[field]!r} is not implemented "
+                                  f"(only {implemented!r})")
 
 
 def from_pretrained(name_or_dir, **overrides):
@@ -81,9 +110,10 @@ def from_pretrained(name_or_dir, **overrides):
     path = resolve_folder(name_or_dir)
     hf = read_hf_config(path)
     model_type = hf.get("model_type", "gpt2")
-    if model_type != "gpt2":
-        raise PretrainedError(f"{path}: model_type {model_type!r} is not gpt2")
-    config = gpt2_config(hf, path)
+    if model_type not in FAMILIES:
+        raise PretrainedError(f"{path}: model_type {model_type!r} is not one of {', '.join(FAMILIES)}")
+    make_config, load_state_dict = FAMILIES[model_type]
+    config = make_config(hf, path)
     for key, value in overrides.items():
         setattr(config, key, value)
     try:
@@ -91,9 +121,24 @@ def from_pretrained(name_or_dir, **overrides):
     except ValueError as e:
         raise PretrainedError(str(e)) from None
     model = GPT(config)
-    load_gpt2_state_dict(model, read_hf_weights(path))
+    with torch.no_grad():
+        load_state_dict(model, read_hf_weights(path))
     model.init_sinks_from_pretrained()
     return model
+
+
+def copy_weight(target, src, key):
+    if src.shape != target.shape:
+        raise PretrainedError(f"weight {key!r} has shape {tuple(src.shape)}, expected {tuple(target.shape)}")
+    target.copy_(src)
+
+
+def copy_embedding(target, src, vocab_size, key):
+    """wte / an untied head: the checkpoint's rows, zeros in the padding rows of pad_vocab."""
+    if src.shape != (vocab_size, target.size(1)):
+        raise PretrainedError(f"weight {key!r} has shape {tuple(src.shape)}, expected ({vocab_size}, {target.size(1)})")
+    target[:vocab_size].copy_(src)
+    target[vocab_size:].zero_()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -101,11 +146,15 @@ def from_pretrained(name_or_dir, **overrides):
 
 
 def gpt2_config(hf, path):
+    refuse_unimplemented(hf, path, {"scale_attn_by_inverse_layer_idx": (False, True),
+                                    "scale_attn_weights": (True, True), "add_cross_attention": (False, True)})
     activation = hf.get("activation_function", "gelu_new")
     if activation not in HF_ACTIVATIONS:
-        raise PretrainedError(f"{path}: activation_function {activation!r} is not one of {', '.join(HF_ACTIVATIONS)}")
+        raise PretrainedError(f"{path}/config.json: activation_function={activation!r} is not implemented "
+                              f"(one of {', '.join(HF_ACTIVATIONS)})")
     return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                      n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, mlp_act=HF_ACTIVATIONS[activation],
+                     mlp_hidden=hf.get("n_inner") or 0, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                      tie_embeddings=hf.get("tie_word_embeddings", True),
                      bos_token=50256 if hf.get("bos_token_id") is None else hf["bos_token_id"])
 
@@ -114,39 +163,26 @@ def load_gpt2_state_dict(model, hf_sd):
     """Copy a GPT2LMHeadModel state dict in; its Conv1D weights are (in, out), so they are transposed."""
     hf_sd = {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
     V = model.config.vocab_size
-    with torch.no_grad():
-        for name, target in model.state_dict().items():
-            key = name.removeprefix("transformer.")
-            if name == "lm_head.weight" and model.config.tie_embeddings:
+    for name, target in model.state_dict().items():
+        key = name.removeprefix("transformer.")
+        if name == "lm_head.weight" and model.config.tie_embeddings:
+            continue
+        if key not in hf_sd:
+            if is_new_parameter(name):
                 continue
-            if key not in hf_sd:
-                if is_new_parameter(name):
-                    continue
-                raise PretrainedError(f"weight {key!r} is missing from the GPT-2 checkpoint")
-            src = hf_sd[key]
-            if key.endswith(GPT2_CONV1D):
-                src = src.t()
-            if name in ("transformer.wte.weight", "lm_head.weight"):
-                target[:V].copy_(src)
-                target[V:].zero_()
-                continue
-            if src.shape != target.shape:
-                raise PretrainedError(f"weight {key!r} has shape {tuple(src.shape)}, expected {tuple(target.shape)}")
-            target.copy_(src)
+            raise PretrainedError(f"weight {key!r} is missing from the GPT-2 checkpoint")
+        src = hf_sd[key]
+        if key.endswith(GPT2_CONV1D):
+            src = src.t()
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            copy_embedding(target, src, V, key)
+        else:
+            copy_weight(target, src, key)
 
 
-def export_hf(model, out_dir):
-    """Write config.json + model.safetensors that transformers' GPT2LMHeadModel loads."""
+def gpt2_export(model):
+    """(state dict, config.json) of a GPT2LMHeadModel."""
     cfg = model.config
-    defaults = GPTConfig()
-    unsupported = [key for key in ("sink", "attn_gate", "attn_fn", "pos_emb", "norm", "norm_pos", "qk_norm",
-                                   "logit_softcap") if getattr(cfg, key) != getattr(defaults, key)]
-    if cfg.mlp_act not in HF_ACTIVATIONS.values():
-        unsupported.append("mlp_act")
-    if unsupported:
-        raise PretrainedError("the Hugging Face GPT-2 format cannot express " +
-                              ", ".join(f"{k}={getattr(cfg, k)!r}" for k in unsupported))
-    from safetensors.torch import save_file
     V = cfg.vocab_size
     out = {}
     for name, tensor in model.state_dict().items():
@@ -162,14 +198,159 @@ def export_hf(model, out_dir):
         for name, module in model.named_modules():
             if isinstance(module, (nn.Linear, LayerNorm)) and name != "lm_head":
                 out[f"{name}.bias"] = torch.zeros(module.weight.shape[0])
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=V,
                      n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                     n_head=cfg.n_head, n_inner=None,
+                     n_head=cfg.n_head, n_inner=cfg.mlp_hidden or None,
                      activation_function={v: k for k, v in HF_ACTIVATIONS.items()}[cfg.mlp_act],
-                     layer_norm_epsilon=1e-5, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+                     layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
                      attn_pdrop=cfg.dropout, initializer_range=0.02, bos_token_id=cfg.bos_token,
                      eos_token_id=cfg.bos_token, tie_word_embeddings=cfg.tie_embeddings)
+    return out, hf_config
+
+
+# ----------------------------------------------------------------------------------------------------
+# Llama (LlamaForCausalLM): rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases
+
+
+def rope_theta(hf, path):
+    """The rotary base: rope_theta (transformers 4) or rope_parameters (transformers 5); only the default rotary
+    embedding (no scaling) is implemented."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict):
+        extra = {k: v for k, v in params.items() if k not in ("rope_theta", "rope_type")}
+        if params.get("rope_type", "default") != "default" or extra:
+            raise PretrainedError(f"{path}/config.json: rope_parameters={params!r} is not implemented (only the "
+                                  "default rotary embedding, without scaling)")
+        return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    return float(hf.get("rope_theta", 10000.0))
+
+
+def llama_config(hf, path):
+    refuse_unimplemented(hf, path, {"hidden_act": ("silu", True), "rope_scaling": (None, True),
+                                    "attention_dropout": (0.0, True), "sliding_window": (None, True),
+                                    "use_sliding_window": (False, True)})
+    if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+        raise PretrainedError(f"{path}/config.json: attention_bias={hf.get('attention_bias', False)!r} with "
+                              f"mlp_bias={hf.get('mlp_bias', False)!r} is not implemented (one bias switch for both)")
+    n_head = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
+    if head_dim * n_head != hf["hidden_size"]:
+        raise PretrainedError(f"{path}/config.json: head_dim={head_dim} is not implemented (only hidden_size / "
+                              f"num_attention_heads = {hf['hidden_size'] // n_head})")
+    bos = hf.get("bos_token_id")
+    eos = hf.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    return GPTConfig(block_size=hf.get("max_position_embeddings", 2048), vocab_size=hf["vocab_size"],
+                     n_layer=hf["num_hidden_layers"], n_head=n_head,
+                     n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=hf["hidden_size"],
+                     bias=bool(hf.get("attention_bias", False)), pos_emb="rope", rope_base=rope_theta(hf, path),
+                     norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp_act="swiglu",
+                     mlp_hidden=hf["intermediate_size"], tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                     bos_token=bos if bos is not None else (eos if eos is not None else 0))
+
+
+# our parameter -> the LlamaForCausalLM parameters it is made of (concatenated along dim 0), per layer
+LLAMA_LAYER = {"attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+               "attn.c_proj": ("self_attn.o_proj",), "mlp.c_fc": ("mlp.gate_proj", "mlp.up_proj"),
+               "mlp.c_proj": ("mlp.down_proj",), "ln_1": ("input_layernorm",), "ln_2": ("post_attention_layernorm",)}
+
+
+def llama_sources(name):
+    """The Llama keys our parameter `name` is built from, or None for one a Llama checkpoint does not have."""
+    if name == "transformer.wte.weight":
+        return ("model.embed_tokens.weight",)
+    if name == "transformer.ln_f.weight":
+        return ("model.norm.weight",)
+    if name == "lm_head.weight":
+        return ("lm_head.weight",)
+    parts = name.split(".")  # transformer.h.<i>.<module path>.<weight|bias>
+    if parts[:2] == ["transformer", "h"]:
+        module, leaf = ".".join(parts[3:-1]), parts[-1]
+        if module in LLAMA_LAYER:
+            return tuple(f"model.layers.{parts[2]}.{src}.{leaf}" for src in LLAMA_LAYER[module])
+    return None
+
+
+def load_llama_state_dict(model, hf_sd):
+    V = model.config.vocab_size
+    for name, target in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_embeddings:
+            continue
+        sources = llama_sources(name)
+        if sources is None:
+            if is_new_parameter(name):
+                continue
+            raise PretrainedError(f"our parameter {name!r} has no counterpart in a Llama checkpoint")
+        missing = [key for key in sources if key not in hf_sd]
+        if missing:
+            raise PretrainedError(f"weight {missing[0]!r} is missing from the Llama checkpoint")
+        src = torch.cat([hf_sd[key] for key in sources]) if len(sources) > 1 else hf_sd[sources[0]]
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            copy_embedding(target, src, V, sources[0])
+        else:
+            copy_weight(target, src, " + ".join(sources))
+
+
+def llama_export(model):
+    """(state dict, config.json) of a LlamaForCausalLM."""
+    cfg = model.config
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        tensor = tensor.detach().float().cpu()
+        sources = llama_sources(name)
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            tensor = tensor[:cfg.vocab_size]
+        if len(sources) == 1:
+            out[sources[0]] = tensor.contiguous()
+            continue
+        D, Hkv = cfg.head_size, cfg.kv_heads
+        sizes = [cfg.n_embd, Hkv * D, Hkv * D] if name.endswith(("c_attn.weight", "c_attn.bias")) else [cfg.hidden_size] * 2
+        for key, piece in zip(sources, tensor.split(sizes)):
+            out[key] = piece.contiguous()
+    hf_config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
+                     hidden_size=cfg.n_embd, intermediate_size=cfg.hidden_size, num_hidden_layers=cfg.n_layer,
+                     num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_size,
+                     hidden_act="silu", max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
+                     rope_theta=cfg.rope_base, rope_scaling=None, attention_bias=cfg.bias, mlp_bias=cfg.bias,
+                     attention_dropout=0.0, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token,
+                     eos_token_id=cfg.bos_token, initializer_range=0.02, torch_dtype="float32")
+    return out, hf_config
+
+
+FAMILIES = {"gpt2": (gpt2_config, load_gpt2_state_dict), "llama": (llama_config, load_llama_state_dict)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# export
+
+
+def export_family(cfg):
+    """'llama' for rotary / RMSNorm / SwiGLU models, else 'gpt2'; with the settings that family cannot express."""
+    defaults = GPTConfig()
+    common = [key for key in ("sink", "attn_gate", "attn_fn", "norm_pos", "qk_norm", "logit_softcap")
+              if getattr(cfg, key) != getattr(defaults, key)]
+    if (cfg.pos_emb, cfg.norm, cfg.mlp_act) == ("rope", "rmsnorm", "swiglu"):
+        return "llama", common
+    unsupported = common + [key for key in ("pos_emb", "norm") if getattr(cfg, key) != getattr(defaults, key)]
+    if cfg.kv_heads != cfg.n_head:
+        unsupported.append("n_kv_head")
+    if cfg.mlp_act not in HF_ACTIVATIONS.values():
+        unsupported.append("mlp_act")
+    return "gpt2", unsupported
+
+
+def export_hf(model, out_dir):
+    """Write config.json + model.safetensors that transformers loads: LlamaForCausalLM for rotary / RMSNorm /
+    SwiGLU models, GPT2LMHeadModel otherwise. Settings the format cannot express are refused, naming them."""
+    family, unsupported = export_family(model.config)
+    if unsupported:
+        raise PretrainedError(f"the Hugging Face {'Llama' if family == 'llama' else 'GPT-2'} format cannot express "
+                              + ", ".join(f"{k}={getattr(model.config, k)!r}" for k in unsupported))
+    from safetensors.torch import save_file
+    weights, hf_config = llama_export(model) if family == "llama" else gpt2_export(model)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)

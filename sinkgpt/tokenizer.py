@@ -1,10 +1,16 @@
 """
-Tokenizers for sinkgpt: GPT-2 BPE (tiktoken, with an offline fallback built from the
-bundled ranks file) and the character-level tokenizer of a prepared dataset's meta.json.
+Tokenizers for sinkgpt: GPT-2 BPE (tiktoken, with an offline fallback built from the bundled ranks file), the
+character-level tokenizer of a prepared dataset's meta.json, and a pretrained folder's own tokenizer.json
+(through the `tokenizers` library, the one transformers' fast tokenizers use).
 
     enc = gpt2_encoding()                  # tiktoken.Encoding, works without network
     tok = load_tokenizer(meta)             # meta = json.load(open("data/<name>/meta.json"))
     ids = tok.encode("To be"); text = tok.decode(ids)
+    meta = folder_tokenizer_meta("data/models/SmolLM2-135M-Instruct")   # {"tokenizer": "hf", ...}
+
+A tokenizer description (meta) is a plain dict, so datasets (meta.json) and checkpoints carry it: 'char' lists
+its characters, 'gpt2' needs nothing more, 'hf' holds the whole tokenizer.json text ('tokenizer_json') or names
+the file beside the dataset's meta.json ('tokenizer_file'), with its sha256 and the BOS / EOS ids.
 
 May import: sinkgpt.common.
 """
@@ -22,6 +28,7 @@ from sinkgpt.common import REPO_ROOT
 
 BUNDLED_GPT2_RANKS = os.path.join(REPO_ROOT, "data", "gpt2_tokenizer", "gpt2.tiktoken")
 GPT2_EOT = 50256
+GPT2_VOCAB = GPT2_EOT + 1
 EOT_TEXT = "<|endoftext|>"
 
 # GPT-2's pre-tokenisation split pattern, in the possessive form tiktoken uses for "gpt2"
@@ -173,8 +180,94 @@ def read_text_argument(text, what="text"):
     return text
 
 
+class HFTokenizer:
+    """A pretrained folder's tokenizer.json, through the `tokenizers` library. encode() adds no special tokens
+    (BOS is placed by the caller's BOS rule); decode() keeps them, like GPT2Tokenizer."""
+    kind = "hf"
+
+    def __init__(self, tokenizer_json, bos_token, eos_token=None, clean_up_spaces=False):
+        from tokenizers import Tokenizer
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.bos_token, self.eos_token = int(bos_token), eos_token
+        self.clean_up_spaces = clean_up_spaces
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} out of range for a vocabulary of {self.vocab_size}")
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        return clean_up_tokenization(text) if self.clean_up_spaces else text
+
+
+def clean_up_tokenization(text):
+    """transformers' clean_up_tokenization_spaces: no space before punctuation and in English contractions."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
+def read_json_file(path):
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not readable JSON ({type(e).__name__}: {e})") from None
+
+
+def folder_tokenizer_meta(folder):
+    """The tokenizer description of a pretrained folder with a tokenizer.json: the file's text and sha256, and
+    the BOS / EOS ids of its config.json (BOS falls back to EOS, the usual document separator). ValueError for a
+    folder without them."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} has no tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    config = read_json_file(os.path.join(folder, "config.json")) if os.path.isfile(
+        os.path.join(folder, "config.json")) else {}
+    options = read_json_file(os.path.join(folder, "tokenizer_config.json")) if os.path.isfile(
+        os.path.join(folder, "tokenizer_config.json")) else {}
+    eos = config.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    bos = config.get("bos_token_id", eos)
+    if bos is None:
+        raise ValueError(f"{folder}/config.json names neither a bos_token_id nor an eos_token_id")
+    tokenizer = HFTokenizer(text, bos, eos)
+    return {"tokenizer": "hf", "tokenizer_json": text, "tokenizer_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "bos_token": int(bos), "eos_token": eos, "vocab_size": tokenizer.vocab_size,
+            "clean_up_tokenization_spaces": bool(options.get("clean_up_tokenization_spaces", False)),
+            "tokenizer_source": os.path.abspath(folder)}
+
+
+def tokenizer_identity(meta):
+    """What makes two tokenizer descriptions the same tokenizer: ids mean the same text under both."""
+    kind = meta.get("tokenizer")
+    if kind == "char":
+        return ("char", tuple(meta.get("chars", ())), meta.get("bos_token"))
+    if kind == "hf":
+        return ("hf", meta.get("tokenizer_sha256"), meta.get("bos_token"))
+    return (kind,)
+
+
+def describe_tokenizer(meta):
+    kind = meta.get("tokenizer")
+    if kind == "hf":
+        return f"the tokenizer.json of {meta.get('tokenizer_source', '?')} (sha256 {meta.get('tokenizer_sha256', '?')[:12]})"
+    return {"char": "a character vocabulary", "gpt2": "GPT-2 BPE"}.get(kind, repr(kind))
+
+
 def load_tokenizer(meta):
-    """The tokenizer described by a prepared dataset's meta.json (a dict)."""
+    """The tokenizer described by a prepared dataset's meta.json or a checkpoint's meta (a dict)."""
     kind = meta.get("tokenizer")
     if kind == "char":
         if "chars" not in meta or "bos_token" not in meta:
@@ -182,4 +275,9 @@ def load_tokenizer(meta):
         return CharTokenizer(meta["chars"], meta["bos_token"])
     if kind == "gpt2":
         return GPT2Tokenizer()
-    raise ValueError(f"unsupported tokenizer {kind!r} in meta.json (supported: char, gpt2)")
+    if kind == "hf":
+        if "tokenizer_json" not in meta:
+            raise ValueError("an 'hf' tokenizer description needs 'tokenizer_json' (the tokenizer.json text)")
+        return HFTokenizer(meta["tokenizer_json"], meta["bos_token"], meta.get("eos_token"),
+                           meta.get("clean_up_tokenization_spaces", False))
+    raise ValueError(f"unsupported tokenizer {kind!r} in meta.json (supported: char, gpt2, hf)")

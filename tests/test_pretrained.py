@@ -88,7 +88,7 @@ def test_from_pretrained_reads_the_activation_function(tmp_path):
     assert (logits - expected).abs().max().item() <= 1e-5
     assert (tanh_logits - expected).abs().max().item() > 1e-4  # the two GELUs are told apart
     random_gpt2(seed=4, activation_function="relu").save_pretrained(str(tmp_path / "relu"))
-    with pytest.raises(PretrainedError, match="activation_function 'relu'"):
+    with pytest.raises(PretrainedError, match="activation_function='relu'"):
         from_pretrained(str(tmp_path / "relu"))
 
 
@@ -147,3 +147,27 @@ def test_export_hf_refuses_what_gpt2_cannot_express(tmp_path, key, value):
     with pytest.raises(PretrainedError, match=key):
         export_hf(model, str(tmp_path / "out"))
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("field,value", [("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
+                                         ("add_cross_attention", True), ("activation_function", "relu")])
+def test_gpt2_fields_we_do_not_implement_are_refused_by_name(tmp_path, field, value):
+    """Before, the first two loaded silently and gave logits off by 1.6 and 5.0 on a small random model."""
+    random_gpt2(seed=5, **{field: value}).save_pretrained(str(tmp_path / "gpt2"))
+    with pytest.raises(PretrainedError, match=field) as info:
+        from_pretrained(str(tmp_path / "gpt2"))
+    assert "\n" not in str(info.value)
+
+
+def test_gpt2_layer_norm_epsilon_and_n_inner_are_read(tmp_path):
+    """Both were ignored before (an epsilon of 1e-1 gave logits off by 0.9): now norm_eps and mlp_hidden."""
+    hf = random_gpt2(seed=6, layer_norm_epsilon=1e-1, n_inner=100)
+    hf.save_pretrained(str(tmp_path / "gpt2"))
+    model = from_pretrained(str(tmp_path / "gpt2")).eval()
+    assert model.config.norm_eps == 1e-1 and model.config.hidden_size == 100
+    idx = hf_input()
+    with torch.no_grad():
+        assert (model(idx)[0] - hf_logits(hf, idx)).abs().max().item() <= 1e-5
+    export_hf(model, str(tmp_path / "out"))
+    config = json.load(open(tmp_path / "out" / "config.json"))
+    assert config["layer_norm_epsilon"] == 1e-1 and config["n_inner"] == 100
