@@ -48,7 +48,7 @@ def train(cfg):
                     for split in ("train", "val")}
 
     # ---- restore or init: the model, the optimizer and where the run stands ---------------------------------
-    model = build_model(cfg, train_loader.vocab_size, train_loader.bos_token, checkpoint).to(rt.device)
+    model = build_model(cfg, train_loader.vocab_size, train_loader.bos_token, checkpoint, train_loader.meta).to(rt.device)
     optimizer = build_optimizer(model, cfg, rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == "float16"))
     progress = restore_progress(cfg, checkpoint, optimizer, train_loader)

@@ -119,6 +119,12 @@ def read_meta(data_dir):
     missing = [k for k in ("vocab_size", "bos_token", "tokenizer") if k not in meta]
     if missing:
         raise ValueError(f"{display_path(path)} lacks {', '.join(missing)}: rerun {prepare_command(data_dir)}")
+    if meta["tokenizer"] == "hf" and "tokenizer_json" not in meta:  # the tokenizer.json the data was made with
+        tokenizer_path = os.path.join(data_dir, meta.get("tokenizer_file", "tokenizer.json"))
+        if not os.path.isfile(tokenizer_path):
+            raise FileNotFoundError(f"{display_path(tokenizer_path)} is missing: rerun {prepare_command(data_dir)}")
+        with open(tokenizer_path, encoding="utf-8") as f:
+            meta["tokenizer_json"] = f.read()
     return meta
 
 
@@ -224,18 +230,49 @@ def documents_to_stream(token_lists, bos_token):
     return stream, starts
 
 
+def tokenizer_fields(tokenizer):
+    """meta.json's tokenizer fields for 'gpt2' or an 'hf' description (sinkgpt.tokenizer.folder_tokenizer_meta);
+    an 'hf' tokenizer.json itself goes into the dataset's folder beside meta.json (write_tokenizer_file)."""
+    if isinstance(tokenizer, dict):
+        if tokenizer["vocab_size"] > np.iinfo(TOKEN_DTYPE).max + 1:
+            raise ValueError(f"the tokenizer has {tokenizer['vocab_size']} tokens: its ids do not fit the uint16 "
+                             "token files")
+        fields = {k: tokenizer[k] for k in ("tokenizer", "tokenizer_sha256", "bos_token", "eos_token", "vocab_size",
+                                            "clean_up_tokenization_spaces", "tokenizer_source")}
+        return dict(fields, tokenizer_file="tokenizer.json")
+    if tokenizer == "gpt2":
+        from sinkgpt.tokenizer import gpt2_encoding
+        enc = gpt2_encoding()
+        return {"vocab_size": enc.n_vocab, "bos_token": enc.eot_token, "tokenizer": "gpt2"}
+    raise ValueError(f"unknown tokenizer {tokenizer!r} (expected char, gpt2 or a pretrained folder's tokenizer)")
+
+
+def batch_encoder(tokenizer):
+    """texts -> token id lists, for 'gpt2' or an 'hf' description (no special tokens: documents are separated by
+    the dataset's BOS token)."""
+    if isinstance(tokenizer, dict):
+        from sinkgpt.tokenizer import load_tokenizer
+        return load_tokenizer(tokenizer).encode_batch
+    from sinkgpt.tokenizer import gpt2_encoding
+    return gpt2_encoding().encode_ordinary_batch
+
+
+def write_tokenizer_file(out_dir, tokenizer):
+    """An 'hf' dataset keeps the tokenizer.json it was made with (the loader reads it into its meta, so
+    checkpoints carry it)."""
+    if isinstance(tokenizer, dict):
+        text = tokenizer["tokenizer_json"].encode()
+        atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda f: f.write(text))
+
+
 def make_encoder(tokenizer, docs):
-    """(encode_docs, vocab fields for meta.json) for 'char' (vocab from docs) or 'gpt2'."""
+    """(encode_docs, vocab fields for meta.json) for 'char' (vocab from docs), 'gpt2' or an 'hf' description."""
     if tokenizer == "char":
         chars = char_vocab(docs)
         return (lambda texts: [char_ids(t, chars) for t in texts],
                 {"vocab_size": len(chars) + 1, "bos_token": len(chars), "tokenizer": "char", "chars": chars})
-    if tokenizer == "gpt2":
-        from sinkgpt.tokenizer import gpt2_encoding
-        enc = gpt2_encoding()
-        return (lambda texts: enc.encode_ordinary_batch(texts),
-                {"vocab_size": enc.n_vocab, "bos_token": enc.eot_token, "tokenizer": "gpt2"})
-    raise ValueError(f"unknown tokenizer {tokenizer!r} (expected char or gpt2)")
+    fields = tokenizer_fields(tokenizer)
+    return batch_encoder(tokenizer), fields
 
 
 def tail_split(stream, starts, val_fraction):
@@ -276,6 +313,7 @@ def prepare_text_dataset(inputs, out_dir, tokenizer, val_fraction=DEFAULT_VAL_FR
         write_doc_index(os.path.join(out_dir, f"{split}.docs.npy"), starts)
         meta[f"{split}_tokens"], meta[f"{split}_docs"] = int(stream.size), len(starts)
     remove_stale_shards(out_dir, ["train.bin", "val.bin"])
+    write_tokenizer_file(out_dir, tokenizer)
     meta.update(val_fraction=val_fraction, val_split=how, shards={"train": ["train.bin"], "val": ["val.bin"]},
                 source=source or f"{', '.join(display_path(p) for p in inputs)} ({len(docs)} documents)")
     write_meta(out_dir, meta)
@@ -292,14 +330,32 @@ def text_prepare_main(tokenizer, script_file, argv=None):
     parser.add_argument("--val_split", choices=("documents", "tail"), default="documents",
                         help="documents: hold out whole documents (default); tail: the last val_fraction of the "
                              "concatenated corpus, as nanoGPT does")
+    if tokenizer != "char":
+        add_tokenizer_arg(parser)
     args = parser.parse_args(argv)
     t0 = time.time()
     try:
-        meta = prepare_text_dataset(args.input, args.out_dir, tokenizer, args.val_fraction,
-                                    val_split=args.val_split)
+        chosen = tokenizer if tokenizer == "char" else resolve_tokenizer(args.tokenizer)
+        meta = prepare_text_dataset(args.input, args.out_dir, chosen, args.val_fraction, val_split=args.val_split)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     print_summary(args.out_dir, meta, time.time() - t0)
+
+
+def add_tokenizer_arg(parser):
+    parser.add_argument("--tokenizer", default="gpt2",
+                        help="gpt2 (GPT-2 BPE), or a pretrained folder whose tokenizer.json to use (e.g. "
+                             "data/models/SmolLM2-135M-Instruct), for continued training of that model")
+
+
+def resolve_tokenizer(spec):
+    """'gpt2', or the 'hf' description of a pretrained folder's tokenizer.json."""
+    if spec == "gpt2":
+        return spec
+    from sinkgpt.tokenizer import folder_tokenizer_meta
+    if not os.path.isdir(spec):
+        raise ValueError(f"--tokenizer {spec}: neither gpt2 nor a folder")
+    return folder_tokenizer_meta(spec)
 
 
 def print_summary(out_dir, meta, seconds):
@@ -397,12 +453,17 @@ class ShardWriter:
         self.fill, self.starts = 0, []
 
 
+_worker = {}  # in each tokenizer process: the batch encoder and the document separator (BOS) of its tokenizer
+
+
+def _init_worker(tokenizer):
+    _worker["encode"], _worker["bos"] = batch_encoder(tokenizer), tokenizer_fields(tokenizer)["bos_token"]
+
+
 def _tokenize_batch(texts):
-    """Worker: GPT-2 tokens of a batch of documents, each led by EOT, as one array + lengths."""
-    from sinkgpt.tokenizer import gpt2_encoding
-    enc = gpt2_encoding()
-    token_lists = [enc.encode_ordinary(t) for t in texts]
-    stream, _ = documents_to_stream(token_lists, enc.eot_token)
+    """Worker: the tokens of a batch of documents, each led by the BOS / EOT token, as one array + lengths."""
+    token_lists = _worker["encode"](texts)
+    stream, _ = documents_to_stream(token_lists, _worker["bos"])
     return stream, np.array([len(t) + 1 for t in token_lists], dtype=np.int64)
 
 
@@ -417,15 +478,16 @@ def _batched(items, size):
         yield batch
 
 
-def tokenize_stream(texts, num_proc, batch_docs=256):
+def tokenize_stream(texts, num_proc, tokenizer="gpt2", batch_docs=256):
     """Yield (tokens, lengths) per batch of documents in input order, num_proc processes.
     Keeps a bounded number of batches in flight (Pool.imap would read the whole input ahead)."""
     batches = _batched(texts, batch_docs)
+    _init_worker(tokenizer)
     if num_proc <= 1:
         yield from map(_tokenize_batch, batches)
         return
     import multiprocessing
-    with multiprocessing.Pool(num_proc) as pool:
+    with multiprocessing.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         pending = collections.deque()
         for batch in batches:
             pending.append(pool.apply_async(_tokenize_batch, (batch,)))
@@ -483,12 +545,13 @@ def nonempty_texts(texts):
             yield text
 
 
-def prepare_sharded(texts, out_dir, val_fraction, shard_size, num_proc, source, max_tokens=None, progress=True):
-    """Tokenise a stream of documents into GPT-2 shards in out_dir; returns meta."""
+def prepare_sharded(texts, out_dir, val_fraction, shard_size, num_proc, source, max_tokens=None, progress=True,
+                    tokenizer="gpt2"):
+    """Tokenise a stream of documents into shards in out_dir (GPT-2 BPE, or a pretrained folder's tokenizer);
+    returns meta."""
     from tqdm import tqdm
-    from sinkgpt.tokenizer import gpt2_encoding
     check_val_fraction(val_fraction)
-    enc = gpt2_encoding()  # load once here so forked workers inherit it
+    fields = tokenizer_fields(tokenizer)
     os.makedirs(out_dir, exist_ok=True)
     # shards are written aside first: bad or unreadable input leaves an earlier dataset in out_dir whole
     staging = tempfile.mkdtemp(prefix=".staging-", dir=out_dir)
@@ -496,7 +559,7 @@ def prepare_sharded(texts, out_dir, val_fraction, shard_size, num_proc, source, 
         writers = {split: ShardWriter(staging, split, shard_size) for split in ("train", "val")}
         doc_index, total = 0, 0
         with tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
-            for tokens, lengths in tokenize_stream(nonempty_texts(texts), num_proc):
+            for tokens, lengths in tokenize_stream(nonempty_texts(texts), num_proc, tokenizer):
                 ends = np.cumsum(lengths)
                 for start, end in zip(ends - lengths, ends):
                     writers["val" if is_val_doc(doc_index, val_fraction) else "train"].add(tokens[start:end])
@@ -516,7 +579,8 @@ def prepare_sharded(texts, out_dir, val_fraction, shard_size, num_proc, source, 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     remove_stale_shards(out_dir, writers["train"].names + writers["val"].names)
-    meta = {"vocab_size": enc.n_vocab, "bos_token": enc.eot_token, "tokenizer": "gpt2"}
+    write_tokenizer_file(out_dir, tokenizer)
+    meta = dict(fields)
     for split, writer in writers.items():
         meta[f"{split}_tokens"], meta[f"{split}_docs"] = writer.tokens, writer.docs
     meta.update(val_fraction=val_fraction, val_split="documents", shard_size=shard_size,
@@ -553,6 +617,7 @@ def sharded_parser(description, script_file, name=None, subset=None, inputs=None
     parser.add_argument("--shard_size", type=token_count, default=100_000_000, help="tokens per shard")
     parser.add_argument("--num_proc", type=int, default=max(1, os.cpu_count() or 1), help="tokenizer processes")
     parser.add_argument("--max_tokens", type=token_count, default=None, help="stop after about this many tokens")
+    add_tokenizer_arg(parser)
     return parser
 
 
@@ -569,7 +634,7 @@ def sharded_main(args):
         else:
             raise ValueError("give --input files or a hub dataset --name")
         meta = prepare_sharded(texts, args.out_dir, args.val_fraction, args.shard_size, args.num_proc,
-                               source, max_tokens=args.max_tokens)
+                               source, max_tokens=args.max_tokens, tokenizer=resolve_tokenizer(args.tokenizer))
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:

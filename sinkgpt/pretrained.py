@@ -5,6 +5,7 @@ and a GPT back out as a folder transformers loads. Two families: GPT-2 (GPT2LMHe
 
     model = from_pretrained("path/to/SmolLM2", sink="logit")   # new sink parameters start at their neutral point
     export_hf(model, "out/hf")                                 # config.json + model.safetensors
+    convert_gguf("model.gguf", "out/folder")                   # a GGUF file as a float32 folder (transformers)
 
 A config field that changes the computation in a way our model does not implement is refused with one line
 naming the field and its value (PretrainedError); the fields that only describe the checkpoint (dtype,
@@ -354,3 +355,31 @@ def export_hf(model, out_dir):
     save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GGUF
+
+
+def convert_gguf(gguf_path, out_dir):
+    """A GGUF checkpoint as a Hugging Face folder (config.json, model.safetensors in float32, tokenizer.json):
+    transformers reads and dequantises it (with the gguf package). Its GGUF-loaded model is marked as quantised,
+    so save_pretrained refuses it although its weights are plain float32 by then: the folder is written from its
+    state dict and config instead. Returns the transformers model (for verification)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    config = model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        config.pop(key, None)
+    config.update(architectures=[type(model).__name__], torch_dtype="float32")
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+               if not (k == "lm_head.weight" and config.get("tie_word_embeddings"))}
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    tokenizer.save_pretrained(out_dir)
+    return model

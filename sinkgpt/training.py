@@ -4,7 +4,7 @@ pretrained folder), the learning-rate schedule, evaluation on fixed batches, the
 clipping, the optimizer step; bench.py times the same function) and the stop signal.
 
 May import: model, sinkgpt.checkpoint, sinkgpt.common, sinkgpt.config, sinkgpt.optim,
-sinkgpt.pretrained, sinkgpt.runtime.
+sinkgpt.pretrained, sinkgpt.runtime, sinkgpt.tokenizer.
 """
 
 import contextlib
@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from model import GPT
-from sinkgpt.checkpoint import TrainProgress, model_from_checkpoint, set_rng_state
+from sinkgpt.checkpoint import TrainProgress, model_from_checkpoint, pretrained_meta, set_rng_state
 from sinkgpt.common import RunError
-from sinkgpt.config import MODEL_KEYS, ConfigError, model_config
+from sinkgpt.config import DEFAULTS, MODEL_KEYS, ConfigError, model_config
 from sinkgpt.optim import load_optimizer_state
 from sinkgpt.pretrained import from_pretrained
 from sinkgpt.runtime import all_reduce_mean
+from sinkgpt.tokenizer import describe_tokenizer, tokenizer_identity
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -56,29 +57,55 @@ def micro_steps_per_rank(cfg, world_size):
 # restore or init
 
 
-def build_model(cfg, vocab_size, bos_token, checkpoint=None):
-    """The model a run starts from: the checkpoint's (resume), a fresh one (scratch), or a pretrained folder
-    with this config's options (sinks, dropout, ...) on top of its shape."""
+# what a run may add to a pretrained model (new parameters start at their neutral point); every other model key
+# is the folder's architecture, which a config may repeat but not change
+PRETRAINED_OPTIONS = ("sink", "n_sink_tokens", "attn_gate", "attn_fn", "qk_norm", "logit_softcap", "dropout",
+                      "pad_vocab")
+
+
+def build_model(cfg, vocab_size, bos_token, checkpoint=None, data_meta=None):
+    """The model a run starts from: the checkpoint's (resume), a fresh one (scratch), or a pretrained folder with
+    this config's options (sinks, gates, dropout, ...) added. The data must be in the model's own tokenizer."""
     if checkpoint is not None:
         saved = checkpoint["model_args"]
-        for key in MODEL_KEYS:
-            if key in saved and saved[key] != cfg[key] and key != "dropout":
-                raise RunError(f"config key '{key}'={cfg[key]!r} differs from the checkpoint's {saved[key]!r}; "
-                               "resume with the checkpoint's model settings")
+        for key in MODEL_KEYS:  # keys this run sets must agree with the checkpoint (dropout may change)
+            if key != "dropout" and cfg[key] != DEFAULTS[key] and cfg[key] != saved.get(key, DEFAULTS[key]):
+                raise RunError(f"config key '{key}'={cfg[key]!r} differs from the checkpoint's "
+                               f"{saved.get(key, DEFAULTS[key])!r}; resume with the checkpoint's model settings")
         if saved["vocab_size"] != vocab_size:
             raise RunError(f"checkpoint vocab_size {saved['vocab_size']} does not match dataset "
                            f"'{cfg['dataset']}' ({vocab_size})")
+        check_same_tokenizer(checkpoint.get("meta"), data_meta, "the checkpoint", cfg)
         return model_from_checkpoint(checkpoint, os.path.join(cfg["out_dir"], "ckpt.pt"))
     if cfg["init_from"] == "scratch":
         return GPT(model_config(cfg, vocab_size, bos_token))
-    shape_keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "tie_embeddings")
-    model = from_pretrained(cfg["init_from"], **{k: cfg[k] for k in MODEL_KEYS if k not in shape_keys})
-    if model.config.vocab_size != vocab_size:
-        raise RunError(f"{cfg['init_from']} has vocab_size {model.config.vocab_size} but dataset "
-                       f"'{cfg['dataset']}' has {vocab_size}; use a GPT-2 BPE dataset")
+    folder = cfg["init_from"]
+    model = from_pretrained(folder, **{k: cfg[k] for k in PRETRAINED_OPTIONS})
+    for key in MODEL_KEYS:
+        if key not in PRETRAINED_OPTIONS + ("block_size",) and cfg[key] != DEFAULTS[key] and \
+                cfg[key] != getattr(model.config, key):
+            raise RunError(f"config key '{key}'={cfg[key]!r} conflicts with {folder}'s {getattr(model.config, key)!r}: "
+                           "a pretrained model keeps its architecture (leave the key out)")
+    if model.config.vocab_size < vocab_size:
+        raise RunError(f"{folder} has vocab_size {model.config.vocab_size} but dataset '{cfg['dataset']}' has "
+                       f"{vocab_size}: prepare the data with the model's tokenizer (--tokenizer {folder})")
+    if data_meta is not None:
+        check_same_tokenizer(pretrained_meta(folder, model), data_meta, folder, cfg)
     if cfg["block_size"] < model.config.block_size:
         model.crop_block_size(cfg["block_size"])
     return model
+
+
+def check_same_tokenizer(model_meta, data_meta, what, cfg):
+    """A model trains only on data of its own tokenizer (same ids for the same text), never silently on another."""
+    if not model_meta or not data_meta or tokenizer_identity(model_meta) == tokenizer_identity(data_meta):
+        return
+    hint = ""
+    if cfg["init_from"] not in ("scratch", "resume"):
+        hint = (f"; prepare it with --tokenizer {cfg['init_from']}" if model_meta.get("tokenizer") == "hf" else
+                "; use a GPT-2 BPE dataset (shakespeare, english_mix, ...)")
+    raise RunError(f"dataset '{cfg['dataset']}' is tokenized with {describe_tokenizer(data_meta)}, but {what} uses "
+                   f"{describe_tokenizer(model_meta)}{hint}")
 
 
 def restore_progress(cfg, checkpoint, optimizer, train_loader):

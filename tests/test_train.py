@@ -421,9 +421,28 @@ def test_checkpoint_state_dict_does_not_match_its_config(trained_run, char_datas
     assert "c_attn" in one_error_line(capsys)
 
 
-def test_init_from_a_gpt2_directory_with_a_char_dataset_is_an_error(tmp_path, char_dataset, hf_dir, capsys):
-    assert run_train(tmp_path / "run", char_dataset, init_from=hf_dir, max_iters=2) == 1
-    assert "vocab_size" in one_error_line(capsys)
+def test_init_from_a_gpt2_directory_with_a_char_dataset_is_an_error(tmp_path, char_dataset, capsys):
+    from conftest import random_gpt2
+    random_gpt2(seed=1, vocab_size=50257, n_layer=2, n_head=2, n_embd=32).save_pretrained(str(tmp_path / "gpt2"))
+    capsys.readouterr()
+    assert run_train(tmp_path / "run", char_dataset, init_from=str(tmp_path / "gpt2"), max_iters=2) == 1
+    line = one_error_line(capsys)
+    assert "tokenized with a character vocabulary" in line and "uses GPT-2 BPE; use a GPT-2 BPE dataset" in line
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_init_from_a_folder_whose_vocabulary_cannot_hold_its_tokenizer_is_an_error(tmp_path, char_dataset, hf_dir,
+                                                                                     capsys):
+    """A GPT-2 folder of vocabulary 100 and no tokenizer.json would be read with GPT-2 BPE (50257 ids)."""
+    assert run_train(tmp_path / "run", char_dataset, init_from=hf_dir, max_iters=2, n_head=4, n_embd=64) == 1
+    line = one_error_line(capsys)
+    assert "vocabulary (100 tokens)" in line and "tokenizer.json" in line
+
+
+def test_init_from_refuses_a_config_that_changes_the_pretrained_architecture(tmp_path, char_dataset, hf_dir, capsys):
+    assert run_train(tmp_path / "run", char_dataset, init_from=hf_dir, max_iters=2, n_head=2) == 1
+    line = one_error_line(capsys)
+    assert "'n_head'=2 conflicts" in line and "keeps its architecture" in line
 
 
 # ------------------------------------------------------------------------------------------------
