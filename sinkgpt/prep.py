@@ -397,19 +397,22 @@ def prepare_lock(data_dir):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def ensure_prepared(dataset_name, data_root="data"):
-    """Folder of a prepared dataset; prepares the bundled Shakespeare ones if meta.json is missing."""
+def ensure_prepared(dataset_name, data_root="data", tokenizer=None):
+    """Folder of a prepared dataset; prepares the bundled Shakespeare ones if meta.json is missing. With an 'hf'
+    tokenizer description, the bundled Shakespeare in that tokenizer: data/shakespeare-<tokenizer sha256[:12]>."""
+    if tokenizer is not None:
+        dataset_name = f"shakespeare-{tokenizer['tokenizer_sha256'][:12]}"
     data_dir = resolve_data_dir(dataset_name, data_root)
     meta_path = os.path.join(data_dir, "meta.json")
     if os.path.exists(meta_path):
         return data_dir
-    if dataset_name not in BUNDLED_DATASETS:
+    if dataset_name not in BUNDLED_DATASETS and tokenizer is None:
         read_meta(data_dir)  # raises the FileNotFoundError naming the prepare command
     with prepare_lock(data_dir):
         if os.path.exists(meta_path):  # another process prepared it while we waited
             return data_dir
         t0 = time.time()
-        tokenizer, val_split = BUNDLED_DATASETS[dataset_name]
+        tokenizer, val_split = BUNDLED_DATASETS[dataset_name] if tokenizer is None else (tokenizer, "documents")
         meta = prepare_text_dataset([BUNDLED_SHAKESPEARE], data_dir, tokenizer, val_split=val_split)
     print(f"prepared {display_path(data_dir)} from the bundled corpus (meta.json was missing): "
           f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "

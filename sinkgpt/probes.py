@@ -3,7 +3,7 @@ Interventions and probes on massive activations and sinks: set / add / scale one
 study), zero vs mean ablation (Sun et al.), the repeated-token probe (Yona et al.), the attribution of a
 residual entry to attention, MLP and neurons; and the probe batches they run on.
 
-May import: sinkgpt.common, sinkgpt.loader, sinkgpt.measure, sinkgpt.stats, sinkgpt.tokenizer.
+May import: sinkgpt.common, sinkgpt.loader, sinkgpt.measure, sinkgpt.prep, sinkgpt.stats, sinkgpt.tokenizer.
 """
 
 import torch
@@ -11,7 +11,8 @@ import torch
 from sinkgpt.loader import make_loader
 from sinkgpt.measure import AnalyzeError, capture, collect, entry_patch
 from sinkgpt.stats import key_mass, slot_mass
-from sinkgpt.tokenizer import load_tokenizer, read_text_argument
+from sinkgpt.prep import ensure_prepared
+from sinkgpt.tokenizer import describe_tokenizer, load_tokenizer, read_text_argument, tokenizer_identity
 
 # hook points whose tensors are (B, positions, channels): where one (position, dim) entry can be patched
 POSITION_POINTS = ("resid_pre", "ln_1", "attn_out", "resid_mid", "ln_2", "mlp_pre", "mlp_post", "mlp_out",
@@ -40,12 +41,15 @@ def probe_batches(target, device, *, data=None, text=None, batches=4, batch_size
         triggers = meta.get("triggers")
         masks = [torch.isin(pairs[0][0], torch.tensor(triggers, device=device))] if triggers else None
     else:
-        dataset = data or cfg.get("dataset") or ("shakespeare" if target.kind == "pretrained" else None)
+        dataset = data or cfg.get("dataset") or (default_dataset(meta) if target.kind == "pretrained" else None)
         if dataset is None:
             raise AnalyzeError("the target names no dataset: give --data DATASET or --text TEXT")
         loader = make_loader(dataset, "val", batch_size, T, seed=seed, prepend_bos=bos,
                              align_to_docs=bool(cfg.get("align_to_docs")), bb_triggers=cfg.get("bb_triggers", 3),
                              device=device)
+        if tokenizer_identity(loader.meta) != tokenizer_identity(meta):
+            raise AnalyzeError(f"dataset {dataset!r} is tokenized with {describe_tokenizer(loader.meta)}, but the "
+                               f"model uses {describe_tokenizer(meta)}")
         pairs = [loader.next_batch() for _ in range(batches)]
         masks = [loader.trigger_mask(x) for x, _ in pairs] if dataset == "bigram_backcopy" else None
         source = {"dataset": dataset, "split": "val", "batches": batches, "batch_size": batch_size,
@@ -55,6 +59,14 @@ def probe_batches(target, device, *, data=None, text=None, batches=4, batch_size
         raise AnalyzeError(f"the data has token id {biggest}, outside the model's vocabulary of "
                            f"{model.config.vocab_size}: wrong dataset for this model?")
     return pairs, masks, source
+
+
+def default_dataset(meta):
+    """A pretrained model's default probe data: the bundled Shakespeare in its own tokenizer (GPT-2 BPE:
+    'shakespeare'; a tokenizer.json: data/shakespeare-<sha>, prepared on first use)."""
+    if meta.get("tokenizer") == "hf":
+        return ensure_prepared("shakespeare", tokenizer=meta)
+    return "shakespeare"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny prepared char datasets, a tiny random Hugging Face GPT-2 folder, in-process runs of
 train.py / sample.py, and the `slow` marker (pytest.ini deselects it by default; run with -m slow)."""
+import json
 import os
 import signal
 import sys
@@ -181,3 +182,49 @@ def randomize(model, seed=0, scale=0.3):
 
 def idx_batch(model, B=2, T=12, seed=0):
     return torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------
+# a tiny pretrained Llama-family folder with a tokenizer.json of its own (both built offline)
+
+LLAMA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 (BOS = 1, EOS = 2, as SmolLM2)
+
+
+def train_byte_level_tokenizer(vocab_size=320):
+    """A byte-level BPE tokenizer.json (the kind GPT-2, SmolLM2 and Llama-3 use) trained on Hamlet."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([shakespeare_excerpt(24000)], trainer)
+    return tokenizer
+
+
+def make_llama_folder(folder, seed=0, **overrides):
+    """A random LlamaForCausalLM (3 layers, 6 query / 2 key-value heads, width 48) saved with its tokenizer.json,
+    a tokenizer_config.json and BOS/EOS ids in config.json."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tokenizer = train_byte_level_tokenizer()
+    kwargs = dict(vocab_size=tokenizer.get_vocab_size(), hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64, rope_theta=100000.0,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    model.save_pretrained(str(folder))
+    tokenizer.save(os.path.join(str(folder), "tokenizer.json"))
+    with open(os.path.join(str(folder), "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>",
+                   "eos_token": "<|im_end|>", "clean_up_tokenization_spaces": False}, f)
+    return str(folder), model
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    """(folder, the transformers model) of the tiny Llama with its own tokenizer."""
+    return make_llama_folder(tmp_path_factory.mktemp("llama") / "tiny_llama")
