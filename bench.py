@@ -5,15 +5,23 @@ Benchmark training steps (and, with --generate, KV-cache generation) on this mac
     python bench.py config/gpt2_124m.py --compare=sink=none,token,logit,kv_bias --json
     python bench.py --generate                                        # GPT-2 124M, 512-token prompt, 64 new tokens
     python bench.py config/nanogpt_cpu_mini.py --profile              # where a step's time goes, by op family
+    python bench.py --init_from=data/models/SmolLM2-135M-Instruct --batch_size=4 --block_size=256 --vs_transformers
+    python bench.py --init_from=data/models/SmolLM2-135M-Instruct --generate --prompt_tokens=256 --vs_transformers
 
 Steps run on random tokens (no dataset needed) through the same model, optimizer and precision code as
 train.py. --compare=KEY=V1,V2,... times every variant in one process, interleaved in rounds, and reports
 each variant's median ms/iter and its ratio to the first: compare ratios, not absolute times, on a noisy machine.
 --profile then runs --steps more steps of the first variant under torch.profiler and splits their time by op
 family (matmul, attention, activation, norm, loss, optimizer, other ops, and what no op accounts for).
+--init_from=DIR benchmarks a pretrained folder's model (its weights, its shape); --vs_transformers puts
+transformers' own model of that folder (AutoModelForCausalLM, SDPA attention, the same weights, batch, length,
+precision and fused AdamW; run as transformers runs it, eager: --compile applies to ours) beside ours,
+interleaved in one process, and measures each one's peak memory in a fresh process of its own.
 """
 
 import json
+import multiprocessing
+import os
 import resource
 import statistics
 import sys
@@ -27,12 +35,14 @@ from sinkgpt.config import ConfigError, check_ranges, check_value, load_config, 
 from sinkgpt.generation import decode_layout
 from sinkgpt.loader import loader_for_run
 from sinkgpt.optim import build_optimizer
+from sinkgpt.pretrained import from_pretrained
 from sinkgpt.runtime import (autocast_context, device_name, keep_freed_memory, peak_flops, pick_device, pick_dtype,
                              synchronize, use_compile)
 from sinkgpt.training import train_step
 
 BENCH_FLAGS = {"json": False, "generate": False, "profile": False, "steps": 10, "warmup": 3, "rounds": 3,
-               "compare": "", "vocab_size": 0, "no_cache_steps": 0}
+               "compare": "", "vocab_size": 0, "no_cache_steps": 0, "vs_transformers": False, "prompt_tokens": 512,
+               "new_tokens": 64}
 
 # op families for --profile: an op belongs to the first family one of whose name fragments it contains
 OP_FAMILIES = [
@@ -49,9 +59,14 @@ def parse_args(argv):
     and the one-line errors work as in train.py; a bare --json, --generate or --profile means True."""
     cfg = load_config(argv, script_keys=BENCH_FLAGS)
     flags = {key: cfg.pop(key) for key in BENCH_FLAGS}
-    for key, least in (("steps", 1), ("rounds", 1), ("warmup", 0), ("vocab_size", 0), ("no_cache_steps", 0)):
+    for key, least in (("steps", 1), ("rounds", 1), ("warmup", 0), ("vocab_size", 0), ("no_cache_steps", 0),
+                       ("prompt_tokens", 1), ("new_tokens", 1)):
         if flags[key] < least:
             raise ConfigError(f"flag --{key} must be >= {least}, got {flags[key]}")
+    if flags["vs_transformers"] and not os.path.isdir(cfg["init_from"]):
+        raise ConfigError("--vs_transformers needs --init_from=DIR, a pretrained folder both models load")
+    if flags["vs_transformers"] and flags["compare"]:
+        raise ConfigError("--vs_transformers and --compare do not combine: compare one thing at a time")
     return flags, cfg
 
 
@@ -79,22 +94,33 @@ def dataset_vocab(cfg, override):
         return 50257
 
 
+def bench_model(cfg, vocab_size):
+    """The model to time: a pretrained folder's (--init_from=DIR, cropped to block_size), else a fresh one."""
+    torch.manual_seed(cfg["seed"])
+    if os.path.isdir(cfg["init_from"]):
+        model = from_pretrained(cfg["init_from"])
+        model.crop_block_size(min(cfg["block_size"], model.config.block_size))
+        return model
+    return GPT(model_config(cfg, vocab_size, bos_token=vocab_size - 1))
+
+
 class StepRunner:
     """One model + optimizer, stepped on random batches by train.py's own training step."""
 
-    def __init__(self, cfg, vocab_size, device):
-        self.device, self.cfg = device, cfg
+    def __init__(self, cfg, model, device, optimizer=None, name="ours", compile_model=True):
+        self.device, self.cfg, self.name = device, cfg, name
         device_type = device.split(":")[0]
-        torch.manual_seed(cfg["seed"])
-        self.model = GPT(model_config(cfg, vocab_size, bos_token=vocab_size - 1)).to(device)
-        self.optimizer = build_optimizer(self.model, cfg, device_type)
+        self.model = model.to(device)
+        self.optimizer = optimizer or build_optimizer(self.model, cfg, device_type)
         dtype = pick_dtype(cfg["dtype"], device_type)
         self.ctx = autocast_context(device_type, dtype)
         self.scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-        self.step_model = torch.compile(self.model) if use_compile(cfg["compile"], device_type) else self.model
+        compiled = compile_model and use_compile(cfg["compile"], device_type)
+        self.step_model = torch.compile(self.model) if compiled else self.model
         shape = (cfg["batch_size"], cfg["block_size"])
-        self.batch = (torch.randint(0, vocab_size, shape, device=device),
-                      torch.randint(0, vocab_size, shape, device=device))
+        vocab_size = self.model.config.vocab_size
+        generator = torch.Generator().manual_seed(cfg["seed"])
+        self.batch = tuple(torch.randint(0, vocab_size, shape, generator=generator).to(device) for _ in range(2))
         self.tokens_per_step = shape[0] * shape[1] * cfg["gradient_accumulation_steps"]
 
     def step(self):
@@ -110,19 +136,88 @@ class StepRunner:
         return 1000 * (time.perf_counter() - t0) / n
 
 
-def bench_training(cfg, flags):
-    device = pick_device(cfg["device"])
-    if device == "cpu":
-        keep_freed_memory()  # as train.py does
+class TransformersModel(torch.nn.Module):
+    """transformers' model of a folder as train_step calls a model: model(x, y) -> (logits, loss), the loss as a
+    transformers user computes it (labels = the input ids; transformers shifts them)."""
+
+    def __init__(self, folder):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+        self.hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32)
+        self.config = self.hf.config
+        self.config.vocab_size = self.hf.config.vocab_size
+
+    def forward(self, x, y=None):
+        out = self.hf(input_ids=x, labels=x if y is not None else None)
+        return out.logits, out.loss
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+def transformers_runner(cfg, device):
+    model = TransformersModel(cfg["init_from"]).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+                                  eps=cfg["eps"], weight_decay=cfg["weight_decay"], fused=True)  # as ours
+    return StepRunner(cfg, model, device, optimizer=optimizer, name="transformers", compile_model=False)
+
+
+def make_runners(cfg, flags, device, only=None):
+    """[(variant name, StepRunner)]: the --compare variants, or ours and transformers' (--vs_transformers; `only`
+    builds just one of the two)."""
     vocab_size = dataset_vocab(cfg, flags["vocab_size"])
+    if flags["vs_transformers"]:
+        makers = {"ours": lambda: StepRunner(cfg, bench_model(cfg, vocab_size), device),
+                  "transformers": lambda: transformers_runner(cfg, device)}
+        return [(name, make()) for name, make in makers.items() if only in (None, name)]
     variants = parse_compare(flags["compare"]) if flags["compare"] else [(None, None)]
     runners = []
     for key, value in variants:
         variant_cfg = dict(cfg, **({key: value} if key else {}))
         check_ranges(variant_cfg)  # the variant's whole config must still be valid (e.g. n_embd % n_head)
-        runner = StepRunner(variant_cfg, vocab_size, device)
+        runners.append((f"{key}={value}" if key else "base", StepRunner(variant_cfg, bench_model(variant_cfg, vocab_size),
+                                                                       device)))
+    return runners
+
+
+def peak_rss_of(cfg, flags, which):
+    """Peak RSS (MB) of a fresh process that builds one runner (ours or transformers') and takes warm-up + 2 steps:
+    on a CPU a process's peak is the only memory figure, so each implementation gets a process of its own."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_measure_peak_rss, args=(cfg, flags, which, queue))
+    process.start()
+    peak = queue.get()
+    process.join()
+    return peak
+
+
+def _measure_peak_rss(cfg, flags, which, queue):
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    runner = dict(make_runners(cfg, flags, "cpu", only=which))[which]
+    runner.time_steps(max(1, flags["warmup"]) + 2)
+    queue.put(own_peak_rss_mb())
+
+
+def own_peak_rss_mb():
+    """This process's own peak RSS: VmHWM of its address space. (ru_maxrss would not do in a spawned child: Linux
+    carries the forking parent's high-water mark across fork + exec.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return peak_memory_mb("cpu")
+
+
+def bench_training(cfg, flags):
+    device = pick_device(cfg["device"])
+    if device == "cpu":
+        keep_freed_memory()  # as train.py does
+    named = make_runners(cfg, flags, device)
+    names, runners = [n for n, _ in named], [r for _, r in named]
+    for runner in runners:
         runner.time_steps(flags["warmup"])
-        runners.append(runner)
     times = [[] for _ in runners]
     for r in range(flags["rounds"]):  # interleave variants, rotating who goes first, so noise hits all alike
         for i in [(r + j) % len(runners) for j in range(len(runners))]:
@@ -130,14 +225,18 @@ def bench_training(cfg, flags):
     profiled = profile_steps(runners[0], flags["steps"]) if flags["profile"] else None
     peak = peak_flops(device)
     results = []
-    for (key, value), runner, ms in zip(variants, runners, times):
+    flops_per_token = runners[0].model.flops_per_token(runners[0].cfg["block_size"])  # the same model in both
+    for name, runner, ms in zip(names, runners, times):
         ms_per_iter = statistics.median(ms)
-        flops = runner.model.flops_per_token(cfg["block_size"]) * runner.tokens_per_step
-        results.append(dict(variant=f"{key}={value}" if key else "base", ms_per_iter=ms_per_iter,
+        flops = flops_per_token * runner.tokens_per_step
+        results.append(dict(variant=name, ms_per_iter=ms_per_iter, ms_rounds=ms,
                             tokens_per_s=runner.tokens_per_step / ms_per_iter * 1000,
                             mfu=flops / (ms_per_iter / 1000) / peak if peak else None,
                             ratio=ms_per_iter / statistics.median(times[0]),
                             params=runner.model.num_params()))
+    if flags["vs_transformers"] and device == "cpu":
+        for result in results:
+            result["peak_rss_mb"] = peak_rss_of(cfg, flags, result["variant"])
     return dict(device=device_name(device), peak_mem_mb=peak_memory_mb(device), variants=results,
                 **{k: results[0][k] for k in ("ms_per_iter", "tokens_per_s", "mfu", "params")},
                 **({"profile": profiled} if profiled else {}))
@@ -176,39 +275,83 @@ def profile_steps(runner, steps):
     return dict(steps=steps, ms_per_step=ms_per_step, ms_by_family=families)
 
 
+class OurGenerator:
+    """Our greedy KV-cache generation, as sample.py runs it (the CPU decode layout on)."""
+    name = "ours"
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, prompt, n_new):
+        with decode_layout(self.model):
+            return self.model.generate(prompt, n_new, temperature=0)
+
+
+class TransformersGenerator:
+    """transformers' greedy generate with its KV cache, for all n_new tokens (no stop on EOS)."""
+    name = "transformers"
+
+    def __init__(self, folder, device):
+        from transformers import AutoModelForCausalLM
+        self.model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa",
+                                                          dtype=torch.float32).to(device).eval()
+        self.model.generation_config.eos_token_id = None
+
+    def __call__(self, prompt, n_new):
+        return self.model.generate(prompt, max_new_tokens=n_new, do_sample=False, pad_token_id=0,
+                                   attention_mask=torch.ones_like(prompt))
+
+
 @torch.no_grad()
 def bench_generation(cfg, flags):
-    """GPT-2 124M with random weights: a 512-token prompt, then 64 new tokens, greedy, with the KV cache."""
+    """Greedy KV-cache generation: --prompt_tokens of prompt, then --new_tokens. The model is --init_from's
+    pretrained folder, or GPT-2 124M with random weights; --vs_transformers times transformers' generate on the
+    same folder beside ours, interleaved, and checks that both produce the same tokens."""
     device = pick_device(cfg["device"])
-    torch.manual_seed(0)
-    model = GPT(GPTConfig()).to(device).eval()
     if device == "cpu":
         keep_freed_memory()
-    prompt = torch.randint(0, 50257, (1, 512), device=device)
+    torch.manual_seed(0)
+    pretrained = os.path.isdir(cfg["init_from"])
+    model = (from_pretrained(cfg["init_from"]) if pretrained else GPT(GPTConfig())).to(device).eval()
+    n_prompt, n_new = flags["prompt_tokens"], flags["new_tokens"]
+    if n_prompt + n_new > model.config.block_size:
+        raise ConfigError(f"--prompt_tokens + --new_tokens must fit the context ({model.config.block_size})")
+    prompt = torch.randint(0, model.config.vocab_size, (1, n_prompt), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(device)
+    generators = [OurGenerator(model)]
+    if flags["vs_transformers"]:
+        generators.append(TransformersGenerator(cfg["init_from"], device))
     t0 = time.perf_counter()
-    with decode_layout(model):  # first call: on CPU it makes the (in, out) weight copies
-        model.generate(prompt[:, :1], 1, temperature=0)
+    generators[0](prompt[:, :1], 1)  # first call: on CPU it makes the (in, out) weight copies
     first_call_s = time.perf_counter() - t0
-    with decode_layout(model):  # warm-up
-        model.generate(prompt[:, :16], 4, temperature=0)
+    outputs = {g.name: g(prompt[:, :16], 4) for g in generators}  # warm-up
 
-    def seconds(n_new):
+    def seconds(generate, n):
         synchronize(device)
         t0 = time.perf_counter()
-        with decode_layout(model):
-            model.generate(prompt, n_new, temperature=0)
+        outputs[generate.name] = generate(prompt, n)
         synchronize(device)
         return time.perf_counter() - t0
 
-    prefills, totals = [], []
-    for _ in range(flags["rounds"]):  # median of rounds: single runs swing by 20% on a shared machine
-        prefills.append(seconds(1))
-        totals.append(seconds(64))
-    prefill_s, total_s = statistics.median(prefills), statistics.median(totals)
-    result = dict(device=device_name(device), params=model.num_params(), prompt_tokens=512, new_tokens=64,
-                  rounds=flags["rounds"], total_s=total_s, tokens_per_s=64 / total_s, prefill_s=prefill_s,
-                  decode_tokens_per_s=63 / max(total_s - prefill_s, 1e-9), first_call_s=first_call_s,
-                  tokens_per_s_with_first_call=64 / (total_s + first_call_s), peak_mem_mb=peak_memory_mb(device))
+    prefills, totals = {g.name: [] for g in generators}, {g.name: [] for g in generators}
+    for r in range(flags["rounds"]):  # median of interleaved rounds: single runs swing by 20% on a shared machine
+        for generate in generators[r % len(generators):] + generators[:r % len(generators)]:
+            prefills[generate.name].append(seconds(generate, 1))
+            totals[generate.name].append(seconds(generate, n_new))
+    results = []
+    for generate in generators:
+        prefill_s, total_s = statistics.median(prefills[generate.name]), statistics.median(totals[generate.name])
+        results.append(dict(variant=generate.name, total_s=total_s, total_s_rounds=totals[generate.name],
+                            tokens_per_s=n_new / total_s, prefill_s=prefill_s,
+                            decode_tokens_per_s=(n_new - 1) / max(total_s - prefill_s, 1e-9)))
+    result = dict(device=device_name(device), params=model.num_params(), prompt_tokens=n_prompt, new_tokens=n_new,
+                  rounds=flags["rounds"], first_call_s=first_call_s,
+                  tokens_per_s_with_first_call=n_new / (results[0]["total_s"] + first_call_s),
+                  peak_mem_mb=peak_memory_mb(device), variants=results,
+                  **{k: results[0][k] for k in ("total_s", "tokens_per_s", "prefill_s", "decode_tokens_per_s")})
+    if flags["vs_transformers"]:
+        result["speedup"] = results[1]["total_s"] / results[0]["total_s"]
+        result["same_tokens"] = torch.equal(outputs["ours"], outputs["transformers"])
     if flags["no_cache_steps"]:  # the recompute-everything baseline, extrapolated from a few steps
         t0 = time.perf_counter()
         model.generate(prompt, flags["no_cache_steps"], temperature=0, use_cache=False)
@@ -226,19 +369,24 @@ def main(argv):
     if flags["json"]:
         print(json.dumps(result))
     elif flags["generate"]:
-        print(f"{result['device']}: {result['tokens_per_s']:.1f} tokens/s for 64 new tokens after a 512-token "
-              f"prompt (prefill {result['prefill_s']:.2f} s, decode {result['decode_tokens_per_s']:.1f} tokens/s); "
-              f"{result['tokens_per_s_with_first_call']:.1f} tokens/s counting the model's first call "
+        for r in result["variants"]:
+            print(f"{r['variant']:>12} on {result['device']}: {r['tokens_per_s']:.1f} tokens/s for "
+                  f"{result['new_tokens']} new tokens after a {result['prompt_tokens']}-token prompt (prefill "
+                  f"{r['prefill_s']:.2f} s, decode {r['decode_tokens_per_s']:.1f} tokens/s)")
+        print(f"ours: {result['tokens_per_s_with_first_call']:.1f} tokens/s counting the model's first call "
               f"({result['first_call_s']:.2f} s, which makes the decode weight copies)"
               + (f"; without cache {result['no_cache_tokens_per_s']:.2f} tokens/s" if "no_cache_tokens_per_s"
                  in result else ""))
+        if "speedup" in result:
+            print(f"ours / transformers: x{result['speedup']:.2f} end to end; same tokens: {result['same_tokens']}")
     else:
         print(f"device {result['device']}, {result['params'] / 1e6:.2f}M params, peak memory "
               f"{result['peak_mem_mb']:.0f} MB")
         for r in result["variants"]:
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            memory = f"  peak RSS {r['peak_rss_mb']:.0f} MB (own process)" if "peak_rss_mb" in r else ""
             print(f"{r['variant']:>24}: {r['ms_per_iter']:8.2f} ms/iter  {r['tokens_per_s']:10,.0f} tok/s  "
-                  f"MFU {mfu:>6}  x{r['ratio']:.3f}")
+                  f"MFU {mfu:>6}  x{r['ratio']:.3f}{memory}")
         if "profile" in result:
             p = result["profile"]
             print(f"where {result['variants'][0]['variant']}'s time goes ({p['steps']} steps under torch.profiler, "

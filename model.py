@@ -150,10 +150,11 @@ def make_norm(config, ndim=None):
 
 
 def rope_tables(head_size, n_positions, base):
-    """cos and sin of the rotary angles, (n_positions, head_size/2) each."""
+    """cos and sin of the rotary angles, (n_positions, head_size/2) each: computed in float64, kept in float32
+    (they follow the model's dtype, so decoding casts nothing per step)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
     angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), inv_freq)
-    return angles.cos(), angles.sin()  # float64: apply_rope casts to the activations' dtype
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x, cos, sin):

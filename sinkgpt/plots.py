@@ -102,9 +102,11 @@ def plot_repeat(result, path):
     cmap = plt.get_cmap("viridis")
     for col, variant in enumerate(names):
         layers = result["variants"][variant]
+        labelled = set(range(0, len(layers), max(1, len(layers) // 6))) | {len(layers) - 1}  # a readable legend
         for e in layers:
             color = cmap(e["layer"] / max(1, len(layers) - 1))
-            axes[0, col].plot(e["resid_norm"], color=color, label=f"layer {e['layer']}")
+            label = f"layer {e['layer']}" if e["layer"] in labelled else None
+            axes[0, col].plot(e["resid_norm"], color=color, label=label)
             axes[1, col].plot(e["received"], color=color)
         axes[0, col].set(yscale="log", title=f"{variant}: residual norm per position", xlabel="position")
         axes[1, col].set(title=f"{variant}: attention received per key position", xlabel="key position")

@@ -30,7 +30,9 @@ BUNDLED_SHAKESPEARE = os.path.join(REPO_ROOT, "data", "shakespeare", "corpus")
 # prepared from the bundled corpus on first use: name -> (tokenizer, val_split); shakespeare_char_tail is
 # nanoGPT's split (the last 10% of the concatenated works), for loss comparisons with nanoGPT
 BUNDLED_DATASETS = {"shakespeare_char": ("char", "documents"), "shakespeare": ("gpt2", "documents"),
-                    "shakespeare_char_tail": ("char", "tail")}
+                    "shakespeare_char_tail": ("char", "tail"),
+                    # in SmolLM2's own tokenizer, once data/models/smollm2.py has fetched the model
+                    "shakespeare_smollm2": ("data/models/SmolLM2-135M-Instruct", "documents")}
 DEFAULT_VAL_FRACTION = 0.1
 MIN_DOCS_FOR_DOC_SPLIT = 10  # fewer documents than this: hold out a span of each instead
 TOKEN_DTYPE = np.uint16
@@ -413,6 +415,12 @@ def ensure_prepared(dataset_name, data_root="data", tokenizer=None):
             return data_dir
         t0 = time.time()
         tokenizer, val_split = BUNDLED_DATASETS[dataset_name] if tokenizer is None else (tokenizer, "documents")
+        if tokenizer not in ("char", "gpt2") and not isinstance(tokenizer, dict):  # a pretrained folder's tokenizer
+            folder = os.path.join(REPO_ROOT, tokenizer)
+            if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+                raise FileNotFoundError(f"{dataset_name} needs the model's tokenizer in {tokenizer}: run python "
+                                        f"data/models/smollm2.py first")
+            tokenizer = resolve_tokenizer(folder)
         meta = prepare_text_dataset([BUNDLED_SHAKESPEARE], data_dir, tokenizer, val_split=val_split)
     print(f"prepared {display_path(data_dir)} from the bundled corpus (meta.json was missing): "
           f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "

@@ -21,6 +21,8 @@ def build_report(model, batches, masks=None, k=5, min_ratio=100.0):
     stats = collect(model, batches, masks, k)
     maps, medians = stats.pop("maps"), stats.pop("medians")
     ratios = [layer["ratio"] for layer in stats["layers"]]
+    for layer in stats["layers"]:  # Sun et al.'s criterion on the layer's top-1 entry
+        layer["sun_massive"] = layer["top"][0][0] > MASSIVE_ABS and layer["ratio"] >= MASSIVE_RATIO
     best = max(range(len(ratios)), key=lambda i: ratios[i] if math.isfinite(ratios[i]) else float("inf"))
     report = {
         "model": model.config.to_dict(), "n_prefix": model.n_prefix, "n_slot_columns": model.n_slot_columns,
@@ -73,12 +75,13 @@ def report_markdown(r):
              f"- Ratio only ({r['massive_criteria']['ratio_only']}): {len(r['massive_ratio_only'])} entries"
              + (f", e.g. layer {r['massive_ratio_only'][0]['layer']} pos {r['massive_ratio_only'][0]['position']} "
                 f"dim {r['massive_ratio_only'][0]['dim']}" if r["massive_ratio_only"] else ""), "",
-             "| layer | top-1 (pos, dim) | top-2 | top-3 | median | ratio | pos-0 norm / others | mass on pos 0 "
-             "| mass on slot |", "|---|---|---|---|---|---|---|---|---|"]
+             "| layer | top-1 (pos, dim) | top-2 | top-3 | median | ratio | Sun et al. | pos-0 norm / others "
+             "| mass on pos 0 | mass on slot |", "|---|---|---|---|---|---|---|---|---|---|"]
     for e in r["layers"]:
         tops = [f"{v:.4g} ({p}, {d})" for v, p, d in e["top"][:3]] + ["-"] * (3 - len(e["top"][:3]))
         lines.append(f"| {e['layer']} | {' | '.join(tops)} | {fmt(e['median'])} | {fmt(e['ratio'])} | "
-                     f"{fmt(e['pos0_norm_ratio'])} | {fmt(e['first_token_mass_mean'])} | {fmt(e['slot_mass_mean'])} |")
+                     f"{'yes' if e['sun_massive'] else 'no'} | {fmt(e['pos0_norm_ratio'])} | "
+                     f"{fmt(e['first_token_mass_mean'])} | {fmt(e['slot_mass_mean'])} |")
     if r["layers"][0]["sink_token_top"] is not None:
         lines += ["", "Sink-token prefix (positions < 0), top-1 |h| per layer: " +
                   ", ".join(f"{e['sink_token_top'][0][0]:.4g} (pos {e['sink_token_top'][0][1]}, dim "

@@ -174,3 +174,21 @@ def test_analyze_refuses_data_in_another_tokenizer(tmp_path, llama_dir, capsys):
     assert analyze.main([folder, "--data", "shakespeare", "--batches", "1", "--report", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tokenized with GPT-2 BPE" in err[0]
+
+
+def test_optimizer_interventions_and_tracking_act_on_a_continued_llama(tmp_path, llama_dir, llama_data):
+    """moment_edits and track_params select the Llama's own parameters: the down-projection row whose first moment
+    is zeroed every step keeps |m| = 0, a row left alone does not; activation tracking logs every layer."""
+    folder, _ = llama_dir
+    row = "transformer.h.1.mlp.c_proj.weight[3, :]"
+    other = "transformer.h.1.mlp.c_proj.weight[4, :]"
+    out = tmp_path / "run"
+    assert run_train(out, llama_data, init_from=folder, max_iters=4, eval_interval=4, block_size=32, eval_iters=1,
+                     track_interval=2, track_params=[row, other], learning_rate=1e-3, attn_gate="headwise",
+                     moment_edits=[{"param": row, "moment": "m", "op": "zero", "every": 1}], **LLAMA_SHAPE) == 0
+    events = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    tracked = [e for e in events if "track_ratio" in e]
+    assert [e["iter"] for e in tracked] == [2, 4] and len(tracked[0]["track_ratio"]) == 3
+    key, other_key = row.replace(" ", ""), other.replace(" ", "")  # the log's keys carry the slice without spaces
+    assert all(e[f"opt_m_norm/{key}"] == 0.0 and e[f"opt_m_norm/{other_key}"] > 0 for e in tracked)
+    assert all(e[f"opt_update_norm/{key}"] > 0 for e in tracked)  # Adam still moves it (m before the edit)

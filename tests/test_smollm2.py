@@ -117,6 +117,13 @@ def test_smollm2_logits_equal_transformers_on_the_converted_folder(smollm2_dir, 
         ours, theirs = smollm2.model(idx)[0], hf(idx).logits
     assert (ours - theirs).abs().max().item() <= 1e-3
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    # one layer's residual stream (block 11, where the massive activation appears) against transformers'
+    # hidden_states, in float32: within 1e-3 relative to the largest entry (about 2.5e4 at position 0)
+    with torch.no_grad():
+        hidden = hf(idx, output_hidden_states=True).hidden_states[12]
+        ours_hidden = smollm2.model.run_with_cache(idx, ["h.11.resid_post"])[2]["h.11.resid_post"]
+    assert hidden.abs().max() > 1e4
+    assert (ours_hidden - hidden).abs().max().item() <= 1e-3 * hidden.abs().max().item()
 
 
 @pytest.mark.slow
@@ -128,10 +135,11 @@ def test_smollm2_has_a_sun_massive_activation_at_position_0_that_it_depends_on(s
     report, _ = build_report(smollm2.model, batches, masks, k=3)
     sun = report["massive"]  # |h| > 100 and >= 1000x the median
     assert sun and all(m["position"] == 0 for m in sun)
+    assert [layer["sun_massive"] for layer in report["layers"]].count(True) >= 10  # from layer 11 on (README)
     top = max(sun, key=lambda m: m["value"])
     assert top["value"] > 1e4 and top["ratio"] > 1e3
     first = min(m["layer"] for m in sun)
-    entries = [(m["layer"], m["position"], m["dim"]) for m in sun if m["layer"] == first]
+    entries = [(m["layer"], 0, m["dim"]) for m in sun if m["layer"] == first and m["position"] == 0]
     result = ablate(smollm2.model, batches, entries)
     assert result["delta_zero"] > 2.0  # several nats: the model depends on the entry ...
     assert abs(result["delta_mean"]) < 0.5  # ... but not on its exact value
@@ -141,3 +149,16 @@ def test_smollm2_has_a_sun_massive_activation_at_position_0_that_it_depends_on(s
     assert abs(layer["mlp"]) > 1e3 and abs(layer["neuron_sum"] - layer["mlp"]) < 1e-2 * abs(layer["mlp"])
     repeat = repeat_probe(smollm2.model, batches[0][0][0, 5].item(), 32, smollm2.meta["bos_token"])
     assert set(repeat["variants"]) == {"no_bos", "bos"}
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_equals_transformers(smollm2_dir, smollm2):
+    from transformers import AutoTokenizer
+    from test_pretrained_workflow import STRINGS
+    from sinkgpt.tokenizer import load_tokenizer
+    theirs, ours = AutoTokenizer.from_pretrained(smollm2_dir), load_tokenizer(smollm2.meta)
+    assert (smollm2.meta["bos_token"], smollm2.meta["eos_token"]) == (theirs.bos_token_id, theirs.eos_token_id) == (1, 2)
+    for text in STRINGS:
+        ids = ours.encode(text)
+        assert ids == theirs(text, add_special_tokens=False).input_ids, text
+        assert ours.decode(ids) == theirs.decode(ids) == text, text
