@@ -40,7 +40,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_target_args(p, data=True):
-    p.add_argument("target", help="a run folder (ckpt.pt), a checkpoint file, or a GPT-2 directory")
+    p.add_argument("target", help="a run folder (ckpt.pt), a checkpoint file, or a pretrained folder")
     if data:
         p.add_argument("--data", help="a prepared dataset name or 'bigram_backcopy' (val split); default: the "
                                       "target's own dataset")
@@ -48,9 +48,10 @@ def add_target_args(p, data=True):
                                       "the first block_size tokens)")
         p.add_argument("--batches", type=int, default=4, help="probe batches drawn from --data")
         p.add_argument("--batch_size", type=int, default=8)
-        p.add_argument("--block_size", type=int, default=0, help="sequence length (default: the model's)")
+        p.add_argument("--block_size", type=int, default=0,
+                       help="sequence length (default: the model's context, at most 1024)")
         p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                       help="start each sequence with BOS (default: as trained; on for GPT-2 directories and "
+                       help="start each sequence with BOS (default: as trained; on for pretrained folders and "
                             "Bigram-Backcopy)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto")

@@ -32,13 +32,14 @@ import torch
 from model import GPT, GPTConfig
 from sinkgpt.common import InputError
 from sinkgpt.config import ConfigError, check_ranges, check_value, load_config, model_config, parse_flag_value
-from sinkgpt.generation import decode_layout
+from sinkgpt.generation import decode_copy_bytes, decode_layout
 from sinkgpt.loader import loader_for_run
 from sinkgpt.optim import build_optimizer
+from sinkgpt.common import RunError
 from sinkgpt.pretrained import from_pretrained
 from sinkgpt.runtime import (autocast_context, device_name, keep_freed_memory, peak_flops, pick_device, pick_dtype,
                              synchronize, use_compile)
-from sinkgpt.training import train_step
+from sinkgpt.training import build_model, train_step
 
 BENCH_FLAGS = {"json": False, "generate": False, "profile": False, "steps": 10, "warmup": 3, "rounds": 3,
                "compare": "", "vocab_size": 0, "no_cache_steps": 0, "vs_transformers": False, "prompt_tokens": 512,
@@ -95,13 +96,16 @@ def dataset_vocab(cfg, override):
 
 
 def bench_model(cfg, vocab_size):
-    """The model to time: a pretrained folder's (--init_from=DIR, cropped to block_size), else a fresh one."""
+    """The model to time, as train.py builds it: a pretrained folder's (--init_from=DIR, with the variant's sink
+    options, cropped to block_size), else a fresh one."""
     torch.manual_seed(cfg["seed"])
-    if os.path.isdir(cfg["init_from"]):
-        model = from_pretrained(cfg["init_from"])
-        model.crop_block_size(min(cfg["block_size"], model.config.block_size))
-        return model
-    return GPT(model_config(cfg, vocab_size, bos_token=vocab_size - 1))
+    if cfg["init_from"] in ("scratch", "resume"):
+        return GPT(model_config(cfg, vocab_size, bos_token=vocab_size - 1))
+    model = build_model(cfg, vocab_size, bos_token=vocab_size - 1)
+    if cfg["block_size"] > model.config.block_size:
+        raise ConfigError(f"block_size={cfg['block_size']} is longer than {cfg['init_from']}'s context "
+                          f"({model.config.block_size})")
+    return model
 
 
 class StepRunner:
@@ -136,16 +140,20 @@ class StepRunner:
         return 1000 * (time.perf_counter() - t0) / n
 
 
+def transformers_model(folder, device="cpu"):
+    """transformers' own model of a folder, as a transformers user loads it (SDPA attention, float32)."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32).to(device)
+
+
 class TransformersModel(torch.nn.Module):
     """transformers' model of a folder as train_step calls a model: model(x, y) -> (logits, loss), the loss as a
     transformers user computes it (labels = the input ids; transformers shifts them)."""
 
     def __init__(self, folder):
         super().__init__()
-        from transformers import AutoModelForCausalLM
-        self.hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32)
+        self.hf = transformers_model(folder)
         self.config = self.hf.config
-        self.config.vocab_size = self.hf.config.vocab_size
 
     def forward(self, x, y=None):
         out = self.hf(input_ids=x, labels=x if y is not None else None)
@@ -187,17 +195,25 @@ def peak_rss_of(cfg, flags, which):
     queue = context.Queue()
     process = context.Process(target=_measure_peak_rss, args=(cfg, flags, which, queue))
     process.start()
-    peak = queue.get()
     process.join()
-    return peak
+    if process.exitcode != 0 or queue.empty():
+        raise RunError(f"measuring the peak memory of {which} in a process of its own failed (exit code "
+                       f"{process.exitcode})" + (f": {queue.get()[1]}" if not queue.empty() else ""))
+    status, value = queue.get()
+    if status != "ok":
+        raise RunError(f"measuring the peak memory of {which} in a process of its own failed: {value}")
+    return value
 
 
 def _measure_peak_rss(cfg, flags, which, queue):
-    torch.set_num_threads(1)
-    keep_freed_memory()
-    runner = dict(make_runners(cfg, flags, "cpu", only=which))[which]
-    runner.time_steps(max(1, flags["warmup"]) + 2)
-    queue.put(own_peak_rss_mb())
+    try:
+        torch.set_num_threads(1)
+        keep_freed_memory()
+        runner = dict(make_runners(cfg, flags, "cpu", only=which))[which]
+        runner.time_steps(max(1, flags["warmup"]) + 2)
+        queue.put(("ok", own_peak_rss_mb()))
+    except Exception as e:  # the parent reports it in one line
+        queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
 def own_peak_rss_mb():
@@ -225,10 +241,11 @@ def bench_training(cfg, flags):
     profiled = profile_steps(runners[0], flags["steps"]) if flags["profile"] else None
     peak = peak_flops(device)
     results = []
-    flops_per_token = runners[0].model.flops_per_token(runners[0].cfg["block_size"])  # the same model in both
+    ours = runners[0].model  # transformers' model does the same FLOPs as ours (--vs_transformers)
     for name, runner, ms in zip(names, runners, times):
         ms_per_iter = statistics.median(ms)
-        flops = flops_per_token * runner.tokens_per_step
+        model = runner.model if hasattr(runner.model, "flops_per_token") else ours
+        flops = model.flops_per_token(runner.cfg["block_size"]) * runner.tokens_per_step
         results.append(dict(variant=name, ms_per_iter=ms_per_iter, ms_rounds=ms,
                             tokens_per_s=runner.tokens_per_step / ms_per_iter * 1000,
                             mfu=flops / (ms_per_iter / 1000) / peak if peak else None,
@@ -292,9 +309,7 @@ class TransformersGenerator:
     name = "transformers"
 
     def __init__(self, folder, device):
-        from transformers import AutoModelForCausalLM
-        self.model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa",
-                                                          dtype=torch.float32).to(device).eval()
+        self.model = transformers_model(folder, device).eval()
         self.model.generation_config.eos_token_id = None
 
     def __call__(self, prompt, n_new):
@@ -324,6 +339,7 @@ def bench_generation(cfg, flags):
     t0 = time.perf_counter()
     generators[0](prompt[:, :1], 1)  # first call: on CPU it makes the (in, out) weight copies
     first_call_s = time.perf_counter() - t0
+    copies_mb = decode_copy_bytes(model) / 2**20
     outputs = {g.name: g(prompt[:, :16], 4) for g in generators}  # warm-up
 
     def seconds(generate, n):
@@ -345,7 +361,7 @@ def bench_generation(cfg, flags):
                             tokens_per_s=n_new / total_s, prefill_s=prefill_s,
                             decode_tokens_per_s=(n_new - 1) / max(total_s - prefill_s, 1e-9)))
     result = dict(device=device_name(device), params=model.num_params(), prompt_tokens=n_prompt, new_tokens=n_new,
-                  rounds=flags["rounds"], first_call_s=first_call_s,
+                  rounds=flags["rounds"], first_call_s=first_call_s, decode_copies_mb=copies_mb,
                   tokens_per_s_with_first_call=n_new / (results[0]["total_s"] + first_call_s),
                   peak_mem_mb=peak_memory_mb(device), variants=results,
                   **{k: results[0][k] for k in ("total_s", "tokens_per_s", "prefill_s", "decode_tokens_per_s")})
@@ -374,7 +390,8 @@ def main(argv):
                   f"{result['new_tokens']} new tokens after a {result['prompt_tokens']}-token prompt (prefill "
                   f"{r['prefill_s']:.2f} s, decode {r['decode_tokens_per_s']:.1f} tokens/s)")
         print(f"ours: {result['tokens_per_s_with_first_call']:.1f} tokens/s counting the model's first call "
-              f"({result['first_call_s']:.2f} s, which makes the decode weight copies)"
+              f"({result['first_call_s']:.2f} s, which makes the decode weight copies: "
+              f"{result['decode_copies_mb']:.0f} MB)"
               + (f"; without cache {result['no_cache_tokens_per_s']:.2f} tokens/s" if "no_cache_tokens_per_s"
                  in result else ""))
         if "speedup" in result:

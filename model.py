@@ -189,6 +189,7 @@ HOOK_POINTS = {  # per block: "h.<layer>.<point>"
     "scores": "(B, H, P, K)  q.k / sqrt(D), -inf where not visible; slot sinks: column 0 is the slot",
     "pattern": "(B, H, P, K)  softmax(scores); sigmoid(scores) for attn_fn=sigmoid; relu(scores) / visible "
                "keys (the slot counted) for attn_fn=relu",
+    "attn_z": "(B, P, C)  the heads' outputs (pattern @ values, after the gate), concatenated: c_proj's input",
     "attn_out": "(B, P, C)  attention's output, after c_proj",
     "resid_mid": "(B, P, C)  after the attention residual add",
     "ln_2": "(B, P, C)  the MLP's normed input (norm_pos='post': the norm after the second residual add)",
@@ -290,7 +291,7 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2)  # (B, T, H, D)
         if self.attn_gate != "none":
             y = y * torch.sigmoid(self.c_gate(x)).view(B, T, H, -1)
-        y = y.reshape(B, T, C)
+        y = hook(self.hook_fns, "attn_z", y.reshape(B, T, C))
         return self.resid_dropout(self.c_proj(y))
 
     def sdpa(self, q, k, v, scale=None):

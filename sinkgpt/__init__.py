@@ -8,14 +8,15 @@ One job per module; each module's opening comment says what it holds and what it
     config          every train.py key with its default and type; config files and --key=value flags
     runtime         device, precision, DDP processes, torch.compile, the allocator, peak FLOP/s
     checkpoint      atomic checkpoints, training progress, metrics.jsonl and its reader, loading a model
-    pretrained      Hugging Face folders in and out
-    tokenizer       GPT-2 BPE (offline) and char-level tokenizers
+    pretrained      Hugging Face folders in and out (GPT-2, Llama family), GGUF conversion
+    tokenizer       GPT-2 BPE (offline), char-level, and a pretrained folder's tokenizer.json
     prep            the prepare scripts' shared code (tokenise, split, shard, meta.json)
     loader          the one loader factory: prepared token files or Bigram-Backcopy
     bigram_backcopy the Bigram-Backcopy synthetic task
     optim           AdamW / SGD / Muon, parameter groups, interventions on the optimizer state
     training        the pieces of train.py's loop: model to start from, lr schedule, evaluation, the step
     generation      faster CPU decoding (an (in, out) weight layout while generating)
+    quantize        simulated post-training quantization (PyTorch fake-quant): W8A8 and W4 losses
     stats           sink and massive-activation statistics (pure functions)
     measure         one hooked pass over probe batches that collects per-layer statistics
     tracking        what training tracks: activations, sinks and optimizer state

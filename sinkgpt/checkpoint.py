@@ -19,8 +19,8 @@ import torch
 
 from model import GPT, GPTConfig
 from sinkgpt.common import InputError, RunError
-from sinkgpt.pretrained import PretrainedError, from_pretrained
-from sinkgpt.tokenizer import GPT2_VOCAB, describe_tokenizer, folder_tokenizer_meta
+from sinkgpt.pretrained import WEIGHT_FILES, PretrainedError, from_pretrained, resolve_folder
+from sinkgpt.tokenizer import GPT2_VOCAB, describe_tokenizer, folder_tokenizer_meta, is_gpt2_bpe
 
 # the keys every training checkpoint holds (load_checkpoint checks what a caller needs)
 CHECKPOINT_KEYS = ("model", "model_args", "optimizer", "iter_num", "best_val_loss", "tokens", "loader", "rng")
@@ -187,9 +187,8 @@ def trained_with_bos(cfg):
 
 def is_pretrained_folder(path):
     """A Hugging Face folder: config.json beside the weights (a run folder has a config.json of its own)."""
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
     return os.path.isfile(os.path.join(path, "config.json")) and any(
-        os.path.isfile(os.path.join(path, name)) for name in weights)
+        os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES)
 
 
 def looks_like_hub_name(target):
@@ -213,8 +212,9 @@ def load_model(target, device="cpu"):
             raise RunError(f"{path} carries no tokenizer description (meta)")
         loaded = LoadedModel(model, meta, cfg, "checkpoint", trained_with_bos(cfg))
     elif is_pretrained_folder(target) or looks_like_hub_name(target):
-        model = from_pretrained(target)
-        loaded = LoadedModel(model, pretrained_meta(target, model), {}, "pretrained", True)
+        folder = resolve_folder(target)  # a hub name: the folder it was fetched into
+        model = from_pretrained(folder)
+        loaded = LoadedModel(model, pretrained_meta(folder, model), {}, "pretrained", True)
     elif os.path.isdir(target):
         raise RunError(f"{target} holds neither a run (ckpt.pt) nor a pretrained model (config.json and weights)")
     else:
@@ -238,6 +238,8 @@ def pretrained_meta(folder, model):
             meta = folder_tokenizer_meta(folder)
         except ValueError as e:
             raise PretrainedError(str(e)) from None
+        if is_gpt2_bpe(meta):  # a full GPT-2 folder ships GPT-2's BPE as a tokenizer.json
+            meta = {"tokenizer": "gpt2", "bos_token": model.config.bos_token, "vocab_size": GPT2_VOCAB}
     else:
         meta = {"tokenizer": "gpt2", "bos_token": model.config.bos_token, "vocab_size": GPT2_VOCAB}
     if meta.get("vocab_size", 0) > model.config.vocab_size:

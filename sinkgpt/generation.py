@@ -60,6 +60,6 @@ def decode_layout(model):
             layer.__dict__.pop("forward", None)
 
 
-def has_copy(linear):
-    """Whether a decode copy of this layer's weight is held (tests, benchmarks)."""
-    return linear in _copies
+def decode_copy_bytes(model):
+    """Memory held by the decode copies of a model's layers (bench.py reports it)."""
+    return sum(_copies[m][1].numel() * _copies[m][1].element_size() for m in model.modules() if m in _copies)

@@ -13,8 +13,9 @@ May import: sinkgpt.common, sinkgpt.stats.
 import torch
 
 from sinkgpt.common import InputError
-from sinkgpt.stats import (bb_masses, first_token_mass, mean_of, position_norms, rate_from_alphas, safe_ratio,
-                           sequence_medians, sink_alpha, slot_mass, top_entries, value_norms)
+from sinkgpt.stats import (bb_masses, excess_kurtosis, finite_max, first_token_mass, mean_of, moment_sums, position_norms,
+                           rate_from_alphas, safe_ratio, sequence_medians, sink_alpha, slot_mass, top_entries,
+                           value_norms)
 
 
 class AnalyzeError(InputError):
@@ -73,7 +74,10 @@ def layer_reducer(model, trigger_mask=None):
         if point == "resid_post":
             x = x.detach().float()
             return {"absmax": x.abs().amax(0), "medians": sequence_medians(x[:, n_prefix:]),
-                    "norms": position_norms(x, n_prefix)}
+                    "norms": position_norms(x, n_prefix), "moments": moment_sums(x[:, n_prefix:])}
+        if point == "attn_z":  # the attention output before c_proj: Bondarenko et al.'s outliers
+            x = x.detach().float()[:, n_prefix:]
+            return {"max_abs": x.abs().max().item(), "moments": moment_sums(x)}
         if point == "pattern":
             x = x.detach().float()
             out = {"first": first_token_mass(x, n_slot), "slot": slot_mass(x, n_slot),
@@ -97,7 +101,7 @@ def collect(model, batches, trigger_masks=None, k=3, patches=None):
     cfg = model.config
     n_prefix, n_slot = model.n_prefix, model.n_slot_columns
     bb = trigger_masks is not None
-    points = ("resid_post", "pattern", "v") if bb else ("resid_post", "pattern")
+    points = ("resid_post", "pattern", "attn_z") + (("v",) if bb else ())
     names = [f"h.{layer}.{point}" for layer in range(cfg.n_layer) for point in points]
     runs, losses = [], []
     for i, (x, y) in enumerate(batches):
@@ -108,6 +112,7 @@ def collect(model, batches, trigger_masks=None, k=3, patches=None):
     for layer in range(cfg.n_layer):
         resid = [run[f"h.{layer}.resid_post"] for run in runs]
         attn = [run[f"h.{layer}.pattern"] for run in runs]
+        attn_z = [run[f"h.{layer}.attn_z"] for run in runs]
         absmax = torch.stack([r["absmax"] for r in resid]).amax(0)
         median = torch.cat([r["medians"] for r in resid]).mean().item()
         pos0_norm, other_norm = (sum(r["norms"][j] for r in resid) / len(resid) for j in (0, 1))
@@ -124,6 +129,10 @@ def collect(model, batches, trigger_masks=None, k=3, patches=None):
             "first_token_mass": first.tolist(), "first_token_mass_mean": first.mean().item(),
             "slot_mass": None if slot is None else slot.tolist(),
             "slot_mass_mean": None if slot is None else slot.mean().item(),
+            # outliers (Bondarenko et al.): max |x| and excess kurtosis over every entry, all probe sequences
+            "resid_kurtosis": excess_kurtosis(sum(r["moments"] for r in resid)),
+            "attn_max_abs": max(a["max_abs"] for a in attn_z),
+            "attn_kurtosis": excess_kurtosis(sum(a["moments"] for a in attn_z)),
             "alpha_first": alphas_first[-1].mean(0).tolist(),
             "alpha_slot": alphas_slot[-1].mean(0).tolist() if n_slot else None,
         }
@@ -135,7 +144,15 @@ def collect(model, batches, trigger_masks=None, k=3, patches=None):
     return {"layers": layers, "loss": sum(losses) / len(losses) if None not in losses else None,
             "sink_rate": rate_from_alphas(alphas_first), "slot_sink_rate": rate_from_alphas(alphas_slot) if n_slot
             else None, "n_sequences": sum(x.size(0) for x, _ in batches), "seq_len": batches[0][0].size(1),
-            "maps": maps, "medians": medians}
+            "outliers": worst_outliers(layers), "maps": maps, "medians": medians}
+
+
+def worst_outliers(layers):
+    """The largest of each outlier figure over the layers (block output: max |h| is the top-1 entry)."""
+    return {"resid_max_abs": finite_max([e["top"][0][0] for e in layers]),
+            "resid_kurtosis": finite_max([e["resid_kurtosis"] for e in layers]),
+            "attn_max_abs": finite_max([e["attn_max_abs"] for e in layers]),
+            "attn_kurtosis": finite_max([e["attn_kurtosis"] for e in layers])}
 
 
 def bb_layer(attn, values, resid_bos, resid_other):

@@ -249,14 +249,18 @@ def tokenizer_fields(tokenizer):
     raise ValueError(f"unknown tokenizer {tokenizer!r} (expected char, gpt2 or a pretrained folder's tokenizer)")
 
 
-def batch_encoder(tokenizer):
+def batch_encoder(tokenizer, threads=True):
     """texts -> token id lists, for 'gpt2' or an 'hf' description (no special tokens: documents are separated by
-    the dataset's BOS token)."""
+    the dataset's BOS token). threads=False keeps each call on one thread (for worker processes, which are the
+    parallelism already)."""
     if isinstance(tokenizer, dict):
+        if not threads:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read when the tokenizers library first encodes
         from sinkgpt.tokenizer import load_tokenizer
         return load_tokenizer(tokenizer).encode_batch
     from sinkgpt.tokenizer import gpt2_encoding
-    return gpt2_encoding().encode_ordinary_batch
+    enc = gpt2_encoding()
+    return enc.encode_ordinary_batch if threads else (lambda texts: [enc.encode_ordinary(t) for t in texts])
 
 
 def write_tokenizer_file(out_dir, tokenizer):
@@ -401,9 +405,9 @@ def prepare_lock(data_dir):
 
 def ensure_prepared(dataset_name, data_root="data", tokenizer=None):
     """Folder of a prepared dataset; prepares the bundled Shakespeare ones if meta.json is missing. With an 'hf'
-    tokenizer description, the bundled Shakespeare in that tokenizer: data/shakespeare-<tokenizer sha256[:12]>."""
-    if tokenizer is not None:
-        dataset_name = f"shakespeare-{tokenizer['tokenizer_sha256'][:12]}"
+    tokenizer description, the bundled Shakespeare in that tokenizer: data/shakespeare-<sha256[:12]>-bos<id>."""
+    if tokenizer is not None:  # named by what makes the tokenizer itself: its file and its BOS
+        dataset_name = f"shakespeare-{tokenizer['tokenizer_sha256'][:12]}-bos{tokenizer['bos_token']}"
     data_dir = resolve_data_dir(dataset_name, data_root)
     meta_path = os.path.join(data_dir, "meta.json")
     if os.path.exists(meta_path):
@@ -467,8 +471,8 @@ class ShardWriter:
 _worker = {}  # in each tokenizer process: the batch encoder and the document separator (BOS) of its tokenizer
 
 
-def _init_worker(tokenizer):
-    _worker["encode"], _worker["bos"] = batch_encoder(tokenizer), tokenizer_fields(tokenizer)["bos_token"]
+def _init_worker(tokenizer, threads=False):
+    _worker["encode"], _worker["bos"] = batch_encoder(tokenizer, threads), tokenizer_fields(tokenizer)["bos_token"]
 
 
 def _tokenize_batch(texts):
@@ -493,8 +497,8 @@ def tokenize_stream(texts, num_proc, tokenizer="gpt2", batch_docs=256):
     """Yield (tokens, lengths) per batch of documents in input order, num_proc processes.
     Keeps a bounded number of batches in flight (Pool.imap would read the whole input ahead)."""
     batches = _batched(texts, batch_docs)
-    _init_worker(tokenizer)
     if num_proc <= 1:
+        _init_worker(tokenizer, threads=True)
         yield from map(_tokenize_batch, batches)
         return
     import multiprocessing

@@ -11,7 +11,7 @@ A config field that changes the computation in a way our model does not implemen
 naming the field and its value (PretrainedError); the fields that only describe the checkpoint (dtype,
 use_cache, token ids, ...) are read or passed over.
 
-May import: model, sinkgpt.common.
+May import: model, sinkgpt.common, sinkgpt.tokenizer.
 """
 
 import json
@@ -22,7 +22,10 @@ import torch.nn as nn
 
 from model import GPT, GPTConfig, LayerNorm, is_sink_parameter
 from sinkgpt.common import InputError
+from sinkgpt.tokenizer import special_ids
 
+# the weight files of a folder, in the order they are looked for
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu": "gelu_exact"}  # transformers' GPT-2 activation_function -> mlp_act
 GPT2_CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # stored (in, out) by transformers' Conv1D
 
@@ -71,10 +74,10 @@ def read_hf_weights(path):
     """The state dict of a folder: model.safetensors, shards listed by model.safetensors.index.json, or the
     legacy pytorch_model.bin."""
     from safetensors.torch import load_file
-    safetensors_file = os.path.join(path, "model.safetensors")
+    safetensors_file = os.path.join(path, WEIGHT_FILES[0])
     if os.path.exists(safetensors_file):
         return load_file(safetensors_file)
-    index_file = os.path.join(path, "model.safetensors.index.json")
+    index_file = os.path.join(path, WEIGHT_FILES[1])
     if os.path.exists(index_file):
         with open(index_file) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -85,7 +88,7 @@ def read_hf_weights(path):
         for shard in shards:
             weights.update(load_file(os.path.join(path, shard)))
         return weights
-    bin_file = os.path.join(path, "pytorch_model.bin")
+    bin_file = os.path.join(path, WEIGHT_FILES[2])
     if os.path.exists(bin_file):
         return torch.load(bin_file, map_location="cpu", weights_only=True)
     raise PretrainedError(f"{path} holds neither model.safetensors (or its sharded index) nor pytorch_model.bin")
@@ -238,16 +241,14 @@ def llama_config(hf, path):
     if head_dim * n_head != hf["hidden_size"]:
         raise PretrainedError(f"{path}/config.json: head_dim={head_dim} is not implemented (only hidden_size / "
                               f"num_attention_heads = {hf['hidden_size'] // n_head})")
-    bos = hf.get("bos_token_id")
-    eos = hf.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) and eos else eos
+    bos, _ = special_ids(hf)
     return GPTConfig(block_size=hf.get("max_position_embeddings", 2048), vocab_size=hf["vocab_size"],
                      n_layer=hf["num_hidden_layers"], n_head=n_head,
                      n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=hf["hidden_size"],
                      bias=bool(hf.get("attention_bias", False)), pos_emb="rope", rope_base=rope_theta(hf, path),
                      norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp_act="swiglu",
                      mlp_hidden=hf["intermediate_size"], tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                     bos_token=bos if bos is not None else (eos if eos is not None else 0))
+                     bos_token=0 if bos is None else bos)
 
 
 # our parameter -> the LlamaForCausalLM parameters it is made of (concatenated along dim 0), per layer
@@ -342,9 +343,11 @@ def export_family(cfg):
     return "gpt2", unsupported
 
 
-def export_hf(model, out_dir):
+def export_hf(model, out_dir, meta=None):
     """Write config.json + model.safetensors that transformers loads: LlamaForCausalLM for rotary / RMSNorm /
-    SwiGLU models, GPT2LMHeadModel otherwise. Settings the format cannot express are refused, naming them."""
+    SwiGLU models, GPT2LMHeadModel otherwise. Settings the format cannot express are refused, naming them. With
+    the tokenizer description `meta` (a checkpoint's), the folder gets its tokenizer: tokenizer.json for an 'hf'
+    one, meta.json for a character vocabulary (GPT-2 BPE needs none)."""
     family, unsupported = export_family(model.config)
     if unsupported:
         raise PretrainedError(f"the Hugging Face {'Llama' if family == 'llama' else 'GPT-2'} format cannot express "
@@ -355,6 +358,12 @@ def export_hf(model, out_dir):
     save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
+    if meta and meta.get("tokenizer") == "hf":
+        with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(meta["tokenizer_json"])
+    elif meta and meta.get("tokenizer") == "char":
+        with open(os.path.join(out_dir, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from sinkgpt.stats import key_mass, slot_mass
 from sinkgpt.prep import ensure_prepared
 from sinkgpt.tokenizer import describe_tokenizer, load_tokenizer, read_text_argument, tokenizer_identity
 
+DEFAULT_MAX_LENGTH = 1024  # GPT-2's context; SmolLM2's 8192 would need tens of GB of attention patterns
 # hook points whose tensors are (B, positions, channels): where one (position, dim) entry can be patched
 POSITION_POINTS = ("resid_pre", "ln_1", "attn_out", "resid_mid", "ln_2", "mlp_pre", "mlp_post", "mlp_out",
                    "resid_post")
@@ -25,7 +26,8 @@ def probe_batches(target, device, *, data=None, text=None, batches=4, batch_size
     else the val split of `data`, else of the dataset the target was trained on. Sequences start with BOS as the
     model saw them in training (target.bos) unless `bos` says otherwise; Bigram-Backcopy always starts with BOS."""
     model, meta, cfg = target.model, target.meta, target.config
-    T = min(block_size or model.config.block_size, model.config.block_size)
+    # default length: the model's context, at most DEFAULT_MAX_LENGTH (the analysis keeps T x T patterns per head)
+    T = min(block_size or DEFAULT_MAX_LENGTH, model.config.block_size)
     bos = target.bos if bos is None else bos
     if text is not None:
         try:

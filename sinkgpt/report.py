@@ -2,7 +2,7 @@
 Reports: the per-layer analysis report (report.json, report.md and its plots) and the comparison of runs
 from their metrics.jsonl (compare.md, compare.json, compare.png).
 
-May import: sinkgpt.checkpoint, sinkgpt.common, sinkgpt.measure, sinkgpt.plots, sinkgpt.stats.
+May import: sinkgpt.checkpoint, sinkgpt.common, sinkgpt.measure, sinkgpt.plots, sinkgpt.quantize, sinkgpt.stats.
 """
 
 import json
@@ -13,7 +13,9 @@ from sinkgpt.checkpoint import read_metrics
 from sinkgpt.common import plain
 from sinkgpt.measure import collect
 from sinkgpt.plots import plot_activation_map, plot_activations, plot_bb, plot_compare, plot_masses
-from sinkgpt.stats import MASSIVE_ABS, MASSIVE_RATIO, SINK_EPS, SINK_T, find_massive, finite_max, finite_mean
+from sinkgpt.quantize import ptq_losses
+from sinkgpt.stats import (MASSIVE_ABS, MASSIVE_RATIO, SINK_EPS, SINK_T, find_massive, finite_max, finite_mean,
+                           largest_ratio_layer)
 
 
 def build_report(model, batches, masks=None, k=5, min_ratio=100.0):
@@ -23,7 +25,7 @@ def build_report(model, batches, masks=None, k=5, min_ratio=100.0):
     ratios = [layer["ratio"] for layer in stats["layers"]]
     for layer in stats["layers"]:  # Sun et al.'s criterion on the layer's top-1 entry
         layer["sun_massive"] = layer["top"][0][0] > MASSIVE_ABS and layer["ratio"] >= MASSIVE_RATIO
-    best = max(range(len(ratios)), key=lambda i: ratios[i] if math.isfinite(ratios[i]) else float("inf"))
+    best = largest_ratio_layer(stats["layers"])
     report = {
         "model": model.config.to_dict(), "n_prefix": model.n_prefix, "n_slot_columns": model.n_slot_columns,
         **stats,
@@ -33,6 +35,7 @@ def build_report(model, batches, masks=None, k=5, min_ratio=100.0):
                              "ratio_only": f"|h| >= {min_ratio:g} x median"},
         "massive": find_massive(maps, medians),
         "massive_ratio_only": find_massive(maps, medians, min_abs=0.0, min_ratio=min_ratio),
+        "quantization": ptq_losses(model, batches),
     }
     return report, maps
 
@@ -74,14 +77,24 @@ def report_markdown(r):
                           for m in r["massive"][:12]) or "none"),
              f"- Ratio only ({r['massive_criteria']['ratio_only']}): {len(r['massive_ratio_only'])} entries"
              + (f", e.g. layer {r['massive_ratio_only'][0]['layer']} pos {r['massive_ratio_only'][0]['position']} "
-                f"dim {r['massive_ratio_only'][0]['dim']}" if r["massive_ratio_only"] else ""), "",
+                f"dim {r['massive_ratio_only'][0]['dim']}" if r["massive_ratio_only"] else ""),
+             f"- Outliers (Bondarenko et al.; max |x| and excess kurtosis over every entry): block output "
+             f"{fmt(r['outliers']['resid_max_abs'])} and {fmt(r['outliers']['resid_kurtosis'])}, attention output "
+             f"before c_proj {fmt(r['outliers']['attn_max_abs'])} and {fmt(r['outliers']['attn_kurtosis'])} (worst layer)",
+             f"- Simulated quantization (PyTorch fake-quant; block Linears): loss {fmt(r['quantization']['loss_float'], 4)} "
+             f"in float32, W8A8 (per-channel int8 weights, per-tensor int8 inputs) "
+             f"{fmt(r['quantization']['loss_w8a8'], 4)} ({r['quantization']['delta_w8a8']:+.4f}), W4 (4-bit "
+             f"per-channel weights) {fmt(r['quantization']['loss_w4'], 4)} ({r['quantization']['delta_w4']:+.4f})",
+             "",
              "| layer | top-1 (pos, dim) | top-2 | top-3 | median | ratio | Sun et al. | pos-0 norm / others "
-             "| mass on pos 0 | mass on slot |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| mass on pos 0 | mass on slot | kurtosis | attn max \\|x\\| | attn kurtosis |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in r["layers"]:
         tops = [f"{v:.4g} ({p}, {d})" for v, p, d in e["top"][:3]] + ["-"] * (3 - len(e["top"][:3]))
         lines.append(f"| {e['layer']} | {' | '.join(tops)} | {fmt(e['median'])} | {fmt(e['ratio'])} | "
                      f"{'yes' if e['sun_massive'] else 'no'} | {fmt(e['pos0_norm_ratio'])} | "
-                     f"{fmt(e['first_token_mass_mean'])} | {fmt(e['slot_mass_mean'])} |")
+                     f"{fmt(e['first_token_mass_mean'])} | {fmt(e['slot_mass_mean'])} | {fmt(e['resid_kurtosis'])} | "
+                     f"{fmt(e['attn_max_abs'])} | {fmt(e['attn_kurtosis'])} |")
     if r["layers"][0]["sink_token_top"] is not None:
         lines += ["", "Sink-token prefix (positions < 0), top-1 |h| per layer: " +
                   ", ".join(f"{e['sink_token_top'][0][0]:.4g} (pos {e['sink_token_top'][0][1]}, dim "

@@ -26,6 +26,15 @@ def sequence_medians(resid):
     return resid.abs().flatten(1).median(dim=1).values
 
 
+def largest_ratio_layer(layers):
+    """Index of the layer with the largest top-1/median ratio (an infinite ratio, a zero median, counts as the
+    largest; a NaN as the smallest)."""
+    def key(i):
+        ratio = layers[i]["ratio"]
+        return float("-inf") if math.isnan(ratio) else ratio
+    return max(range(len(layers)), key=key)
+
+
 def safe_ratio(a, b):
     return a / b if b > 0 else float("inf") if a > 0 else float("nan")
 
@@ -152,3 +161,25 @@ def finite_max(values):
 def finite_mean(values):
     values = [v for v in values or [] if v is not None and math.isfinite(v)]
     return sum(values) / len(values) if values else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# outliers (Bondarenko et al. 2023): the infinity norm and the kurtosis of a layer's activations
+
+
+def moment_sums(x):
+    """(count, sum x, sum x^2, sum x^3, sum x^4) over every entry of x, in float64: the sums of several batches
+    add up, so the kurtosis of all of them together is exact."""
+    x = x.detach().double().flatten()
+    return torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(), x.pow(2).sum(),
+                        x.pow(3).sum(), x.pow(4).sum()])
+
+
+def excess_kurtosis(sums):
+    """E[(x - mean)^4] / Var(x)^2 - 3 from moment_sums (0 for a Gaussian; large when a few entries dwarf the
+    rest: one entry of size a among n small ones gives about n - 3)."""
+    n, s1, s2, s3, s4 = (float(v) for v in sums)
+    mean = s1 / n
+    m2 = s2 / n - mean ** 2
+    m4 = s4 / n - 4 * mean * s3 / n + 6 * mean ** 2 * s2 / n - 3 * mean ** 4
+    return m4 / m2 ** 2 - 3.0 if m2 > 0 else float("nan")

@@ -7,7 +7,7 @@ A study config is plain Python assignments (STUDY_DEFAULTS's keys). Runs go to o
 that finished is skipped, one with a checkpoint resumes, so an interrupted study picks up where it stopped.
 
 May import: sinkgpt.checkpoint, sinkgpt.common, sinkgpt.config, sinkgpt.measure, sinkgpt.probes,
-sinkgpt.report, sinkgpt.tokenizer.
+sinkgpt.report, sinkgpt.stats, sinkgpt.tokenizer.
 """
 
 import json
@@ -27,6 +27,7 @@ from sinkgpt.config import read_config_file
 from sinkgpt.measure import collect
 from sinkgpt.probes import probe_batches, repeat_probe
 from sinkgpt.report import compare
+from sinkgpt.stats import largest_ratio_layer
 from sinkgpt.tokenizer import load_tokenizer
 
 STUDY_DEFAULTS = dict(
@@ -72,9 +73,13 @@ def run_dir(study, variant, seed):
 
 
 def train_command(study, variant, seed, resume):
-    keys = dict(study["overrides"], **study["variants"][variant], seed=seed, out_dir=run_dir(study, variant, seed))
+    out_dir = run_dir(study, variant, seed)
+    keys = dict(study["overrides"], **study["variants"][variant], seed=seed, out_dir=out_dir)
     if resume:
         keys["init_from"] = "resume"
+        stopped = os.path.join(out_dir, "ckpt_stop.pt")  # a stop signal's state, newer than the best-val ckpt.pt
+        if os.path.isfile(stopped):
+            keys["resume_from"] = stopped
     return [sys.executable, "train.py", study["base"]] + [flag(k, v) for k, v in keys.items()]
 
 
@@ -87,7 +92,8 @@ def run_status(out_dir):
         evals = [e for e in read_metrics(metrics_path) if "val_loss" in e]
         if any(e.get("iter") == max_iters for e in evals) and os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
             return "done"
-    return "partial" if os.path.isfile(os.path.join(out_dir, "ckpt.pt")) else "new"
+    held = any(os.path.isfile(os.path.join(out_dir, name)) for name in ("ckpt.pt", "ckpt_stop.pt"))
+    return "partial" if held else "new"
 
 
 def run_training(cmd):
@@ -141,7 +147,7 @@ def analyse_run(study, out_dir):
         stats = collect(model, batches, masks)
     events = read_metrics(out_dir)
     evals = [e for e in events if e.get("val_loss") is not None]
-    best = max(stats["layers"], key=lambda layer: layer["ratio"] if math.isfinite(layer["ratio"]) else 0.0)
+    best = stats["layers"][largest_ratio_layer(stats["layers"])]
     token = load_tokenizer(meta).encode(study["repeat_text"])[0]
     repeat = repeat_probe(model, token, study["repeat_n"], meta["bos_token"])["variants"]["no_bos"]
     row = {
@@ -172,7 +178,7 @@ def mean_spread(values):
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
-def fmt(mean_sd, digits=3):
+def fmt_spread(mean_sd, digits=3):
     mean, sd = mean_sd
     if mean is None:
         return "-"
@@ -186,13 +192,13 @@ def summary_table(rows_by_variant):
     for variant, rows in rows_by_variant.items():
         where = rows[0]["max_ratio_at"]
         lines.append(" | ".join([
-            f"| {variant}", fmt(mean_spread([r["val_loss"] for r in rows]), 4),
-            fmt(mean_spread([r["val_backcopy_loss"] for r in rows]), 4),
-            f"{fmt(mean_spread([r['max_ratio'] for r in rows]), 1)} ({', '.join(map(str, where))})",
-            fmt(mean_spread([r["sink_rate"] for r in rows]), 1),  # analyze reports these in percent
-            fmt(mean_spread([r["slot_sink_rate"] for r in rows]), 1),
-            fmt(mean_spread([r.get("peak_first_mass") for r in rows]), 2),
-            fmt(mean_spread([r["repeat_later_max"] for r in rows]), 2)]) + " |")
+            f"| {variant}", fmt_spread(mean_spread([r["val_loss"] for r in rows]), 4),
+            fmt_spread(mean_spread([r["val_backcopy_loss"] for r in rows]), 4),
+            f"{fmt_spread(mean_spread([r['max_ratio'] for r in rows]), 1)} ({', '.join(map(str, where))})",
+            fmt_spread(mean_spread([r["sink_rate"] for r in rows]), 1),  # analyze reports these in percent
+            fmt_spread(mean_spread([r["slot_sink_rate"] for r in rows]), 1),
+            fmt_spread(mean_spread([r.get("peak_first_mass") for r in rows]), 2),
+            fmt_spread(mean_spread([r["repeat_later_max"] for r in rows]), 2)]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -207,7 +213,7 @@ def bb_table(rows_by_variant):
             def col(key):
                 vals = [r["bb"][layer].get(key) for r in rows]
                 vals = [sum(v) / len(v) if isinstance(v, list) else v for v in vals if v is not None]
-                return fmt(mean_spread(vals), 2)
+                return fmt_spread(mean_spread(vals), 2)
             lines.append(f"| {variant} | {layer} | {col('dormant_bos')} | {col('active_bos')} | "
                          f"{col('dormant_slot')} | {col('value_ratio')} | {col('resid_ratio')} |")
     return "\n".join(lines) + "\n"

@@ -224,6 +224,25 @@ def read_json_file(path):
         raise ValueError(f"{path} is not readable JSON ({type(e).__name__}: {e})") from None
 
 
+def special_ids(config):
+    """(BOS, EOS) ids of a Hugging Face config.json (a dict): the first EOS of a list; BOS falls back to EOS, the
+    usual document separator, when it is absent or null (None when neither is given)."""
+    eos = config.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    bos = config.get("bos_token_id")
+    return (eos if bos is None else bos), eos
+
+
+GPT2_PROBE_TEXT = "Hello, world! <|endoftext|>  naïve café 日本語 🙂\n\n\tdon't 3.14159"
+
+
+def is_gpt2_bpe(meta):
+    """Whether an 'hf' description is GPT-2's own BPE (a full GPT-2 folder ships one): same size, same ids."""
+    if meta.get("tokenizer") != "hf" or meta.get("vocab_size") != GPT2_VOCAB:
+        return False
+    return load_tokenizer(meta).encode(GPT2_PROBE_TEXT) == GPT2Tokenizer().encode(GPT2_PROBE_TEXT)
+
+
 def folder_tokenizer_meta(folder):
     """The tokenizer description of a pretrained folder with a tokenizer.json: the file's text and sha256, and
     the BOS / EOS ids of its config.json (BOS falls back to EOS, the usual document separator). ValueError for a
@@ -237,9 +256,7 @@ def folder_tokenizer_meta(folder):
         os.path.join(folder, "config.json")) else {}
     options = read_json_file(os.path.join(folder, "tokenizer_config.json")) if os.path.isfile(
         os.path.join(folder, "tokenizer_config.json")) else {}
-    eos = config.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) and eos else eos
-    bos = config.get("bos_token_id", eos)
+    bos, eos = special_ids(config)
     if bos is None:
         raise ValueError(f"{folder}/config.json names neither a bos_token_id nor an eos_token_id")
     tokenizer = HFTokenizer(text, bos, eos)
@@ -262,8 +279,12 @@ def tokenizer_identity(meta):
 def describe_tokenizer(meta):
     kind = meta.get("tokenizer")
     if kind == "hf":
-        return f"the tokenizer.json of {meta.get('tokenizer_source', '?')} (sha256 {meta.get('tokenizer_sha256', '?')[:12]})"
-    return {"char": "a character vocabulary", "gpt2": "GPT-2 BPE"}.get(kind, repr(kind))
+        return (f"the tokenizer.json of {meta.get('tokenizer_source', '?')} (sha256 "
+                f"{meta.get('tokenizer_sha256', '?')[:12]}, BOS {meta.get('bos_token')})")
+    if kind == "char":
+        chars = "".join(meta.get("chars", []))
+        return f"a character vocabulary of {len(chars)} ({chars[:12]!r}...)"
+    return {"gpt2": "GPT-2 BPE"}.get(kind, repr(kind))
 
 
 def load_tokenizer(meta):

@@ -100,6 +100,9 @@ def tracking_record(stats, grads, n_prefix):
         "track_first_mass": per_layer("first_token_mass_mean"),
         "track_slot_mass": per_layer("slot_mass_mean") if layers[0]["slot_mass"] is not None else None,
         "track_sink_rate": stats["sink_rate"], "track_slot_sink_rate": stats["slot_sink_rate"],
+        # outliers (Bondarenko et al.): excess kurtosis of each block output, max |x| and kurtosis of attention
+        "track_kurtosis": per_layer("resid_kurtosis"), "track_attn_max_abs": per_layer("attn_max_abs"),
+        "track_attn_kurtosis": per_layer("attn_kurtosis"),
     }
     if layers[0]["sink_token_top"] is not None:
         record["track_sink_token_top1"] = [e["sink_token_top"][0][0] for e in layers]

@@ -21,7 +21,7 @@ from sinkgpt.checkpoint import TrainProgress, model_from_checkpoint, pretrained_
 from sinkgpt.common import RunError
 from sinkgpt.config import DEFAULTS, MODEL_KEYS, ConfigError, model_config
 from sinkgpt.optim import load_optimizer_state
-from sinkgpt.pretrained import from_pretrained
+from sinkgpt.pretrained import from_pretrained, resolve_folder
 from sinkgpt.runtime import all_reduce_mean
 from sinkgpt.tokenizer import describe_tokenizer, tokenizer_identity
 
@@ -72,14 +72,14 @@ def build_model(cfg, vocab_size, bos_token, checkpoint=None, data_meta=None):
             if key != "dropout" and cfg[key] != DEFAULTS[key] and cfg[key] != saved.get(key, DEFAULTS[key]):
                 raise RunError(f"config key '{key}'={cfg[key]!r} differs from the checkpoint's "
                                f"{saved.get(key, DEFAULTS[key])!r}; resume with the checkpoint's model settings")
-        if saved["vocab_size"] != vocab_size:
+        if saved["vocab_size"] < vocab_size:  # as for a pretrained start: the model must hold the data's ids
             raise RunError(f"checkpoint vocab_size {saved['vocab_size']} does not match dataset "
                            f"'{cfg['dataset']}' ({vocab_size})")
         check_same_tokenizer(checkpoint.get("meta"), data_meta, "the checkpoint", cfg)
         return model_from_checkpoint(checkpoint, os.path.join(cfg["out_dir"], "ckpt.pt"))
     if cfg["init_from"] == "scratch":
         return GPT(model_config(cfg, vocab_size, bos_token))
-    folder = cfg["init_from"]
+    folder = resolve_folder(cfg["init_from"])  # a hub name: the folder it was fetched into
     model = from_pretrained(folder, **{k: cfg[k] for k in PRETRAINED_OPTIONS})
     for key in MODEL_KEYS:
         if key not in PRETRAINED_OPTIONS + ("block_size",) and cfg[key] != DEFAULTS[key] and \

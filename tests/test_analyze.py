@@ -457,3 +457,48 @@ def test_compare_names_a_metrics_line_that_is_not_an_object(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"iter": 0, "val_loss": 2.0}\n[1, 2]\n')
     code, out, err = run_cli(["compare", tmp_path, "--report", tmp_path / "c"], capsys)
     assert code == 1 and err.startswith("error: ") and "metrics.jsonl:2 is not a JSON object" in err, err
+
+
+# ----------------------------------------------------------------------------------------------------
+# outliers (Bondarenko et al.): max |x| and excess kurtosis
+
+
+def test_kurtosis_of_planted_tensors_by_hand():
+    from sinkgpt.stats import excess_kurtosis, moment_sums
+    n = 400
+    spike = torch.zeros(4, 100)
+    spike[2, 17] = -250.0  # one entry of size a among n - 1 zeros: kurtosis (n^2 - 3n + 3) / (n - 1), whatever a
+    assert math.isclose(excess_kurtosis(moment_sums(spike)), (n * n - 3 * n + 3) / (n - 1) - 3, rel_tol=1e-9)
+    signs = torch.ones(1000)
+    signs[::2] = -1.0  # +-1 with equal counts: fourth moment 1 = variance^2, excess kurtosis -2
+    assert math.isclose(excess_kurtosis(moment_sums(signs)), -2.0, rel_tol=1e-9)
+    gauss = torch.randn(200000, generator=torch.Generator().manual_seed(0))
+    assert abs(excess_kurtosis(moment_sums(gauss))) < 0.05  # 0 for a Gaussian (sd of the estimate ~0.011)
+    halves = moment_sums(gauss[:50000]) + moment_sums(gauss[50000:])  # batches add up exactly
+    assert math.isclose(excess_kurtosis(halves), excess_kurtosis(moment_sums(gauss)), rel_tol=1e-9)
+
+
+def test_collect_reports_max_abs_and_kurtosis_of_block_and_attention_outputs():
+    model = planted_model()
+    batches = [tokens(), tokens(seed=2)]
+    stats = collect(model, batches)
+    names = [f"h.{PLANT_LAYER}.resid_post", f"h.{PLANT_LAYER}.attn_z"]
+    captured = [capture(model, x, names, y)[0] for x, y in batches]
+
+    def kurtosis(t):  # written out: fourth central moment over squared variance, minus 3
+        t = t.double().flatten()
+        c = t - t.mean()
+        return (c.pow(4).mean() / c.pow(2).mean() ** 2 - 3).item()
+
+    layer = stats["layers"][PLANT_LAYER]
+    resid = torch.cat([c[names[0]] for c in captured])
+    z = torch.cat([c[names[1]] for c in captured])
+    assert math.isclose(layer["resid_kurtosis"], kurtosis(resid), rel_tol=1e-6)
+    assert math.isclose(layer["attn_kurtosis"], kurtosis(z), rel_tol=1e-6)
+    assert math.isclose(layer["attn_max_abs"], z.abs().max().item(), rel_tol=1e-6)
+    assert layer["resid_kurtosis"] > stats["layers"][0]["resid_kurtosis"] > 100  # position 0's planted entries
+    plain = collect(tiny_model(), batches)["outliers"]
+    assert plain["resid_kurtosis"] < 10 and plain["resid_max_abs"] < 1  # no outlier, no heavy tail
+    worst = stats["outliers"]
+    assert worst["resid_max_abs"] == max(e["top"][0][0] for e in stats["layers"])
+    assert worst["resid_kurtosis"] == max(e["resid_kurtosis"] for e in stats["layers"])

@@ -162,8 +162,8 @@ def expected_hook_shapes(model, B, T):
     hidden = 4 * C if cfg.mlp_act != "swiglu" else (8 * C // 3 + 63) // 64 * 64
     shapes = {"embed": (B, T, C), "ln_f": (B, Tn, C)}
     for layer in range(cfg.n_layer):
-        shapes.update({f"h.{layer}.{p}": (B, Tn, C) for p in ("resid_pre", "ln_1", "attn_out", "resid_mid", "ln_2",
-                                                               "mlp_out", "resid_post")})
+        shapes.update({f"h.{layer}.{p}": (B, Tn, C) for p in ("resid_pre", "ln_1", "attn_z", "attn_out", "resid_mid",
+                                                               "ln_2", "mlp_out", "resid_post")})
         shapes[f"h.{layer}.q"] = (B, H, Tn, D)
         shapes.update({f"h.{layer}.{p}": (B, cfg.kv_heads, Tn, D) for p in ("k", "v")})
         cols = Tn + (1 if cfg.sink in ("logit", "softmax1", "kv_bias", "k_bias") else 0)
@@ -288,10 +288,10 @@ def test_scores_and_pattern_hooks_follow_the_formulas(options):
     attention output is c_proj(pattern @ values) with the slot's value first."""
     model = randomize(tiny(**options)).double().eval()
     idx = idx_batch(model, B=2, T=7)
-    names = [f"h.1.{p}" for p in ("q", "k", "v", "scores", "pattern", "attn_out")]
+    names = [f"h.1.{p}" for p in ("q", "k", "v", "scores", "pattern", "attn_z", "attn_out")]
     with torch.no_grad():
         _, _, cache = model.run_with_cache(idx, names)
-    q, k, v, scores, pattern, out = (cache[name] for name in names)
+    q, k, v, scores, pattern, z, out = (cache[name] for name in names)
     attn = model.transformer.h[1].attn
     B, H, P, D = q.shape
     group = H // k.size(1)  # grouped-query attention: query head h reads key/value head h // group
@@ -319,6 +319,7 @@ def test_scores_and_pattern_hooks_follow_the_formulas(options):
         assert (pattern.sum(-1) - 1).abs().max() > 1e-3
     values = torch.cat([v_slot.view(1, H, 1, D).expand(B, -1, -1, -1), v], dim=2) if n_slot else v
     y = (pattern @ values).transpose(1, 2).reshape(B, P, H * D)
+    torch.testing.assert_close(z, y, rtol=0, atol=1e-12)  # c_proj's input
     torch.testing.assert_close(out, y @ attn.c_proj.weight.T + attn.c_proj.bias, rtol=0, atol=1e-12)
 
 

@@ -192,3 +192,20 @@ def test_optimizer_interventions_and_tracking_act_on_a_continued_llama(tmp_path,
     key, other_key = row.replace(" ", ""), other.replace(" ", "")  # the log's keys carry the slice without spaces
     assert all(e[f"opt_m_norm/{key}"] == 0.0 and e[f"opt_m_norm/{other_key}"] > 0 for e in tracked)
     assert all(e[f"opt_update_norm/{key}"] > 0 for e in tracked)  # Adam still moves it (m before the edit)
+
+
+def test_export_of_a_continued_llama_carries_its_tokenizer(tmp_path, llama_dir, llama_data):
+    """export_hf with the checkpoint's tokenizer description: the folder loads back with the same tokenizer."""
+    from sinkgpt.checkpoint import load_model
+    from sinkgpt.pretrained import export_hf
+    folder, _ = llama_dir
+    run = tmp_path / "run"
+    assert run_train(run, llama_data, init_from=folder, max_iters=2, eval_interval=2, block_size=32, eval_iters=1,
+                     **LLAMA_SHAPE) == 0
+    trained = load_model(str(run))
+    export_hf(trained.model, str(tmp_path / "out"), meta=trained.meta)
+    again = load_model(str(tmp_path / "out"))
+    assert again.meta["tokenizer_sha256"] == trained.meta["tokenizer_sha256"]
+    idx = torch.tensor([load_tokenizer(again.meta).encode("To be, or not to be")])
+    with torch.no_grad():
+        assert (again.model(idx)[0] - trained.model(idx)[0]).abs().max().item() < 1e-5
