@@ -9,6 +9,7 @@ Sun et al. (2024, massive activations), Yona et al. (2025, repeated tokens) and 
     python analyze.py ablate out-bb/base                                 # zero vs mean ablation, val loss
     python analyze.py repeat out-bb/base --string a --n 64               # one token repeated, with/without BOS
     python analyze.py attribute out-bb/base --pos 0 --dim 17             # which MLP neurons write the entry
+    python analyze.py stream DIR --window 256 --keep 0,1,4 --report R   # perplexity with a rolling cache
     python analyze.py compare out-a out-b --report reports/ab            # metrics.jsonl of runs, overlaid
 
 TARGET is a training out_dir (reads its ckpt.pt), a checkpoint file, or a pretrained folder (config.json and
@@ -18,6 +19,7 @@ target's own dataset. Bad input is one error line and exit code 1.
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -26,11 +28,12 @@ import torch
 from sinkgpt.checkpoint import load_model
 from sinkgpt.common import InputError, plain
 from sinkgpt.measure import AnalyzeError
-from sinkgpt.plots import plot_delta, plot_repeat
+from sinkgpt.plots import plot_delta, plot_repeat, plot_stream
 from sinkgpt.probes import (POSITION_POINTS, ablate, attribute, check_position, hook_name, intervene,
-                            position_index, probe_batches, repeat_probe)
+                            position_index, probe_batches, repeat_probe, stream_tokens)
 from sinkgpt.report import build_report, compare, fmt, report_markdown, write_report
 from sinkgpt.runtime import pick_device
+from sinkgpt.streaming import stream_losses
 from sinkgpt.tokenizer import load_tokenizer
 
 
@@ -59,7 +62,7 @@ def add_target_args(p, data=True):
 
 
 def parse_args(argv):
-    commands = ("report", "intervene", "ablate", "repeat", "attribute", "compare")
+    commands = ("report", "intervene", "ablate", "repeat", "attribute", "stream", "compare")
     if argv and argv[0] not in commands and argv[0] not in ("-h", "--help"):
         argv = ["report"] + list(argv)
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +96,11 @@ def parse_args(argv):
     p.add_argument("--pos", type=int, default=0)
     p.add_argument("--dim", type=int, help="default: the top-1 entry of the layer with the largest ratio")
     p.add_argument("--top", type=int, default=10)
+    p = sub.add_parser("stream", help="perplexity with a rolling cache: the first K tokens + W recent (StreamingLLM)")
+    add_target_args(p)
+    p.add_argument("--window", default="256", help="recent tokens kept, or a comma-separated grid (e.g. 64,256)")
+    p.add_argument("--keep", default="0,1,4", help="first tokens kept (attention sinks): a grid, e.g. 0,1,4")
+    p.add_argument("--tokens", type=int, default=2048, help="length of the streamed text")
     p = sub.add_parser("compare", help="runs' metrics.jsonl overlaid, and a table of final figures")
     p.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
     p.add_argument("--report", required=True)
@@ -100,7 +108,7 @@ def parse_args(argv):
 
 
 def check_counts(args):
-    for key in ("batches", "batch_size", "n", "k", "top"):
+    for key in ("batches", "batch_size", "n", "k", "top", "tokens"):
         if getattr(args, key, 1) is not None and getattr(args, key, 1) < 1:
             raise AnalyzeError(f"--{key} must be >= 1")
 
@@ -168,6 +176,37 @@ def cmd_ablate(args, model, batches, masks, source):
     print(f"loss: original {result['loss_none']:.4f}, zero {result['loss_zero']:.4f} ({result['delta_zero']:+.4f}), "
           f"mean {result['loss_mean']:.4f} ({result['delta_mean']:+.4f})")
     write_json(args.report, "ablate.json", {"target": args.target, "data": source, **result})
+
+
+def parse_grid(text, flag, least):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise AnalyzeError(f"--{flag} {text!r} is not a comma-separated list of integers") from None
+    if min(values) < least:
+        raise AnalyzeError(f"--{flag} values must be >= {least}, got {text}")
+    return values
+
+
+def cmd_stream(args, target, device):
+    windows, keeps = parse_grid(args.window, "window", 1), parse_grid(args.keep, "keep", 0)
+    ids, source = stream_tokens(target, device, data=args.data, text=args.text, n_tokens=args.tokens, seed=args.seed)
+    rows = []
+    for window in windows:
+        for keep in keeps:
+            try:
+                result = stream_losses(target.model, ids, keep, window)
+            except ValueError as e:
+                raise AnalyzeError(str(e)) from None
+            loss = result["losses"].mean().item()
+            rows.append({"keep": keep, "window": window, "loss": loss, "ppl": math.exp(min(loss, 50.0)),
+                         "route": result["route"], "largest_cache": result["largest_cache"],
+                         "tokens_per_s": result["tokens_per_s"], "losses": result["losses"].tolist()})
+            print(f"keep {keep}, window {window}: loss {loss:.4f}, perplexity {rows[-1]['ppl']:.2f} "
+                  f"({result['route']}, {result['tokens_per_s']:.1f} tokens/s)")
+    write_json(args.report, "stream.json", {"target": args.target, "data": source, "rows": rows})
+    if args.report:
+        plot_stream(rows, os.path.join(args.report, "stream.png"))
 
 
 def cmd_repeat(args, model, meta):
@@ -238,6 +277,8 @@ def run(argv):
     model = target.model
     if args.command == "repeat":
         return cmd_repeat(args, model, target.meta)
+    if args.command == "stream":
+        return cmd_stream(args, target, device)
     batches, masks, source = probe_batches(target, device, data=args.data, text=args.text, batches=args.batches,
                                            batch_size=args.batch_size, block_size=args.block_size, bos=args.bos,
                                            seed=args.seed)

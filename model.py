@@ -213,7 +213,11 @@ def hook(hooks, name, x):
 class KVCache:
     """Keys and values of the positions seen so far, per layer, for incremental decoding, in buffers
     allocated once (concatenating every step would copy the whole cache each token).
-    `pos` counts real tokens (sink-token prefixes are cached but take no position)."""
+    `pos` counts real tokens (sink-token prefixes are cached but take no position): the rotary position of the
+    next token. A cache that assigns positions itself (a rolling streaming cache) sets rotates_keys: attention
+    then hands it keys before rotary, and it returns them rotated to their places in the cache."""
+
+    rotates_keys = False
 
     def __init__(self, n_layer):
         self.buffers = [None] * n_layer  # (keys, values), each (B, n_kv_head, capacity, D)
@@ -232,6 +236,10 @@ class KVCache:
         keys[:, :, n:n + T], values[:, :, n:n + T] = k, v
         self.length[layer] = n + T
         return keys[:, :, :n + T], values[:, :, :n + T]
+
+    def advance(self, T):
+        """After a forward pass of T new real tokens."""
+        self.pos += T
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,7 +286,9 @@ class CausalSelfAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q = apply_rope(q, *rope)
+            if cache is None or not cache.rotates_keys:  # a rolling cache rotates its keys to their cache places
+                k = apply_rope(k, *rope)
         q, k, v = hook(self.hook_fns, "q", q), hook(self.hook_fns, "k", k), hook(self.hook_fns, "v", v)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -516,7 +526,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, rope, cache, is_bos)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         x = hook(self.hook_fns, "ln_f", self.transformer.ln_f(x))
         x = x[:, n_prefix:]
         if last_only:  # generation needs only the last position's logits

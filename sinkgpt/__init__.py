@@ -17,6 +17,7 @@ One job per module; each module's opening comment says what it holds and what it
     training        the pieces of train.py's loop: model to start from, lr schedule, evaluation, the step
     generation      faster CPU decoding (an (in, out) weight layout while generating)
     quantize        simulated post-training quantization (PyTorch fake-quant): W8A8 and W4 losses
+    streaming       perplexity with a rolling KV cache (StreamingLLM): the first K + W recent tokens
     stats           sink and massive-activation statistics (pure functions)
     measure         one hooked pass over probe batches that collects per-layer statistics
     tracking        what training tracks: activations, sinks and optimizer state

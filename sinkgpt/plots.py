@@ -133,3 +133,18 @@ def plot_compare(series, path):
             ax.text(0.5, 0.5, "no data (tracking off, or no sink slot)", ha="center", va="center",
                     transform=ax.transAxes)
     return save(fig, path)
+
+
+def plot_stream(rows, path, smooth=64):
+    """Running loss over the streamed text (mean of the last `smooth` tokens), one line per (keep, window)."""
+    import numpy as np
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for row in rows:
+        losses = np.array(row["losses"], dtype=float)
+        running = np.convolve(losses, np.ones(smooth) / smooth, mode="valid") if len(losses) >= smooth else losses
+        ax.plot(np.arange(len(running)) + min(smooth, len(losses)), running,
+                label=f"keep {row['keep']}, window {row['window']}: ppl {row['ppl']:.3g}")
+    ax.set(xlabel="token", ylabel=f"loss (mean of the last {smooth} tokens)", title="streaming with a rolling cache")
+    ax.legend(fontsize=7)
+    return save(fig, path)

@@ -63,6 +63,36 @@ def probe_batches(target, device, *, data=None, text=None, batches=4, batch_size
     return pairs, masks, source
 
 
+def stream_tokens(target, device, *, data=None, text=None, n_tokens=2048, seed=1337):
+    """(one long 1-D token sequence, a description) for streaming: the text (BOS first by the BOS rule), else the
+    first n_tokens of the val split of `data` or of the target's dataset (documents each led by their BOS), or a
+    Bigram-Backcopy sequence of that length."""
+    model, meta, cfg = target.model, target.meta, target.config
+    if text is not None:
+        try:
+            ids = load_tokenizer(meta).encode(read_text_argument(text))
+        except ValueError as e:
+            raise AnalyzeError(str(e)) from None
+        ids = ([meta["bos_token"]] if target.bos else []) + ids
+        return torch.tensor(ids[:n_tokens], device=device), {"text": text[:200], "tokens": min(len(ids), n_tokens)}
+    dataset = data or cfg.get("dataset") or (default_dataset(meta) if target.kind == "pretrained" else None)
+    if dataset is None:
+        raise AnalyzeError("the target names no dataset: give --data DATASET or --text TEXT")
+    if dataset == "bigram_backcopy":
+        loader = make_loader(dataset, "val", 1, n_tokens - 1, seed=seed, bb_triggers=cfg.get("bb_triggers", 3))
+        x, y = loader.next_batch()
+        ids = torch.cat([x[0], y[0, -1:]])
+    else:
+        loader = make_loader(dataset, "val", 1, 1, seed=seed)
+        if tokenizer_identity(loader.meta) != tokenizer_identity(meta):
+            raise AnalyzeError(f"dataset {dataset!r} is tokenized with {describe_tokenizer(loader.meta)}, but the "
+                               f"model uses {describe_tokenizer(meta)}")
+        ids = torch.from_numpy(loader.shards[0][:n_tokens].astype("int64"))
+    if int(ids.max()) >= model.config.vocab_size:
+        raise AnalyzeError(f"the data has token id {int(ids.max())}, outside the model's vocabulary")
+    return ids.to(device), {"dataset": dataset, "split": "val", "tokens": len(ids)}
+
+
 def default_dataset(meta):
     """A pretrained model's default probe data: the bundled Shakespeare in its own tokenizer (GPT-2 BPE:
     'shakespeare'; a tokenizer.json: data/shakespeare-<sha>, prepared on first use)."""

@@ -7,7 +7,7 @@ A study config is plain Python assignments (STUDY_DEFAULTS's keys). Runs go to o
 that finished is skipped, one with a checkpoint resumes, so an interrupted study picks up where it stopped.
 
 May import: sinkgpt.checkpoint, sinkgpt.common, sinkgpt.config, sinkgpt.measure, sinkgpt.probes,
-sinkgpt.report, sinkgpt.stats, sinkgpt.tokenizer.
+sinkgpt.quantize, sinkgpt.report, sinkgpt.stats, sinkgpt.streaming, sinkgpt.tokenizer.
 """
 
 import json
@@ -25,9 +25,11 @@ from sinkgpt.checkpoint import load_model, read_metrics
 from sinkgpt.common import InputError, plain
 from sinkgpt.config import read_config_file
 from sinkgpt.measure import collect
-from sinkgpt.probes import probe_batches, repeat_probe
+from sinkgpt.probes import probe_batches, repeat_probe, stream_tokens
+from sinkgpt.quantize import ptq_losses
 from sinkgpt.report import compare
 from sinkgpt.stats import largest_ratio_layer
+from sinkgpt.streaming import stream_losses
 from sinkgpt.tokenizer import load_tokenizer
 
 STUDY_DEFAULTS = dict(
@@ -41,6 +43,8 @@ STUDY_DEFAULTS = dict(
     probe_batch_size=16,
     repeat_n=64,  # repeated-token probe length
     repeat_text="a",  # the token repeated (encoded with the run's tokenizer, first token taken)
+    stream_tokens=512,  # streaming evaluation: the length of the streamed val text
+    stream_window=32,  # ... the recent tokens kept; the first 0 or 1 are kept besides (attention sinks)
 )
 
 
@@ -145,6 +149,10 @@ def analyse_run(study, out_dir):
                                       batch_size=study["probe_batch_size"], seed=cfg.get("seed", 1337) + 99)
     with torch.no_grad():
         stats = collect(model, batches, masks)
+    quantized = ptq_losses(model, batches)
+    ids, _ = stream_tokens(target, "cpu", n_tokens=study["stream_tokens"], seed=cfg.get("seed", 1337) + 99)
+    window = min(study["stream_window"], model.config.block_size - 1)
+    streamed = {keep: stream_losses(model, ids, keep, window)["losses"].mean().item() for keep in (0, 1)}
     events = read_metrics(out_dir)
     evals = [e for e in events if e.get("val_loss") is not None]
     best = stats["layers"][largest_ratio_layer(stats["layers"])]
@@ -160,6 +168,9 @@ def analyse_run(study, out_dir):
         "pos0_norm_ratio": [layer["pos0_norm_ratio"] for layer in stats["layers"]],
         "repeat_later_max": max(layer["later_max"] for layer in repeat),
         "repeat_pos0": sum(layer["mass_pos0"] for layer in repeat) / len(repeat),
+        **{f"outlier_{key}": value for key, value in stats["outliers"].items()},
+        "delta_w8a8": quantized["delta_w8a8"], "delta_w4": quantized["delta_w4"],
+        "stream_window": window, "stream_ppl_keep0": math.exp(streamed[0]), "stream_ppl_keep1": math.exp(streamed[1]),
     }
     if masks is not None:
         row["bb"] = [{k: layer["bb"][k] for k in ("dormant_bos", "active_bos", "dormant_slot", "value_ratio",
@@ -200,6 +211,25 @@ def summary_table(rows_by_variant):
             fmt_spread(mean_spread([r.get("peak_first_mass") for r in rows]), 2),
             fmt_spread(mean_spread([r["repeat_later_max"] for r in rows]), 2)]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def outlier_table(rows_by_variant):
+    """What a dedicated sink should buy (Bondarenko et al., StreamingLLM): the outliers, the loss cost of
+    simulated quantization, and the perplexity of streaming with a rolling cache with and without the first
+    token kept."""
+    if "delta_w8a8" not in next(iter(rows_by_variant.values()))[0]:
+        return ""
+    window = next(iter(rows_by_variant.values()))[0]["stream_window"]
+    lines = ["| variant | block output max \\|h\\| | kurtosis | attention output max \\|x\\| | attention kurtosis "
+             "| W8A8 loss change | W4 loss change | streaming ppl, window only | + first token kept |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for variant, rows in rows_by_variant.items():
+        def col(key, digits=1):
+            return fmt_spread(mean_spread([r[key] for r in rows]), digits)
+        lines.append(f"| {variant} | {col('outlier_resid_max_abs')} | {col('outlier_resid_kurtosis')} | "
+                     f"{col('outlier_attn_max_abs', 2)} | {col('outlier_attn_kurtosis')} | {col('delta_w8a8', 4)} | "
+                     f"{col('delta_w4', 4)} | {col('stream_ppl_keep0', 3)} | {col('stream_ppl_keep1', 3)} |")
+    return f"Streaming window: {window} recent tokens.\n\n" + "\n".join(lines) + "\n"
 
 
 def bb_table(rows_by_variant):
@@ -246,6 +276,9 @@ def write_report(study, config_path):
             f" runs, {seconds / 60:.1f} minutes of training in all. Mean ± sd over seeds.\n\n{table}\n")
     if bb:
         text += f"## Bigram-Backcopy, per layer\n\n{bb}\n"
+    outliers = outlier_table(rows_by_variant)
+    if outliers:
+        text += f"## Outliers, quantization and streaming\n\n{outliers}\n"
     text += "## Curves (first seed)\n\n![curves](curves/compare.png)\n"
     with open(os.path.join(report_dir, "results.md"), "w") as f:
         f.write(text)

@@ -502,3 +502,17 @@ def test_collect_reports_max_abs_and_kurtosis_of_block_and_attention_outputs():
     worst = stats["outliers"]
     assert worst["resid_max_abs"] == max(e["top"][0][0] for e in stats["layers"])
     assert worst["resid_kurtosis"] == max(e["resid_kurtosis"] for e in stats["layers"])
+
+
+def test_stream_cli_writes_the_grid_and_its_plot(tmp_path, capsys):
+    save_checkpoint(planted_model(), tmp_path / "ckpt.pt")
+    text = "abcdefghij" * 8  # 80 characters: longer than the model's context of 16
+    code, out, err = run_cli(["stream", tmp_path, "--text", text, "--window", "4,8", "--keep", "0,2",
+                              "--report", tmp_path / "st"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "st" / "stream.json").read_text())
+    assert [(r["keep"], r["window"]) for r in result["rows"]] == [(0, 4), (2, 4), (0, 8), (2, 8)]
+    assert all(len(r["losses"]) == 79 and r["route"].startswith("sliding window") for r in result["rows"])
+    check_png(tmp_path / "st" / "stream.png")
+    code, out, err = run_cli(["stream", tmp_path, "--text", text, "--window", "16", "--keep", "4"], capsys)
+    assert code == 1 and "context" in err and len(err.strip().splitlines()) == 1

@@ -209,3 +209,13 @@ def test_export_of_a_continued_llama_carries_its_tokenizer(tmp_path, llama_dir, 
     idx = torch.tensor([load_tokenizer(again.meta).encode("To be, or not to be")])
     with torch.no_grad():
         assert (again.model(idx)[0] - trained.model(idx)[0]).abs().max().item() < 1e-5
+
+
+def test_stream_on_the_llama_folder_keeps_a_rolling_cache(tmp_path, llama_dir):
+    folder, _ = llama_dir
+    assert analyze.main(["stream", folder, "--tokens", "200", "--window", "32", "--keep", "0,4",
+                         "--report", str(tmp_path / "st")]) == 0
+    rows = json.load(open(tmp_path / "st" / "stream.json"))["rows"]
+    assert [r["keep"] for r in rows] == [0, 4] and all(len(r["losses"]) == 199 for r in rows)
+    assert all(r["route"] == "rolling cache, positions within the cache" for r in rows)
+    assert [r["largest_cache"] for r in rows] == [32, 36]

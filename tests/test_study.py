@@ -20,7 +20,7 @@ def write_study(tmp_path, max_iters=12):
         'seeds = [1, 2]\n'
         f'out_root = "{tmp_path / "runs"}"\n'
         f'report_dir = "{tmp_path / "report"}"\n'
-        'probe_batches = 1\nprobe_batch_size = 4\nrepeat_n = 8\n')
+        'probe_batches = 1\nprobe_batch_size = 4\nrepeat_n = 8\nstream_tokens = 128\n')
     return str(path)
 
 
@@ -35,8 +35,12 @@ def test_study_trains_reports_and_resumes(tmp_path, monkeypatch, capsys):
             assert study_runner.run_status(str(runs / variant / f"seed{seed}")) == "done"
     text = (tmp_path / "report" / "results.md").read_text()
     assert "| baseline |" in text and "| kv_bias |" in text and "non-trigger -> BOS" in text
+    assert "## Outliers, quantization and streaming" in text and "W8A8 loss change" in text
     rows = json.load(open(tmp_path / "report" / "results.json"))["rows"]
     assert rows["kv_bias"][0]["slot_sink_rate"] is not None and rows["baseline"][0]["slot_sink_rate"] is None
+    for key in ("outlier_resid_kurtosis", "outlier_attn_max_abs", "delta_w8a8", "delta_w4", "stream_ppl_keep0",
+                "stream_ppl_keep1"):
+        assert rows["baseline"][0][key] is not None and rows["baseline"][0][key] == rows["baseline"][0][key], key
     assert os.path.getsize(tmp_path / "report" / "curves" / "compare.png") > 0
 
     # a finished study is not trained again; a run cut short resumes from its checkpoint
