@@ -16,7 +16,7 @@ Routes, by how the model encodes positions:
 A dedicated sink (a slot of sink=logit/softmax1/kv_bias/k_bias, or sink tokens) is always kept and does not
 count against `keep`.
 
-May import: model.
+May import: model, sinkgpt.generation.
 """
 
 import time
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from model import KVCache, apply_rope
+from sinkgpt.generation import decode_layout
 
 
 class RollingKVCache(KVCache):
@@ -99,11 +100,12 @@ def cached_losses(model, ids, keep, window):
     rope = (model.rope_cos, model.rope_sin) if model.config.pos_emb == "rope" else None
     cache = RollingKVCache(model.config.n_layer, keep, window, model.n_prefix, rope)
     first = min(len(ids) - 1, keep + window)  # the opening stretch fits the cache: one forward pass
-    logits, _ = model(ids[None, :first], cache=cache)
-    losses = [F.cross_entropy(upcast(logits[0]), ids[1:first + 1], reduction="none")]
-    for t in range(first, len(ids) - 1):
-        logits, _ = model(ids[None, t:t + 1], cache=cache)
-        losses.append(F.cross_entropy(upcast(logits[0]), ids[t + 1:t + 2], reduction="none"))
+    with decode_layout(model):  # token-by-token decoding, as sample.py does it
+        logits, _ = model(ids[None, :first], cache=cache)
+        losses = [F.cross_entropy(upcast(logits[0]), ids[1:first + 1], reduction="none")]
+        for t in range(first, len(ids) - 1):
+            logits, _ = model(ids[None, t:t + 1], cache=cache)
+            losses.append(F.cross_entropy(upcast(logits[0]), ids[t + 1:t + 2], reduction="none"))
     slot = 1 if model.n_slot_columns and not model.n_prefix else 0  # a slot column is added by attention itself
     return torch.cat(losses), cache.largest + slot
 
