@@ -2,7 +2,7 @@
 Simulated post-training quantization with PyTorch's own primitives (its observers pick the scales,
 torch.fake_quantize_* rounds): how much loss do a model's outliers cost when its numbers get 8 or 4 bits?
 
-    result = ptq_losses(model, batches)   # loss in float32, W8A8 and W4, and the changes
+    result = ptq_losses(model, batches)   # loss in float32, W8 (weights alone), W8A8 and W4, and the changes
 
 - W8A8: every Linear of the blocks has int8 weights per output channel (symmetric) and int8 inputs per tensor
   (asymmetric, min/max over the calibration batches): a single massive entry stretches that one scale and
@@ -101,6 +101,7 @@ def ptq_losses(model, batches, calibration=None):
     try:
         float_loss = mean_loss(model, batches)
         with quantized_weights(model, 8):
+            w8 = mean_loss(model, batches)  # the weights' share of W8A8's damage
             qparams = calibrate_inputs(model, calibration or batches)  # the inputs of the int8-weight model
             with quantized_inputs(model, qparams):
                 w8a8 = mean_loss(model, batches)
@@ -108,7 +109,7 @@ def ptq_losses(model, batches, calibration=None):
             w4 = mean_loss(model, batches)
     finally:
         model.train(was_training)
-    return {"loss_float": float_loss, "loss_w8a8": w8a8, "loss_w4": w4,
-            "delta_w8a8": w8a8 - float_loss, "delta_w4": w4 - float_loss,
+    return {"loss_float": float_loss, "loss_w8": w8, "loss_w8a8": w8a8, "loss_w4": w4,
+            "delta_w8": w8 - float_loss, "delta_w8a8": w8a8 - float_loss, "delta_w4": w4 - float_loss,
             "ppl_float": math.exp(min(float_loss, 50.0)), "ppl_w8a8": math.exp(min(w8a8, 50.0)),
             "ppl_w4": math.exp(min(w4, 50.0))}

@@ -83,7 +83,8 @@ def report_markdown(r):
              f"before c_proj {fmt(r['outliers']['attn_max_abs'])} and {fmt(r['outliers']['attn_kurtosis'])} (worst layer)",
              f"- Simulated quantization (PyTorch fake-quant; block Linears): loss {fmt(r['quantization']['loss_float'], 4)} "
              f"in float32, W8A8 (per-channel int8 weights, per-tensor int8 inputs) "
-             f"{fmt(r['quantization']['loss_w8a8'], 4)} ({r['quantization']['delta_w8a8']:+.4f}), W4 (4-bit "
+             f"{fmt(r['quantization']['loss_w8a8'], 4)} ({r['quantization']['delta_w8a8']:+.4f}; the int8 weights "
+             f"alone {r['quantization']['delta_w8']:+.4f}), W4 (4-bit "
              f"per-channel weights) {fmt(r['quantization']['loss_w4'], 4)} ({r['quantization']['delta_w4']:+.4f})",
              "",
              "| layer | top-1 (pos, dim) | top-2 | top-3 | median | ratio | Sun et al. | pos-0 norm / others "
