@@ -80,8 +80,9 @@ def train(cfg):
         if cfg["track_interval"] > 0 and rt.master:
             from sinkgpt.tracking import Tracker  # imported only when tracking is on
             tracker = Tracker(raw_model, optimizer, cfg, eval_batches["val"].loader, progress.iter_num)
-        if cfg["moment_edits"] or cfg["reset_optimizer_at"]:  # on every rank: the replicas' states stay identical
-            editor = MomentEditor(raw_model, optimizer, cfg["moment_edits"], cfg["reset_optimizer_at"])
+        if cfg["moment_edits"] or cfg["reset_optimizer_at"] or cfg["param_decay"]:  # every rank: replicas stay equal
+            editor = MomentEditor(raw_model, optimizer, cfg["moment_edits"], cfg["reset_optimizer_at"],
+                                  cfg["param_decay"])
     except ValueError as e:
         raise RunError(str(e)) from None
 

@@ -15,6 +15,8 @@ The defaults reproduce plain AdamW with one lr and weight decay on every >=2-D n
 Interventions (all off by default, and free when off):
     reset_optimizer / reset_optimizer_at  fresh moments on resume / after the given iterations
     moment_edits   scale, zero or clip m and/or v of parameters chosen by name pattern and slice
+    param_decay    extra decoupled weight decay on chosen parameters or slices (e.g. the rows that write a
+                   massive activation), on top of their group's
     track_params   log the norms of m, v and the applied update of chosen parameters to metrics.jsonl
 Iterations count optimizer steps: an edit or reset 'at' 100 happens right after the 100th step, the same
 iter_num train.py logs for that step.
@@ -45,12 +47,16 @@ OPTIM_DEFAULTS = dict(
     reset_optimizer_at=[],  # iterations after which all optimizer state is dropped
     # dicts, e.g. {"param": "transformer.h.2.mlp.c_proj.weight[447, :]", "moment": "m", "op": "zero", "at": [100]}
     moment_edits=[],
+    # dicts {"param": "transformer.h.11.mlp.c_proj.weight[507, :]", "weight_decay": 1.0}: after every step those
+    # weights shrink by lr * weight_decay (the lr of their group), on top of the group's own decay
+    param_decay=[],
     track_params=[],  # name patterns (optional [slice]) whose m, v and update norms are logged every track_interval
 )
 
 OPTIMIZERS = ("adamw", "sgd", "muon")
 EMBED_PARAMS = ("transformer.wte.weight", "transformer.wpe.weight")
 EDIT_KEYS = {"param", "moment", "op", "value", "at", "every"}
+DECAY_KEYS = {"param", "weight_decay"}
 MOMENTS = ("m", "v", "both")
 EDIT_OPS = ("scale", "zero", "clip")
 
@@ -107,6 +113,18 @@ def check_edit(edit, where):
         raise ValueError(f"{where}: 'every' must be an int >= 1, got {edit['every']!r}")
 
 
+def check_decay(decay, where):
+    """Structure of one param_decay entry."""
+    if not isinstance(decay, dict) or set(decay) != DECAY_KEYS:
+        raise ValueError(f"{where} must be a dict with exactly the keys {sorted(DECAY_KEYS)}, got {decay!r}")
+    if not isinstance(decay["param"], str):
+        raise ValueError(f"{where}: 'param' must be a string, got {decay['param']!r}")
+    parse_param_spec(decay["param"], where)
+    wd = decay["weight_decay"]
+    if not isinstance(wd, (int, float)) or isinstance(wd, bool) or not math.isfinite(wd) or wd < 0:
+        raise ValueError(f"{where}: 'weight_decay' must be a finite number >= 0, got {wd!r}")
+
+
 def check_optim_config(cfg):
     """Values the type check of the configurator cannot see; raises ValueError with one line naming the key."""
     if cfg["optimizer"] not in OPTIMIZERS:
@@ -129,6 +147,10 @@ def check_optim_config(cfg):
         raise ValueError(f"config key 'moment_edits' must be a list of dicts, got {cfg['moment_edits']!r}")
     for i, edit in enumerate(cfg["moment_edits"]):
         check_edit(edit, f"config key 'moment_edits'[{i}]")
+    if not isinstance(cfg["param_decay"], list):
+        raise ValueError(f"config key 'param_decay' must be a list of dicts, got {cfg['param_decay']!r}")
+    for i, decay in enumerate(cfg["param_decay"]):
+        check_decay(decay, f"config key 'param_decay'[{i}]")
     if not isinstance(cfg["track_params"], list) or not all(isinstance(p, str) for p in cfg["track_params"]):
         raise ValueError(f"config key 'track_params' must be a list of name patterns, got {cfg['track_params']!r}")
     for spec in cfg["track_params"]:
@@ -417,18 +439,27 @@ def moment_keys(optimizer, p):
 
 
 class MomentEditor:
-    """The interventions on the optimizer state, applied right after each optimizer step: the moment_edits
-    (scale, zero or clip m and/or v of chosen parameters) and the resets of reset_optimizer_at.
+    """The interventions on the optimizer, applied right after each optimizer step: the moment_edits (scale,
+    zero or clip m and/or v of chosen parameters), the resets of reset_optimizer_at and the extra decay of
+    param_decay (the weights themselves shrink by lr * weight_decay, lr being their group's at this step).
 
-        editor = MomentEditor(raw_model, optimizer, cfg["moment_edits"], cfg["reset_optimizer_at"])
+        editor = MomentEditor(raw_model, optimizer, cfg["moment_edits"], cfg["reset_optimizer_at"],
+                              cfg["param_decay"])
         editor.apply(iter_num)   # iter_num = optimizer steps taken so far
 
     Every edit is checked against the model at construction: a pattern that matches nothing, an index out of
     range, or 'v' on a parameter without a second moment (Muon, SGD) raises ValueError naming the edit."""
 
-    def __init__(self, model, optimizer, edits, reset_at=()):
+    def __init__(self, model, optimizer, edits, reset_at=(), decays=()):
         self.optimizer = optimizer
         self.reset_at = as_iterations(reset_at)
+        self.decays = []  # (weight_decay, param group, param, index)
+        for i, decay in enumerate(decays):
+            where = f"param_decay[{i}] ({decay.get('param')!r})" if isinstance(decay, dict) else f"param_decay[{i}]"
+            check_decay(decay, where)
+            for _, p, index in select_params(model, optimizer, decay["param"], where):
+                group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+                self.decays.append((float(decay["weight_decay"]), group, p, index))
         self.edits = []  # (op, value, at iterations, every, [(param, state key, index)])
         for i, edit in enumerate(edits):
             where = f"moment_edits[{i}] ({edit.get('param')!r})" if isinstance(edit, dict) else f"moment_edits[{i}]"
@@ -463,3 +494,5 @@ class MomentEditor:
                     view.clamp_(-value, value)
         if iter_num in self.reset_at:
             reset_optimizer_state(self.optimizer)
+        for weight_decay, group, p, index in self.decays:
+            (p if index is None else p[index]).mul_(1.0 - group["lr"] * weight_decay)

@@ -116,8 +116,10 @@ def plot_repeat(result, path):
 
 def plot_compare(series, path):
     plt = pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    panels = [("val_loss", "val loss", "linear"), ("max_ratio", "max top-1/median |h| over layers", "log"),
+    fig, axes = plt.subplots(2, 3, figsize=(16, 7))
+    panels = [("val_loss", "val loss", "linear"), ("max_top1", "largest |h| over layers (the massive entry)", "log"),
+              ("max_ratio", "max top-1/median |h| over layers", "log"),
+              ("grad_top1", "dLoss/dh at the largest |h| (opposite sign to h: descent raises it)", "symlog"),
               ("first_mass", "mean attention mass on position 0", "linear"),
               ("slot_mass", "mean attention mass on the sink slot", "linear")]
     for ax, (key, title, scale) in zip(axes.ravel(), panels):
@@ -127,11 +129,33 @@ def plot_compare(series, path):
                 ax.plot(*zip(*points), marker=".", color=plt.get_cmap("tab20")(color % 20), label=name)
         ax.set(title=title, xlabel="iter")
         if ax.lines:
-            ax.set_yscale(scale)
+            ax.set_yscale(scale, **({"linthresh": 1e-6} if scale == "symlog" else {}))
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "no data (tracking off, or no sink slot)", ha="center", va="center",
                     transform=ax.transAxes)
+    return save(fig, path)
+
+
+def plot_pushes(series, path):
+    """The signed first moment and update of each tracked single weight over iterations, one line per run: which
+    way the optimizer moves the weights that write the massive entry."""
+    plt = pyplot()
+    keys = sorted({k for s in series.values() for k in s["pushes"]})
+    cols = sorted({k.split("/", 1)[1] for k in keys})
+    fig, axes = plt.subplots(2, len(cols), figsize=(5.5 * len(cols), 7), squeeze=False)
+    for col, weight in enumerate(cols):
+        for row, kind in enumerate(("opt_m", "opt_update")):
+            ax = axes[row, col]
+            for color, (name, s) in enumerate(series.items()):
+                points = s["pushes"].get(f"{kind}/{weight}")
+                if points:
+                    ax.plot(*zip(*points), marker=".", color=plt.get_cmap("tab20")(color % 20), label=name)
+            ax.axhline(0.0, color="grey", lw=0.5)
+            ax.set(title=f"{'first moment m' if kind == 'opt_m' else 'update'} of {weight}", xlabel="iter")
+            ax.title.set_fontsize(8)
+            if ax.lines[1:]:
+                ax.legend(fontsize=6)
     return save(fig, path)
 
 

@@ -12,10 +12,10 @@ import os
 from sinkgpt.checkpoint import read_metrics
 from sinkgpt.common import plain
 from sinkgpt.measure import collect
-from sinkgpt.plots import plot_activation_map, plot_activations, plot_bb, plot_compare, plot_masses
+from sinkgpt.plots import plot_activation_map, plot_activations, plot_bb, plot_compare, plot_masses, plot_pushes
 from sinkgpt.quantize import ptq_losses
 from sinkgpt.stats import (MASSIVE_ABS, MASSIVE_RATIO, SINK_EPS, SINK_T, find_massive, finite_max, finite_mean,
-                           largest_ratio_layer)
+                           largest_ratio_layer, sun_massive)
 
 
 def build_report(model, batches, masks=None, k=5, min_ratio=100.0):
@@ -23,8 +23,8 @@ def build_report(model, batches, masks=None, k=5, min_ratio=100.0):
     stats = collect(model, batches, masks, k)
     maps, medians = stats.pop("maps"), stats.pop("medians")
     ratios = [layer["ratio"] for layer in stats["layers"]]
-    for layer in stats["layers"]:  # Sun et al.'s criterion on the layer's top-1 entry
-        layer["sun_massive"] = layer["top"][0][0] > MASSIVE_ABS and layer["ratio"] >= MASSIVE_RATIO
+    for layer in stats["layers"]:
+        layer["sun_massive"] = sun_massive(layer)
     best = largest_ratio_layer(stats["layers"])
     report = {
         "model": model.config.to_dict(), "n_prefix": model.n_prefix, "n_slot_columns": model.n_slot_columns,
@@ -121,14 +121,31 @@ def report_markdown(r):
 
 
 def run_series(events):
-    """Curves over iterations: val loss, max top-1/median ratio, mean masses on position 0 and on the slot."""
+    """Curves over iterations: val loss, the largest |h| and top-1/median ratio over layers, dLoss/dh at that
+    largest entry, mean masses on position 0 and on the slot, and the signed m and update of tracked single
+    weights ('opt_m/...', 'opt_update/...')."""
     val = [(e["iter"], e["val_loss"]) for e in events if e.get("val_loss") is not None]
     tracked = [e for e in events if "track_ratio" in e]
+
+    def at_largest(e, key):  # the value of key at the layer holding the largest |h|
+        values, top = e.get(key), e.get("track_top1")
+        if values is None or top is None:
+            return None
+        top = [v if v is not None and math.isfinite(v) else float("-inf") for v in top]
+        return values[max(range(len(top)), key=top.__getitem__)]
+    pushes = {}
+    for e in tracked:
+        for key, value in e.items():
+            if key.startswith(("opt_m/", "opt_update/")) and value is not None:
+                pushes.setdefault(key, []).append((e["iter"], value))
     return {"val_loss": val,
+            "max_top1": [(e["iter"], finite_max(e.get("track_top1"))) for e in tracked],
             "max_ratio": [(e["iter"], finite_max(e["track_ratio"])) for e in tracked],
+            "grad_top1": [(e["iter"], at_largest(e, "track_grad_top1")) for e in tracked],
             "first_mass": [(e["iter"], finite_mean(e["track_first_mass"])) for e in tracked],
             "slot_mass": [(e["iter"], finite_mean(e["track_slot_mass"])) for e in tracked
-                          if e.get("track_slot_mass") is not None]}
+                          if e.get("track_slot_mass") is not None],
+            "pushes": pushes}
 
 
 def final_figures(events):
@@ -155,6 +172,8 @@ def compare(runs, out_dir, names=None):
     table = "\n".join(rows) + "\n"
     os.makedirs(out_dir, exist_ok=True)
     plot_compare(series, os.path.join(out_dir, "compare.png"))
+    if any(s["pushes"] for s in series.values()):
+        plot_pushes(series, os.path.join(out_dir, "pushes.png"))
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write(f"# Runs compared\n\n{table}\n![compare](compare.png)\n")
     with open(os.path.join(out_dir, "compare.json"), "w") as f:

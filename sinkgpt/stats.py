@@ -26,6 +26,11 @@ def sequence_medians(resid):
     return resid.abs().flatten(1).median(dim=1).values
 
 
+def sun_massive(layer):
+    """Sun et al.'s criterion on a layer's top-1 entry: |h| > 100 and >= 1000 x the layer's median."""
+    return layer["top"][0][0] > MASSIVE_ABS and layer["ratio"] >= MASSIVE_RATIO
+
+
 def largest_ratio_layer(layers):
     """Index of the layer with the largest top-1/median ratio (an infinite ratio, a zero median, counts as the
     largest; a NaN as the smallest)."""

@@ -25,10 +25,10 @@ from sinkgpt.checkpoint import load_model, read_metrics
 from sinkgpt.common import InputError, plain
 from sinkgpt.config import read_config_file
 from sinkgpt.measure import collect
-from sinkgpt.probes import probe_batches, repeat_probe, stream_tokens
+from sinkgpt.probes import ablate, probe_batches, repeat_probe, stream_tokens
 from sinkgpt.quantize import ptq_losses
 from sinkgpt.report import compare
-from sinkgpt.stats import largest_ratio_layer
+from sinkgpt.stats import largest_ratio_layer, sun_massive
 from sinkgpt.streaming import stream_losses
 from sinkgpt.tokenizer import load_tokenizer
 
@@ -45,6 +45,11 @@ STUDY_DEFAULTS = dict(
     repeat_text="a",  # the token repeated (encoded with the run's tokenizer, first token taken)
     stream_tokens=512,  # streaming evaluation: the length of the streamed val text
     stream_window=32,  # ... the recent tokens kept; the first 0 or 1 are kept besides (attention sinks)
+    # [layer, position, dim] of the block output whose zero- and mean-ablation every run measures (e.g. a
+    # pretrained model's massive activation, the same entry for every variant); [] = each run's own largest
+    # top-1/median entry
+    massive_entry=[],
+    threads=0,  # OMP_NUM_THREADS of each training process; 0 = inherit (1 when other work shares a 2-core CPU)
 )
 
 
@@ -60,6 +65,11 @@ def load_study(path):
         if type(value) is not type(STUDY_DEFAULTS[key]):
             raise StudyError(f"study key '{key}' in {path} must be {type(STUDY_DEFAULTS[key]).__name__}")
         study[key] = value
+    entry = study["massive_entry"]
+    if entry and (len(entry) != 3 or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                 for i in entry)):
+        raise StudyError(f"study key 'massive_entry' in {path} must be [layer, position, dim] (ints >= 0) or [], "
+                         f"got {entry!r}")
     if not study["seeds"] or not study["variants"]:
         raise StudyError(f"{path}: a study needs at least one seed and one variant")
     for name, keys in study["variants"].items():
@@ -100,10 +110,11 @@ def run_status(out_dir):
     return "partial" if held else "new"
 
 
-def run_training(cmd):
+def run_training(cmd, threads=0):
     """Run one train.py and return its exit code. A terminal's Ctrl-C reaches the run as well as the study: the
     study ignores it while the run saves its checkpoint and exits with 130, instead of killing it mid-save."""
-    proc = subprocess.Popen(cmd)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads > 0 else None
+    proc = subprocess.Popen(cmd, env=env)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         return proc.wait()
@@ -125,7 +136,7 @@ def train_all(study, dry_run=False):
             if dry_run:
                 continue
             t0 = time.time()
-            code = run_training(cmd)
+            code = run_training(cmd, study["threads"])
             if code == 130:  # stopped by Ctrl-C / SIGTERM after saving its checkpoint
                 raise KeyboardInterrupt
             if code != 0:
@@ -141,8 +152,9 @@ def train_all(study, dry_run=False):
 
 
 def analyse_run(study, out_dir):
-    """The final figures of one run: val loss, massive-activation ratio and where, sink rates, BB masses,
-    repeated-token probe."""
+    """The final figures of one run: val loss, the massive activation (where, how large, what zeroing it or
+    setting it to its mean costs), sink rates, BB masses, the repeated-token probe with and without a leading
+    BOS, outliers, simulated quantization and streaming."""
     target = load_model(out_dir, "cpu")
     model, meta, cfg = target.model, target.meta, target.config
     batches, masks, _ = probe_batches(target, "cpu", batches=study["probe_batches"],
@@ -156,18 +168,27 @@ def analyse_run(study, out_dir):
     events = read_metrics(out_dir)
     evals = [e for e in events if e.get("val_loss") is not None]
     best = stats["layers"][largest_ratio_layer(stats["layers"])]
+    entry = study["massive_entry"] or [best["layer"]] + list(best["top"][0][1:])
+    if entry[0] >= len(stats["layers"]) or entry[2] >= model.config.n_embd:
+        raise StudyError(f"massive_entry {entry} is outside the model of {out_dir}")
+    ablated = ablate(model, batches, [tuple(entry)], masks)
     token = load_tokenizer(meta).encode(study["repeat_text"])[0]
-    repeat = repeat_probe(model, token, study["repeat_n"], meta["bos_token"])["variants"]["no_bos"]
+    repeats = repeat_probe(model, token, study["repeat_n"], meta["bos_token"])["variants"]
+    repeat, repeat_bos = repeats["no_bos"], repeats["bos"]
     row = {
         "val_loss": evals[-1]["val_loss"],
         "val_backcopy_loss": evals[-1].get("val_backcopy_loss"),
         "max_ratio": best["ratio"], "max_ratio_at": [best["layer"]] + list(best["top"][0][1:]),
+        "max_top1": best["top"][0][0], "sun_layers": [layer["layer"] for layer in stats["layers"] if sun_massive(layer)],
+        "massive_entry": entry, "ablate_mean_value": ablated["entries"][0]["mean"],
+        "ablate_delta_zero": ablated["delta_zero"], "ablate_delta_mean": ablated["delta_mean"],
         "sink_rate": stats["sink_rate"], "slot_sink_rate": stats["slot_sink_rate"],
         "first_mass": [layer["first_token_mass_mean"] for layer in stats["layers"]],
         "slot_mass": [layer["slot_mass_mean"] for layer in stats["layers"]],
         "pos0_norm_ratio": [layer["pos0_norm_ratio"] for layer in stats["layers"]],
         "repeat_later_max": max(layer["later_max"] for layer in repeat),
         "repeat_pos0": sum(layer["mass_pos0"] for layer in repeat) / len(repeat),
+        "repeat_later_max_bos": max(layer["later_max"] for layer in repeat_bos),
         **{f"outlier_{key}": value for key, value in stats["outliers"].items()},
         "delta_w8a8": quantized["delta_w8a8"], "delta_w4": quantized["delta_w4"],
         "stream_window": window, "stream_ppl_keep0": math.exp(streamed[0]), "stream_ppl_keep1": math.exp(streamed[1]),
@@ -232,6 +253,25 @@ def outlier_table(rows_by_variant):
     return f"Streaming window: {window} recent tokens.\n\n" + "\n".join(lines) + "\n"
 
 
+def massive_table(rows_by_variant):
+    """The massive activation of each variant and what the model still needs it for (Sun et al.): zeroing the
+    entry against setting it to its mean; the repeated-token probe with and without a leading BOS."""
+    lines = ["| variant | largest top-1 \\|h\\| (at the largest ratio) | layers meeting Sun et al. | ablated entry "
+             "(layer, pos, dim) | its mean | loss change, zeroed | loss change, set to mean | repeated token, "
+             "max later-key mass: no BOS / BOS first |", "|---|---|---|---|---|---|---|---|"]
+    for variant, rows in rows_by_variant.items():
+        def col(key, digits=3):
+            return fmt_spread(mean_spread([r[key] for r in rows]), digits)
+        suns = sorted({len(r["sun_layers"]) for r in rows})
+        first_sun = rows[0]["sun_layers"]
+        where = f"{len(first_sun)} ({first_sun[0]}-{first_sun[-1]})" if first_sun else "0"
+        lines.append(f"| {variant} | {col('max_top1', 1)} | {where if len(suns) == 1 else '/'.join(map(str, suns))} | "
+                     f"{', '.join(map(str, rows[0]['massive_entry']))} | {col('ablate_mean_value', 1)} | "
+                     f"{col('ablate_delta_zero')} | {col('ablate_delta_mean')} | "
+                     f"{col('repeat_later_max', 2)} / {col('repeat_later_max_bos', 2)} |")
+    return "\n".join(lines) + "\n"
+
+
 def bb_table(rows_by_variant):
     """Per layer, seed-averaged: dormant (non-trigger) vs active attention on BOS, on the slot, value drain."""
     lines = ["| variant | layer | non-trigger -> BOS | trigger -> BOS | non-trigger -> slot | BOS value / others "
@@ -274,6 +314,7 @@ def write_report(study, config_path):
     text = (f"# Study: {config_path}\n\nVariants x seeds ({seeds}) trained with `python study.py {config_path}` "
             f"(base config `{study['base']}`, overrides `{study['overrides']}`); {sum(map(len, rows_by_variant.values()))}"
             f" runs, {seconds / 60:.1f} minutes of training in all. Mean ± sd over seeds.\n\n{table}\n")
+    text += f"## The massive activation\n\n{massive_table(rows_by_variant)}\n"
     if bb:
         text += f"## Bigram-Backcopy, per layer\n\n{bb}\n"
     outliers = outlier_table(rows_by_variant)

@@ -131,7 +131,9 @@ class OptimizerTracker:
         optimizer.step()
         record = tracker.measure()  # {'opt_m_norm/<name>': .., 'opt_v_norm/<name>': .., 'opt_update_norm/<name>': ..}
 
-    The snapshot copies only the tracked parameters (or slices); v is absent where the optimizer keeps none."""
+    The snapshot copies only the tracked parameters (or slices); v is absent where the optimizer keeps none. A
+    single weight (e.g. 'transformer.h.11.mlp.c_proj.weight[507, 1229]') also gets its signed m and update
+    ('opt_m/<name>', 'opt_update/<name>'): whether the step moves it towards a larger or a smaller entry."""
 
     def __init__(self, model, optimizer, patterns):
         self.optimizer = optimizer
@@ -157,14 +159,22 @@ class OptimizerTracker:
         state = self.optimizer.state
         keys, norms = [], []
         for i, (key, p, index, m_key, v_key) in enumerate(self.targets):
-            for prefix, state_key in (("opt_m_norm", m_key), ("opt_v_norm", v_key)):
+            scalar = self.view(p, index).numel() == 1  # one weight: its signed m and update say which way it goes
+            for prefix, state_key in (("opt_m", m_key), ("opt_v", v_key)):
                 moment = state.get(p, {}).get(state_key) if state_key else None
                 if moment is not None:
-                    keys.append(f"{prefix}/{key}")
+                    keys.append(f"{prefix}_norm/{key}")
                     norms.append(self.view(moment, index).float().norm())
+                    if scalar and prefix == "opt_m":
+                        keys.append(f"opt_m/{key}")
+                        norms.append(self.view(moment, index).float().sum())
             if self.before is not None:
+                update = self.view(p, index).float() - self.before[i].float()
                 keys.append(f"opt_update_norm/{key}")
-                norms.append((self.view(p, index).float() - self.before[i].float()).norm())
+                norms.append(update.norm())
+                if scalar:
+                    keys.append(f"opt_update/{key}")
+                    norms.append(update.sum())
         self.before = None
         values = torch.stack(norms).tolist() if norms else []  # one host sync for all of them
         return {k: v if math.isfinite(v) else None for k, v in zip(keys, values)}

@@ -228,3 +228,17 @@ def make_llama_folder(folder, seed=0, **overrides):
 def llama_dir(tmp_path_factory):
     """(folder, the transformers model) of the tiny Llama with its own tokenizer."""
     return make_llama_folder(tmp_path_factory.mktemp("llama") / "tiny_llama")
+
+
+@pytest.fixture(scope="session")
+def llama_data(tmp_path_factory, llama_dir):
+    """A prepared dataset (4 Shakespeare documents) in the tiny Llama's own tokenizer."""
+    from sinkgpt.tokenizer import folder_tokenizer_meta
+    folder, _ = llama_dir
+    out = tmp_path_factory.mktemp("llama_data") / "prepared"
+    src = tmp_path_factory.mktemp("llama_src")
+    text = shakespeare_excerpt(24000)
+    for i in range(4):
+        (src / f"doc{i}.txt").write_text(text[i * 6000:(i + 1) * 6000])
+    prep.prepare_text_dataset([str(src)], str(out), folder_tokenizer_meta(folder), val_fraction=0.25)
+    return str(out)

@@ -378,6 +378,22 @@ def test_compare_overlays_runs_and_tabulates_final_figures(tmp_path, capsys):
     check_png(tmp_path / "cmp" / "compare.png")
     final = json.loads((tmp_path / "cmp" / "compare.json").read_text())["final"]
     assert final["kv_bias"]["slot_sink_rate"] == 75.0
+    assert not (tmp_path / "cmp" / "pushes.png").exists()  # no single weight tracked
+
+
+def test_run_series_follows_the_largest_entry_and_the_signed_pushes():
+    """The gradient curve is read at the layer that holds the largest |h| in each record (it can move), and the
+    signed m / update of tracked single weights become their own series."""
+    from sinkgpt.report import run_series
+    w = "transformer.h.1.mlp.c_proj.weight[3,5]"
+    events = [{"iter": 10, "track_ratio": [5.0, 9.0], "track_top1": [50.0, 20.0], "track_grad_top1": [-0.5, 0.25],
+               "track_first_mass": [0.1, 0.2], f"opt_m/{w}": 0.01, f"opt_update/{w}": -0.002},
+              {"iter": 20, "track_ratio": [5.0, 9.0], "track_top1": [10.0, 80.0], "track_grad_top1": [-0.5, 0.75],
+               "track_first_mass": [0.1, 0.2], f"opt_m/{w}": -0.03, f"opt_update/{w}": 0.004}]
+    s = run_series(events)
+    assert s["max_top1"] == [(10, 50.0), (20, 80.0)] and s["max_ratio"] == [(10, 9.0), (20, 9.0)]
+    assert s["grad_top1"] == [(10, -0.5), (20, 0.75)]
+    assert s["pushes"] == {f"opt_m/{w}": [(10, 0.01), (20, -0.03)], f"opt_update/{w}": [(10, -0.002), (20, 0.004)]}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -378,6 +378,25 @@ def test_tied_head_alias_and_empty_editor():
     assert all(torch.equal(state[k], optimizer.state[wte][k]) for k in state)
 
 
+def test_param_decay_shrinks_only_its_slice_by_the_groups_lr():
+    """param_decay: after the step the chosen row is multiplied by 1 - lr * weight_decay, lr being its group's
+    lr at that step (here the scheduled lr); every other weight is untouched."""
+    model, optimizer, cfg = stepped()
+    p = dict(model.named_parameters())[C_PROJ]
+    set_lr(optimizer, 0.02, cfg)
+    before = p.detach().clone()
+    editor = MomentEditor(model, optimizer, [], decays=[{"param": C_PROJ + "[5, :]", "weight_decay": 10.0}])
+    editor.apply(3)
+    assert torch.equal(p[5], before[5] * (1 - 0.02 * 10.0))
+    rest = torch.ones(32, dtype=torch.bool)
+    rest[5] = False
+    assert torch.equal(p[rest], before[rest])
+    with pytest.raises(ValueError, match=r"param_decay\[0\].*weight_decay"):
+        MomentEditor(model, optimizer, [], decays=[{"param": C_PROJ, "weight_decay": -1.0}])
+    with pytest.raises(ValueError, match=r"param_decay\[0\].*matches no"):
+        MomentEditor(model, optimizer, [], decays=[{"param": "transformer.h.9.*", "weight_decay": 1.0}])
+
+
 @pytest.mark.parametrize("edit, message", [
     ({"param": "transformer.h.9.*", "moment": "m", "op": "zero", "at": 1}, "transformer.h.9"),
     ({"param": C_PROJ + "[32, :]", "moment": "m", "op": "zero", "at": 1}, "out of range"),
@@ -429,6 +448,29 @@ def test_tracking_norms_match_a_hand_computed_adamw_step():
     assert "opt_update_norm/" + C_PROJ not in tracker.measure()  # no snapshot, no update norm
 
 
+def test_tracking_a_single_weight_logs_its_signed_moment_and_update():
+    """One weight (both indices given) is logged signed too: opt_m/<key> is m itself, opt_update/<key> is the
+    change the step made, so a curve shows whether the step pushes the weight (and the entry it writes) up."""
+    cfg = make_cfg()
+    model = tiny_model()
+    optimizer = build_optimizer(model, cfg, "cpu")
+    key = C_PROJ + "[3,7]"
+    tracker = OptimizerTracker(model, optimizer, [C_PROJ + "[3, 7]"])
+    p = dict(model.named_parameters())[C_PROJ]
+    x, y = batch()
+    set_lr(optimizer, cfg["learning_rate"], cfg)
+    model(x, y)[1].backward()
+    before = p[3, 7].item()
+    tracker.snapshot()
+    optimizer.step()
+    record = tracker.measure()
+    m = optimizer.state[p]["exp_avg"][3, 7].item()
+    assert record[f"opt_m/{key}"] == pytest.approx(m, rel=1e-6) and m != 0
+    assert record[f"opt_update/{key}"] == pytest.approx(p[3, 7].item() - before, rel=1e-5)
+    assert record[f"opt_m_norm/{key}"] == pytest.approx(abs(m), rel=1e-6)
+    assert (record[f"opt_update/{key}"] < 0) == (m > 0)  # Adam steps against its first moment
+
+
 def test_tracking_under_muon_has_no_second_moment():
     model, optimizer, cfg = stepped("muon", steps=1)
     record = OptimizerTracker(model, optimizer, ["transformer.h.0.*c_fc.*"]).measure()
@@ -451,6 +493,8 @@ def test_default_config_is_valid_and_bad_values_name_the_key():
            ({"reset_optimizer_at": ["10"]}, "reset_optimizer_at"), ({"muon_ns_steps": 0}, "muon_ns_steps"),
            ({"moment_edits": [{"param": "x", "moment": "m", "op": "shrink", "at": 1}]}, "moment_edits"),
            ({"moment_edits": [{"param": "x", "moment": "v", "op": "scale", "value": -1.0, "at": 1}]}, "negative"),
+           ({"param_decay": [{"param": "x", "weight_decay": "1"}]}, "param_decay"),
+           ({"param_decay": [{"param": "x"}]}, "param_decay"),
            ({"track_params": ["x[1:]"]}, "track_interval"), ({"track_params": ["x[a]"], "track_interval": 1}, "bad")]
     for overrides, message in bad:
         with pytest.raises(ValueError, match=message):

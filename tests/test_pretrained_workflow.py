@@ -62,18 +62,6 @@ def shakespeare_excerpt_start(text):
         return f.read()[:len(text)]
 
 
-@pytest.fixture(scope="module")
-def llama_data(tmp_path_factory, llama_dir):
-    folder, _ = llama_dir
-    out = tmp_path_factory.mktemp("llama_data") / "prepared"
-    src = tmp_path_factory.mktemp("llama_src")
-    text = shakespeare_excerpt(24000)
-    for i in range(4):
-        (src / f"doc{i}.txt").write_text(text[i * 6000:(i + 1) * 6000])
-    prep.prepare_text_dataset([str(src)], str(out), folder_tokenizer_meta(folder), val_fraction=0.25)
-    return str(out)
-
-
 def hf_loss(hf, loader, batches):
     losses = []
     with torch.no_grad():

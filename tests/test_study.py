@@ -133,3 +133,75 @@ def test_ctrl_c_lets_the_running_training_save_before_the_study_stops(tmp_path, 
     assert study_runner.run_training([sys.executable, "-c", child]) == 130
     assert saved.read_text() == "ok"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the study's own handler is back
+
+
+def write_llama_study(tmp_path, folder, data, runs="runs", report="report", only=None):
+    """A study of a pretrained Llama-family folder as config/study/smollm2.py runs SmolLM2: continued training with
+    a retrofitted sink and optimizer interventions on one down-projection row, the same entry ablated in each."""
+    row = "transformer.h.1.mlp.c_proj.weight[3, :]"
+    base = tmp_path / "continue.py"
+    base.write_text(f'init_from = "{folder}"\ndataset = "{data}"\nprepend_bos = True\ndevice = "cpu"\n'
+                    'dtype = "float32"\ncompile = False\nbatch_size = 4\nblock_size = 32\nmax_iters = 6\n'
+                    'lr_decay_iters = 6\nwarmup_iters = 0\nlearning_rate = 3e-3\neval_interval = 3\neval_iters = 1\n'
+                    f'log_interval = 3\ntrack_interval = 3\ntrack_params = ["{row}", "transformer.h.1.mlp.c_proj.weight[3, 5]"]\n')
+    path = tmp_path / f"{runs}_study.py"
+    path.write_text(
+        f'base = "{base}"\n'
+        'variants = {"baseline": {}, "kv_bias": {"sink": "kv_bias", "sink_lr_mult": 10.0},\n'
+        f'            "zero_m": {{"moment_edits": [{{"param": "{row}", "moment": "m", "op": "zero", "every": 1}}]}},\n'
+        f'            "decay": {{"param_decay": [{{"param": "{row}", "weight_decay": 50.0}}]}},\n'
+        '            "muon": {"optimizer": "muon", "muon_lr": 1e-3}}\n'
+        + (f'variants = {{"{only}": variants["{only}"]}}\n' if only else '') +
+        'seeds = [1]\n'
+        f'out_root = "{tmp_path / runs}"\nreport_dir = "{tmp_path / report}"\n'
+        'massive_entry = [1, 0, 3]\nthreads = 1\n'
+        'probe_batches = 1\nprobe_batch_size = 2\nrepeat_n = 8\nstream_tokens = 48\nstream_window = 8\n')
+    return str(path)
+
+
+def test_a_pretrained_llama_study_reports_and_a_killed_run_resumes_to_the_same_weights(tmp_path, llama_dir,
+                                                                                       llama_data, monkeypatch, capsys):
+    """The study runner on a pretrained folder (the SmolLM2 study in miniature, seconds): every variant continues
+    the folder, the report carries the ablation of the one given entry and the repeated-token probe with and
+    without BOS, and a run killed after its iteration-3 checkpoint resumes to the uninterrupted run's weights."""
+    import torch
+    monkeypatch.chdir(REPO)
+    folder, _ = llama_dir
+    config = write_llama_study(tmp_path, folder, llama_data)
+    assert study.main([config]) == 0
+    rows = json.load(open(tmp_path / "report" / "results.json"))["rows"]
+    assert set(rows) == {"baseline", "kv_bias", "zero_m", "decay", "muon"}
+    for name, (row,) in rows.items():
+        assert row["massive_entry"] == [1, 0, 3], name
+        for key in ("ablate_delta_zero", "ablate_delta_mean", "repeat_later_max", "repeat_later_max_bos"):
+            assert row[key] is not None and row[key] == row[key], (name, key)
+    assert rows["kv_bias"][0]["slot_sink_rate"] is not None and rows["baseline"][0]["slot_sink_rate"] is None
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert "## The massive activation" in text and "| zero_m |" in text and "loss change, zeroed" in text
+    assert os.path.getsize(tmp_path / "report" / "curves" / "pushes.png") > 0  # the signed m / update curves
+    tracked = [json.loads(line) for line in open(tmp_path / "runs" / "zero_m" / "seed1" / "metrics.jsonl")]
+    tracked = [e for e in tracked if "track_ratio" in e]
+    key = "transformer.h.1.mlp.c_proj.weight[3,:]"
+    assert [e["iter"] for e in tracked] == [3, 6] and all(e[f"opt_m_norm/{key}"] == 0.0 for e in tracked)
+    assert all(isinstance(e["opt_update/transformer.h.1.mlp.c_proj.weight[3,5]"], float) for e in tracked)
+
+    # a kill after the iteration-3 checkpoint leaves config.json, metrics up to iter 3 and that checkpoint
+    whole = tmp_path / "runs" / "decay" / "seed1"
+    killed = tmp_path / "killed" / "decay" / "seed1"
+    killed.parent.mkdir(parents=True)
+    cmd = study_runner.train_command(study_runner.load_study(config), "decay", 1, resume=False)
+    cmd = [c.replace(str(tmp_path / "runs"), str(tmp_path / "killed")) for c in cmd] + ["--max_iters=3"]
+    assert study_runner.run_training(cmd, threads=1) == 0
+    cfg = json.load(open(killed / "config.json"))
+    cfg["max_iters"] = 6
+    json.dump(cfg, open(killed / "config.json", "w"))
+    assert study_runner.run_status(str(killed)) == "partial"
+    killed_config = write_llama_study(tmp_path, folder, llama_data, "killed", "killed_report", only="decay")
+    capsys.readouterr()
+    assert study.main([killed_config]) == 0
+    out = capsys.readouterr().out
+    assert "[decay seed 1]" in out and "--init_from='resume'" in out
+    assert study_runner.run_status(str(killed)) == "done"
+    a = torch.load(whole / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(killed / "ckpt.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
