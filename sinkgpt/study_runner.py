@@ -41,6 +41,7 @@ STUDY_DEFAULTS = dict(
     report_dir="out-study/report",
     probe_batches=4,  # val batches the final analysis averages over
     probe_batch_size=16,
+    probe_block_size=0,  # tokens per probe sequence; 0 = the model's context, at most 1024
     repeat_n=64,  # repeated-token probe length
     repeat_text="a",  # the token repeated (encoded with the run's tokenizer, first token taken)
     stream_tokens=512,  # streaming evaluation: the length of the streamed val text
@@ -50,6 +51,9 @@ STUDY_DEFAULTS = dict(
     # top-1/median entry
     massive_entry=[],
     threads=0,  # OMP_NUM_THREADS of each training process; 0 = inherit (1 when other work shares a 2-core CPU)
+    # a model (pretrained folder or checkpoint) every run started from, analysed like the runs on the first run's
+    # data as the table's first row; its val loss is the first run's step-0 evaluation. "" = none
+    reference="",
 )
 
 
@@ -70,6 +74,8 @@ def load_study(path):
                                                  for i in entry)):
         raise StudyError(f"study key 'massive_entry' in {path} must be [layer, position, dim] (ints >= 0) or [], "
                          f"got {entry!r}")
+    if study["reference"] and "start" in study["variants"]:
+        raise StudyError(f"{path}: the variant name 'start' is the reference row's; rename the variant")
     if not study["seeds"] or not study["variants"]:
         raise StudyError(f"{path}: a study needs at least one seed and one variant")
     for name, keys in study["variants"].items():
@@ -151,33 +157,68 @@ def train_all(study, dry_run=False):
 # analysis of the finished runs
 
 
+ANALYSIS_VERSION = 2  # bump when analyse_target's figures change: cached analyses of older code are redone
+PROBE_KEYS = ("probe_batches", "probe_batch_size", "probe_block_size", "repeat_n", "repeat_text", "stream_tokens",
+              "stream_window", "massive_entry")
+
+
 def analyse_run(study, out_dir):
-    """The final figures of one run: val loss, the massive activation (where, how large, what zeroing it or
-    setting it to its mean costs), sink rates, BB masses, the repeated-token probe with and without a leading
-    BOS, outliers, simulated quantization and streaming."""
+    """analyse_target on a finished run, cached in out_dir/study_analysis.json for the same checkpoint and probe
+    settings: a report rebuilt later (or by a --report_only while other runs still train) reuses it."""
+    ckpt = os.stat(os.path.join(out_dir, "ckpt.pt"))
+    key = {"version": ANALYSIS_VERSION, "ckpt": [ckpt.st_size, ckpt.st_mtime_ns],
+           **{k: study[k] for k in PROBE_KEYS}}
+    path = os.path.join(out_dir, "study_analysis.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("key") == plain(key):
+            return cached["row"]
     target = load_model(out_dir, "cpu")
-    model, meta, cfg = target.model, target.meta, target.config
-    batches, masks, _ = probe_batches(target, "cpu", batches=study["probe_batches"],
-                                      batch_size=study["probe_batch_size"], seed=cfg.get("seed", 1337) + 99)
+    row = plain(analyse_target(study, target, target.config, read_metrics(out_dir)))
+    with open(path + ".tmp", "w") as f:
+        json.dump({"key": plain(key), "row": row}, f)
+    os.replace(path + ".tmp", path)
+    return row
+
+
+def analyse_reference(study, first_run):
+    """The model the runs started from (study key 'reference'), probed on the first run's data with the same
+    seeds, its val loss the first run's step-0 evaluation: the table's starting row."""
+    run_cfg = load_model(first_run, "cpu").config
+    start = [e for e in read_metrics(first_run) if e.get("val_loss") is not None and e.get("iter") == 0]
+    return analyse_target(study, load_model(study["reference"], "cpu"), run_cfg, start, data=run_cfg["dataset"])
+
+
+def analyse_target(study, target, cfg, events, data=None):
+    """The final figures of one model: val loss (the last evaluation in events), the massive activation (where,
+    how large, what zeroing it or setting it to its mean costs), sink rates, BB masses, the repeated-token probe
+    with and without a leading BOS, outliers, simulated quantization and streaming."""
+    model, meta = target.model, target.meta
+    seed = cfg.get("seed", 1337) + 99
+    batches, masks, _ = probe_batches(target, "cpu", data=data, batches=study["probe_batches"],
+                                      batch_size=study["probe_batch_size"], block_size=study["probe_block_size"],
+                                      seed=seed)
     with torch.no_grad():
         stats = collect(model, batches, masks)
     quantized = ptq_losses(model, batches)
-    ids, _ = stream_tokens(target, "cpu", n_tokens=study["stream_tokens"], seed=cfg.get("seed", 1337) + 99)
+    ids, _ = stream_tokens(target, "cpu", data=data, n_tokens=study["stream_tokens"], seed=seed)
     window = min(study["stream_window"], model.config.block_size - 1)
     streamed = {keep: stream_losses(model, ids, keep, window)["losses"].mean().item() for keep in (0, 1)}
-    events = read_metrics(out_dir)
     evals = [e for e in events if e.get("val_loss") is not None]
     best = stats["layers"][largest_ratio_layer(stats["layers"])]
     entry = study["massive_entry"] or [best["layer"]] + list(best["top"][0][1:])
     if entry[0] >= len(stats["layers"]) or entry[2] >= model.config.n_embd:
-        raise StudyError(f"massive_entry {entry} is outside the model of {out_dir}")
+        raise StudyError(f"massive_entry {entry} is outside the model ({len(stats['layers'])} layers, "
+                         f"{model.config.n_embd} dims)")
     ablated = ablate(model, batches, [tuple(entry)], masks)
     token = load_tokenizer(meta).encode(study["repeat_text"])[0]
     repeats = repeat_probe(model, token, study["repeat_n"], meta["bos_token"])["variants"]
     repeat, repeat_bos = repeats["no_bos"], repeats["bos"]
     row = {
-        "val_loss": evals[-1]["val_loss"],
-        "val_backcopy_loss": evals[-1].get("val_backcopy_loss"),
+        "val_loss": evals[-1]["val_loss"] if evals else None,
+        "val_backcopy_loss": evals[-1].get("val_backcopy_loss") if evals else None,
+        "probe_loss": stats["loss"],
         "max_ratio": best["ratio"], "max_ratio_at": [best["layer"]] + list(best["top"][0][1:]),
         "max_top1": best["top"][0][0], "sun_layers": [layer["layer"] for layer in stats["layers"] if sun_massive(layer)],
         "massive_entry": entry, "ablate_mean_value": ablated["entries"][0]["mean"],
@@ -219,8 +260,8 @@ def fmt_spread(mean_sd, digits=3):
 
 def summary_table(rows_by_variant):
     lines = ["| variant | val loss | back-copy loss | max top-1/median (layer, pos, dim) | % heads on pos 0 "
-             "(alpha>0.3) | % heads on slot | peak mass on pos 0 | repeated-token: max later-key mass |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(alpha>0.3) | % heads on slot | peak mass on pos 0 | repeated-token: max later-key mass | "
+             "minutes of training per run |", "|---|---|---|---|---|---|---|---|---|"]
     for variant, rows in rows_by_variant.items():
         where = rows[0]["max_ratio_at"]
         lines.append(" | ".join([
@@ -230,7 +271,8 @@ def summary_table(rows_by_variant):
             fmt_spread(mean_spread([r["sink_rate"] for r in rows]), 1),  # analyze reports these in percent
             fmt_spread(mean_spread([r["slot_sink_rate"] for r in rows]), 1),
             fmt_spread(mean_spread([r.get("peak_first_mass") for r in rows]), 2),
-            fmt_spread(mean_spread([r["repeat_later_max"] for r in rows]), 2)]) + " |")
+            fmt_spread(mean_spread([r["repeat_later_max"] for r in rows]), 2),
+            fmt_spread(mean_spread([r.get("train_minutes") for r in rows]), 1)]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -299,20 +341,25 @@ def write_report(study, config_path):
                 continue
             rows.append(analyse_run(study, out_dir))
             times_path = os.path.join(out_dir, "study_time.json")
-            seconds += json.load(open(times_path))["seconds"] if os.path.isfile(times_path) else 0.0
+            run_seconds = json.load(open(times_path))["seconds"] if os.path.isfile(times_path) else None
+            rows[-1]["train_minutes"] = None if run_seconds is None else run_seconds / 60
+            seconds += run_seconds or 0.0
         if rows:
             rows_by_variant[variant] = rows
     if not rows_by_variant:
         raise StudyError("no finished runs to report on yet")
+    if study["reference"]:  # where every run started, first
+        first = run_dir(study, next(iter(rows_by_variant)), study["seeds"][0])
+        rows_by_variant = {"start": [analyse_reference(study, first)], **rows_by_variant}
     report_dir = study["report_dir"]
     os.makedirs(report_dir, exist_ok=True)
-    first_seed_runs = [run_dir(study, v, study["seeds"][0]) for v in rows_by_variant]
+    trained = [v for v in rows_by_variant if v in study["variants"]]  # the reference row has no curves
     curves_dir = os.path.join(report_dir, "curves")
-    compare(first_seed_runs, curves_dir, names=list(rows_by_variant))
+    compare([run_dir(study, v, study["seeds"][0]) for v in trained], curves_dir, names=trained)
     table, bb = summary_table(rows_by_variant), bb_table(rows_by_variant)
     seeds = ", ".join(map(str, study["seeds"]))
     text = (f"# Study: {config_path}\n\nVariants x seeds ({seeds}) trained with `python study.py {config_path}` "
-            f"(base config `{study['base']}`, overrides `{study['overrides']}`); {sum(map(len, rows_by_variant.values()))}"
+            f"(base config `{study['base']}`, overrides `{study['overrides']}`); {sum(len(rows_by_variant[v]) for v in trained)}"
             f" runs, {seconds / 60:.1f} minutes of training in all. Mean ± sd over seeds.\n\n{table}\n")
     text += f"## The massive activation\n\n{massive_table(rows_by_variant)}\n"
     if bb:

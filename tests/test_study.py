@@ -154,11 +154,13 @@ def write_llama_study(tmp_path, folder, data, runs="runs", report="report", only
         + (f'variants = {{"{only}": variants["{only}"]}}\n' if only else '') +
         'seeds = [1]\n'
         f'out_root = "{tmp_path / runs}"\nreport_dir = "{tmp_path / report}"\n'
-        'massive_entry = [1, 0, 3]\nthreads = 1\n'
-        'probe_batches = 1\nprobe_batch_size = 2\nrepeat_n = 8\nstream_tokens = 48\nstream_window = 8\n')
+        f'massive_entry = [1, 0, 3]\nthreads = 1\nreference = "{folder}"\n'
+        'probe_batches = 1\nprobe_batch_size = 2\nprobe_block_size = 16\nrepeat_n = 8\nstream_tokens = 48\n'
+        'stream_window = 8\n')
     return str(path)
 
 
+@pytest.mark.slow
 def test_a_pretrained_llama_study_reports_and_a_killed_run_resumes_to_the_same_weights(tmp_path, llama_dir,
                                                                                        llama_data, monkeypatch, capsys):
     """The study runner on a pretrained folder (the SmolLM2 study in miniature, seconds): every variant continues
@@ -170,20 +172,39 @@ def test_a_pretrained_llama_study_reports_and_a_killed_run_resumes_to_the_same_w
     config = write_llama_study(tmp_path, folder, llama_data)
     assert study.main([config]) == 0
     rows = json.load(open(tmp_path / "report" / "results.json"))["rows"]
-    assert set(rows) == {"baseline", "kv_bias", "zero_m", "decay", "muon"}
+    assert list(rows) == ["start", "baseline", "kv_bias", "zero_m", "decay", "muon"]
     for name, (row,) in rows.items():
         assert row["massive_entry"] == [1, 0, 3], name
+        assert row["probe_loss"] > 0 and (name == "start") == (row.get("train_minutes") is None), name
         for key in ("ablate_delta_zero", "ablate_delta_mean", "repeat_later_max", "repeat_later_max_bos"):
             assert row[key] is not None and row[key] == row[key], (name, key)
+    # the reference row is the folder itself: the runs' step-0 val loss, and a probe loss the training changed
+    step0 = [json.loads(line) for line in open(tmp_path / "runs" / "baseline" / "seed1" / "metrics.jsonl")][0]
+    assert rows["start"][0]["val_loss"] == step0["val_loss"]
+    assert rows["start"][0]["probe_loss"] != rows["baseline"][0]["probe_loss"]
     assert rows["kv_bias"][0]["slot_sink_rate"] is not None and rows["baseline"][0]["slot_sink_rate"] is None
     text = (tmp_path / "report" / "results.md").read_text()
     assert "## The massive activation" in text and "| zero_m |" in text and "loss change, zeroed" in text
+    assert "| start |" in text and "5 runs" in text
     assert os.path.getsize(tmp_path / "report" / "curves" / "pushes.png") > 0  # the signed m / update curves
     tracked = [json.loads(line) for line in open(tmp_path / "runs" / "zero_m" / "seed1" / "metrics.jsonl")]
     tracked = [e for e in tracked if "track_ratio" in e]
     key = "transformer.h.1.mlp.c_proj.weight[3,:]"
     assert [e["iter"] for e in tracked] == [3, 6] and all(e[f"opt_m_norm/{key}"] == 0.0 for e in tracked)
     assert all(isinstance(e["opt_update/transformer.h.1.mlp.c_proj.weight[3,5]"], float) for e in tracked)
+
+    # the analysis of a finished run is cached beside it for the same checkpoint and probe settings
+    loaded = study_runner.load_study(config)
+    done = str(tmp_path / "runs" / "baseline" / "seed1")
+    with monkeypatch.context() as m:
+        m.setattr(study_runner, "analyse_target", lambda *a, **k: pytest.fail("the cached analysis was redone"))
+        cached = study_runner.analyse_run(loaded, done)
+    assert cached == {k: v for k, v in rows["baseline"][0].items() if k != "train_minutes"}
+    calls = []
+    with monkeypatch.context() as m:
+        m.setattr(study_runner, "analyse_target", lambda *a, **k: calls.append(1) or {"redone": True})
+        assert study_runner.analyse_run(dict(loaded, stream_window=4), done) == {"redone": True}
+    assert calls == [1]
 
     # a kill after the iteration-3 checkpoint leaves config.json, metrics up to iter 3 and that checkpoint
     whole = tmp_path / "runs" / "decay" / "seed1"
