@@ -24,6 +24,7 @@ class Tracker:
         tracker = Tracker(raw_model, optimizer, cfg, val_loader, start_iter)
         train_step(..., before_update=tracker.before_update)   # snapshots the tracked parameters when due
         record = tracker.after_step(iter_num)                   # None, or the 'track_*' / 'opt_*' keys
+        tracker.start_record()                                  # before the first step of a new run
     """
 
     def __init__(self, model, optimizer, cfg, val_loader, start_iter=0):
@@ -31,6 +32,10 @@ class Tracker:
         self.activations = ActivationTracker(model, cfg, val_loader)
         self.optimizer = OptimizerTracker(model, optimizer, cfg["track_params"]) if cfg["track_params"] else None
         self.next_iter = start_iter + 1  # the iteration the next optimizer step completes
+
+    def start_record(self):
+        """The activation record of the model before its first step (no optimizer state exists yet)."""
+        return self.activations.measure()
 
     def due(self, iter_num):
         return iter_num % self.interval == 0

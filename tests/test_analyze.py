@@ -465,8 +465,9 @@ def test_train_py_appends_tracking_records(tmp_path, monkeypatch):
     assert code == 0
     events = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     tracked = [e for e in events if "track_ratio" in e]
-    assert [e["iter"] for e in tracked] == [2, 4]
-    assert len(tracked[0]["track_slot_mass"]) == 1 and tracked[0]["track_grad_pos0_ratio"][0] > 0
+    assert [e["iter"] for e in tracked] == [0, 2, 4]  # the first record is the model before its first step
+    assert len(tracked[1]["track_slot_mass"]) == 1 and tracked[1]["track_grad_pos0_ratio"][0] > 0
+    assert tracked[0]["track_ratio"] != tracked[1]["track_ratio"]
 
 
 def test_compare_names_a_metrics_line_that_is_not_an_object(tmp_path, capsys):

@@ -179,7 +179,8 @@ def test_a_pretrained_llama_study_reports_and_a_killed_run_resumes_to_the_same_w
         for key in ("ablate_delta_zero", "ablate_delta_mean", "repeat_later_max", "repeat_later_max_bos"):
             assert row[key] is not None and row[key] == row[key], (name, key)
     # the reference row is the folder itself: the runs' step-0 val loss, and a probe loss the training changed
-    step0 = [json.loads(line) for line in open(tmp_path / "runs" / "baseline" / "seed1" / "metrics.jsonl")][0]
+    step0 = next(e for e in map(json.loads, open(tmp_path / "runs" / "baseline" / "seed1" / "metrics.jsonl"))
+                 if "val_loss" in e)
     assert rows["start"][0]["val_loss"] == step0["val_loss"]
     assert rows["start"][0]["probe_loss"] != rows["baseline"][0]["probe_loss"]
     assert rows["kv_bias"][0]["slot_sink_rate"] is not None and rows["baseline"][0]["slot_sink_rate"] is None
@@ -190,7 +191,9 @@ def test_a_pretrained_llama_study_reports_and_a_killed_run_resumes_to_the_same_w
     tracked = [json.loads(line) for line in open(tmp_path / "runs" / "zero_m" / "seed1" / "metrics.jsonl")]
     tracked = [e for e in tracked if "track_ratio" in e]
     key = "transformer.h.1.mlp.c_proj.weight[3,:]"
-    assert [e["iter"] for e in tracked] == [3, 6] and all(e[f"opt_m_norm/{key}"] == 0.0 for e in tracked)
+    assert [e["iter"] for e in tracked] == [0, 3, 6]
+    tracked = tracked[1:]
+    assert all(e[f"opt_m_norm/{key}"] == 0.0 for e in tracked)
     assert all(isinstance(e["opt_update/transformer.h.1.mlp.c_proj.weight[3,5]"], float) for e in tracked)
 
     # the analysis of a finished run is cached beside it for the same checkpoint and probe settings
@@ -223,6 +226,26 @@ def test_a_pretrained_llama_study_reports_and_a_killed_run_resumes_to_the_same_w
     out = capsys.readouterr().out
     assert "[decay seed 1]" in out and "--init_from='resume'" in out
     assert study_runner.run_status(str(killed)) == "done"
+    starts = [json.loads(line) for line in open(killed / "metrics.jsonl")]
+    assert [e["iter"] for e in starts if "track_ratio" in e] == [0, 3, 6]  # a resumed run logs no second start
     a = torch.load(whole / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(killed / "ckpt.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_repository_study_config_gives_valid_train_commands(monkeypatch):
+    """Each study in config/study/ loads, and every variant's train.py command is a valid config (keys, types,
+    optimizer interventions), so a typo in a long study stops before any run starts, not hours into it."""
+    from sinkgpt.config import load_config
+    from sinkgpt.optim import check_optim_config
+    monkeypatch.chdir(REPO)
+    folder = os.path.join(REPO, "config", "study")
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".py"))
+    assert {"bb.py", "smollm2.py", "gpt2_small.py", "sinks_char.py"} <= set(names)
+    for name in names:
+        plan = study_runner.load_study(os.path.join(folder, name))
+        for variant in plan["variants"]:
+            cmd = study_runner.train_command(plan, variant, plan["seeds"][0], resume=False)
+            cfg = load_config(cmd[2:])
+            check_optim_config(cfg)
+            assert cfg["out_dir"] == study_runner.run_dir(plan, variant, plan["seeds"][0]), (name, variant)
