@@ -85,8 +85,8 @@ def train(cfg):
                                   cfg["param_decay"])
     except ValueError as e:
         raise RunError(str(e)) from None
-    if tracker is not None and resumed_at is None:  # the curves start where the run starts (a retrofit's step 0)
-        log.write(iter=progress.iter_num, tokens=progress.tokens, **tracker.start_record())
+    if tracker is not None and log.kept == 0:  # a new log: its curves start where the run starts (a retrofit's
+        log.write(iter=progress.iter_num, tokens=progress.tokens, **tracker.start_record())  # step 0, a continuation)
 
     def save(name="ckpt.pt"):
         save_checkpoint(os.path.join(out_dir, name), raw_model, optimizer, cfg, progress, train_loader.meta)

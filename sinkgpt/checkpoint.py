@@ -151,10 +151,12 @@ class MetricsLog:
 
     def __init__(self, path, resume_iter=None):
         self.path = path
+        self.kept = 0  # events kept from before (0: a new log, also for a run continued into a new folder)
         if path is None:
             return
         kept = [e for e in read_metrics(path) if e.get("iter", 0) <= resume_iter] if (
             resume_iter is not None and os.path.exists(path)) else []
+        self.kept = len(kept)
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(e) + "\n" for e in kept)
         os.replace(path + ".tmp", path)

@@ -48,7 +48,7 @@ OPTIM_DEFAULTS = dict(
     # dicts, e.g. {"param": "transformer.h.2.mlp.c_proj.weight[447, :]", "moment": "m", "op": "zero", "at": [100]}
     moment_edits=[],
     # dicts {"param": "transformer.h.11.mlp.c_proj.weight[507, :]", "weight_decay": 1.0}: after every step those
-    # weights shrink by lr * weight_decay (the lr of their group), on top of the group's own decay
+    # weights shrink by lr * weight_decay (the lr of their group; at most to zero), on top of the group's own decay
     param_decay=[],
     track_params=[],  # name patterns (optional [slice]) whose m, v and update norms are logged every track_interval
 )
@@ -494,5 +494,5 @@ class MomentEditor:
                     view.clamp_(-value, value)
         if iter_num in self.reset_at:
             reset_optimizer_state(self.optimizer)
-        for weight_decay, group, p, index in self.decays:
-            (p if index is None else p[index]).mul_(1.0 - group["lr"] * weight_decay)
+        for weight_decay, group, p, index in self.decays:  # lr x weight_decay >= 1 zeroes the weights, no further
+            (p if index is None else p[index]).mul_(max(0.0, 1.0 - group["lr"] * weight_decay))

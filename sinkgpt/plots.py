@@ -119,7 +119,7 @@ def plot_compare(series, path):
     fig, axes = plt.subplots(2, 3, figsize=(16, 7))
     panels = [("val_loss", "val loss", "linear"), ("max_top1", "largest |h| over layers (the massive entry)", "log"),
               ("max_ratio", "max top-1/median |h| over layers", "log"),
-              ("grad_top1", "dLoss/dh at the largest |h| (opposite sign to h: descent raises it)", "symlog"),
+              ("grad_top1", "dLoss/dh at the largest |h| (signed: descent moves h against it)", "symlog"),
               ("first_mass", "mean attention mass on position 0", "linear"),
               ("slot_mass", "mean attention mass on the sink slot", "linear")]
     for ax, (key, title, scale) in zip(axes.ravel(), panels):

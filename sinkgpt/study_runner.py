@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -25,7 +26,7 @@ from sinkgpt.checkpoint import load_model, read_metrics
 from sinkgpt.common import InputError, plain
 from sinkgpt.config import read_config_file
 from sinkgpt.measure import collect
-from sinkgpt.probes import ablate, probe_batches, repeat_probe, stream_tokens
+from sinkgpt.probes import DEFAULT_MAX_LENGTH, ablate, probe_batches, repeat_probe, stream_tokens
 from sinkgpt.quantize import ptq_losses
 from sinkgpt.report import compare
 from sinkgpt.stats import largest_ratio_layer, sun_massive
@@ -69,6 +70,9 @@ def load_study(path):
         if type(value) is not type(STUDY_DEFAULTS[key]):
             raise StudyError(f"study key '{key}' in {path} must be {type(STUDY_DEFAULTS[key]).__name__}")
         study[key] = value
+    for key in ("threads", "probe_block_size"):
+        if study[key] < 0:
+            raise StudyError(f"study key '{key}' in {path} must be >= 0, got {study[key]}")
     entry = study["massive_entry"]
     if entry and (len(entry) != 3 or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                  for i in entry)):
@@ -157,70 +161,78 @@ def train_all(study, dry_run=False):
 # analysis of the finished runs
 
 
-ANALYSIS_VERSION = 2  # bump when analyse_target's figures change: cached analyses of older code are redone
+ANALYSIS_VERSION = 3  # bump when analyse_target's figures change: cached analyses of older code are redone
 PROBE_KEYS = ("probe_batches", "probe_batch_size", "probe_block_size", "repeat_n", "repeat_text", "stream_tokens",
               "stream_window", "massive_entry")
 
 
 def analyse_run(study, out_dir):
-    """analyse_target on a finished run, cached in out_dir/study_analysis.json for the same checkpoint and probe
-    settings: a report rebuilt later (or by a --report_only while other runs still train) reuses it."""
-    ckpt = os.stat(os.path.join(out_dir, "ckpt.pt"))
-    key = {"version": ANALYSIS_VERSION, "ckpt": [ckpt.st_size, ckpt.st_mtime_ns],
-           **{k: study[k] for k in PROBE_KEYS}}
+    """analyse_target on a finished run, cached in out_dir/study_analysis.json for the same checkpoint, metrics
+    and probe settings: a report rebuilt later (or by a --report_only while other runs still train) reuses it."""
+    def stat(name):
+        info = os.stat(os.path.join(out_dir, name))
+        return [info.st_size, info.st_mtime_ns]
+    key = plain({"version": ANALYSIS_VERSION, "ckpt": stat("ckpt.pt"), "metrics": stat("metrics.jsonl"),
+                 **{k: study[k] for k in PROBE_KEYS}})
     path = os.path.join(out_dir, "study_analysis.json")
     if os.path.isfile(path):
         with open(path) as f:
             cached = json.load(f)
-        if cached.get("key") == plain(key):
+        if cached.get("key") == key:
             return cached["row"]
-    target = load_model(out_dir, "cpu")
-    row = plain(analyse_target(study, target, target.config, read_metrics(out_dir)))
+    row = plain(analyse_target(study, load_model(out_dir, "cpu"), read_metrics(out_dir)))
     with open(path + ".tmp", "w") as f:
-        json.dump({"key": plain(key), "row": row}, f)
+        json.dump({"key": key, "row": row}, f)
     os.replace(path + ".tmp", path)
     return row
 
 
 def analyse_reference(study, first_run):
-    """The model the runs started from (study key 'reference'), probed on the first run's data with the same
-    seeds, its val loss the first run's step-0 evaluation: the table's starting row."""
-    run_cfg = load_model(first_run, "cpu").config
+    """The model the runs started from (study key 'reference'), probed exactly as that run: its data, BOS rule,
+    seed and context; its val loss the run's step-0 evaluation. The table's starting row."""
+    run = load_model(first_run, "cpu")
+    reference = replace(load_model(study["reference"], "cpu"), config=run.config, bos=run.bos)
     start = [e for e in read_metrics(first_run) if e.get("val_loss") is not None and e.get("iter") == 0]
-    return analyse_target(study, load_model(study["reference"], "cpu"), run_cfg, start, data=run_cfg["dataset"])
+    return analyse_target(study, reference, start, context=run.model.config.block_size)
 
 
-def analyse_target(study, target, cfg, events, data=None):
-    """The final figures of one model: val loss (the last evaluation in events), the massive activation (where,
-    how large, what zeroing it or setting it to its mean costs), sink rates, BB masses, the repeated-token probe
-    with and without a leading BOS, outliers, simulated quantization and streaming."""
-    model, meta = target.model, target.meta
+def analyse_target(study, target, events, context=None):
+    """The final figures of one model (probed on target.config's data, from its seed): val loss (the last
+    evaluation in events), the massive activation (where, how large, what zeroing it or setting it to its mean
+    costs), sink rates, BB masses, the repeated-token probe with and without a leading BOS, outliers, simulated
+    quantization and streaming. `context` caps every probe's length (default: the model's block size)."""
+    model, meta, cfg = target.model, target.meta, target.config
+    context = context or model.config.block_size
     seed = cfg.get("seed", 1337) + 99
-    batches, masks, _ = probe_batches(target, "cpu", data=data, batches=study["probe_batches"],
-                                      batch_size=study["probe_batch_size"], block_size=study["probe_block_size"],
-                                      seed=seed)
+    length = min(study["probe_block_size"] or DEFAULT_MAX_LENGTH, context)
+    batches, masks, _ = probe_batches(target, "cpu", batches=study["probe_batches"],
+                                      batch_size=study["probe_batch_size"], block_size=length, seed=seed)
+    entry = study["massive_entry"]
+    if entry and (entry[0] >= model.config.n_layer or entry[1] >= batches[0][0].size(1)
+                  or entry[2] >= model.config.n_embd):
+        raise StudyError(f"massive_entry {entry} is outside the probes ({model.config.n_layer} layers, "
+                         f"{batches[0][0].size(1)} positions, {model.config.n_embd} dims)")
     with torch.no_grad():
         stats = collect(model, batches, masks)
-    quantized = ptq_losses(model, batches)
-    ids, _ = stream_tokens(target, "cpu", data=data, n_tokens=study["stream_tokens"], seed=seed)
-    window = min(study["stream_window"], model.config.block_size - 1)
-    streamed = {keep: stream_losses(model, ids, keep, window)["losses"].mean().item() for keep in (0, 1)}
-    evals = [e for e in events if e.get("val_loss") is not None]
     best = stats["layers"][largest_ratio_layer(stats["layers"])]
-    entry = study["massive_entry"] or [best["layer"]] + list(best["top"][0][1:])
-    if entry[0] >= len(stats["layers"]) or entry[2] >= model.config.n_embd:
-        raise StudyError(f"massive_entry {entry} is outside the model ({len(stats['layers'])} layers, "
-                         f"{model.config.n_embd} dims)")
+    entry = entry or [best["layer"]] + list(best["top"][0][1:])
     ablated = ablate(model, batches, [tuple(entry)], masks)
+    quantized = ptq_losses(model, batches)
+    ids, _ = stream_tokens(target, "cpu", n_tokens=study["stream_tokens"], seed=seed)
+    window = min(study["stream_window"], context - 1)
+    streamed = {keep: stream_losses(model, ids, keep, window)["losses"].mean().item() for keep in (0, 1)}
     token = load_tokenizer(meta).encode(study["repeat_text"])[0]
-    repeats = repeat_probe(model, token, study["repeat_n"], meta["bos_token"])["variants"]
+    repeats = repeat_probe(model, token, min(study["repeat_n"], context), meta["bos_token"])["variants"]
     repeat, repeat_bos = repeats["no_bos"], repeats["bos"]
+    evals = [e for e in events if e.get("val_loss") is not None]
     row = {
         "val_loss": evals[-1]["val_loss"] if evals else None,
         "val_backcopy_loss": evals[-1].get("val_backcopy_loss") if evals else None,
-        "probe_loss": stats["loss"],
+        "probe_loss": stats["loss"], "probe_tokens": batches[0][0].size(1),
+        # the layer with the largest top-1/median ratio, and its top-1 entry
         "max_ratio": best["ratio"], "max_ratio_at": [best["layer"]] + list(best["top"][0][1:]),
-        "max_top1": best["top"][0][0], "sun_layers": [layer["layer"] for layer in stats["layers"] if sun_massive(layer)],
+        "top1_at_max_ratio": best["top"][0][0],
+        "sun_layers": [layer["layer"] for layer in stats["layers"] if sun_massive(layer)],
         "massive_entry": entry, "ablate_mean_value": ablated["entries"][0]["mean"],
         "ablate_delta_zero": ablated["delta_zero"], "ablate_delta_mean": ablated["delta_mean"],
         "sink_rate": stats["sink_rate"], "slot_sink_rate": stats["slot_sink_rate"],
@@ -295,6 +307,17 @@ def outlier_table(rows_by_variant):
     return f"Streaming window: {window} recent tokens.\n\n" + "\n".join(lines) + "\n"
 
 
+def layer_ranges(layers):
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    runs = []
+    for layer in layers:
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
+
+
 def massive_table(rows_by_variant):
     """The massive activation of each variant and what the model still needs it for (Sun et al.): zeroing the
     entry against setting it to its mean; the repeated-token probe with and without a leading BOS."""
@@ -305,9 +328,8 @@ def massive_table(rows_by_variant):
         def col(key, digits=3):
             return fmt_spread(mean_spread([r[key] for r in rows]), digits)
         suns = sorted({len(r["sun_layers"]) for r in rows})
-        first_sun = rows[0]["sun_layers"]
-        where = f"{len(first_sun)} ({first_sun[0]}-{first_sun[-1]})" if first_sun else "0"
-        lines.append(f"| {variant} | {col('max_top1', 1)} | {where if len(suns) == 1 else '/'.join(map(str, suns))} | "
+        where = f"{len(rows[0]['sun_layers'])} ({layer_ranges(rows[0]['sun_layers'])})" if rows[0]["sun_layers"] else "0"
+        lines.append(f"| {variant} | {col('top1_at_max_ratio', 1)} | {where if len(suns) == 1 else '/'.join(map(str, suns))} | "
                      f"{', '.join(map(str, rows[0]['massive_entry']))} | {col('ablate_mean_value', 1)} | "
                      f"{col('ablate_delta_zero')} | {col('ablate_delta_mean')} | "
                      f"{col('repeat_later_max', 2)} / {col('repeat_later_max_bos', 2)} |")
@@ -348,8 +370,9 @@ def write_report(study, config_path):
             rows_by_variant[variant] = rows
     if not rows_by_variant:
         raise StudyError("no finished runs to report on yet")
-    if study["reference"]:  # where every run started, first
-        first = run_dir(study, next(iter(rows_by_variant)), study["seeds"][0])
+    if study["reference"]:  # where every run started, first; probed as the baseline run (else the first run)
+        probed_as = "baseline" if "baseline" in rows_by_variant else next(iter(rows_by_variant))
+        first = run_dir(study, probed_as, study["seeds"][0])
         rows_by_variant = {"start": [analyse_reference(study, first)], **rows_by_variant}
     report_dir = study["report_dir"]
     os.makedirs(report_dir, exist_ok=True)

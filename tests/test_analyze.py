@@ -468,6 +468,17 @@ def test_train_py_appends_tracking_records(tmp_path, monkeypatch):
     assert [e["iter"] for e in tracked] == [0, 2, 4]  # the first record is the model before its first step
     assert len(tracked[1]["track_slot_mass"]) == 1 and tracked[1]["track_grad_pos0_ratio"][0] > 0
     assert tracked[0]["track_ratio"] != tracked[1]["track_ratio"]
+    # continued into a new folder: the new log starts with the checkpoint's model, at its iteration
+    other = tmp_path / "continued"
+    code = train.main(["config/train_shakespeare_char.py", f"--out_dir={other}", "--init_from=resume",
+                       f"--resume_from={out_dir}", "--max_iters=6", "--track_interval=2", "--eval_interval=6",
+                       "--eval_iters=1", "--log_interval=2", "--n_layer=1", "--n_head=2", "--n_embd=32",
+                       "--block_size=32", "--batch_size=4", "--sink=softmax1", "--compile=False"])
+    assert code == 0
+    continued = [json.loads(line) for line in (other / "metrics.jsonl").read_text().splitlines()]
+    continued = [e for e in continued if "track_ratio" in e]
+    assert [e["iter"] for e in continued] == [4, 6]
+    assert continued[0]["track_ratio"] == pytest.approx(tracked[-1]["track_ratio"])  # the same model, same probe
 
 
 def test_compare_names_a_metrics_line_that_is_not_an_object(tmp_path, capsys):

@@ -383,14 +383,17 @@ def test_param_decay_shrinks_only_its_slice_by_the_groups_lr():
     lr at that step (here the scheduled lr); every other weight is untouched."""
     model, optimizer, cfg = stepped()
     p = dict(model.named_parameters())[C_PROJ]
-    set_lr(optimizer, 0.02, cfg)
-    before = p.detach().clone()
     editor = MomentEditor(model, optimizer, [], decays=[{"param": C_PROJ + "[5, :]", "weight_decay": 10.0}])
+    set_lr(optimizer, 0.02, cfg)  # the lr of the step just taken, set after the editor was built
+    before = p.detach().clone()
     editor.apply(3)
     assert torch.equal(p[5], before[5] * (1 - 0.02 * 10.0))
     rest = torch.ones(32, dtype=torch.bool)
     rest[5] = False
     assert torch.equal(p[rest], before[rest])
+    set_lr(optimizer, 0.5, cfg)  # lr x weight_decay >= 1: the row goes to zero, not through it
+    editor.apply(4)
+    assert torch.equal(p[5], torch.zeros_like(p[5])) and torch.equal(p[rest], before[rest])
     with pytest.raises(ValueError, match=r"param_decay\[0\].*weight_decay"):
         MomentEditor(model, optimizer, [], decays=[{"param": C_PROJ, "weight_decay": -1.0}])
     with pytest.raises(ValueError, match=r"param_decay\[0\].*matches no"):

@@ -155,7 +155,7 @@ def write_llama_study(tmp_path, folder, data, runs="runs", report="report", only
         'seeds = [1]\n'
         f'out_root = "{tmp_path / runs}"\nreport_dir = "{tmp_path / report}"\n'
         f'massive_entry = [1, 0, 3]\nthreads = 1\nreference = "{folder}"\n'
-        'probe_batches = 1\nprobe_batch_size = 2\nprobe_block_size = 16\nrepeat_n = 8\nstream_tokens = 48\n'
+        'probe_batches = 1\nprobe_batch_size = 2\nprobe_block_size = 64\nrepeat_n = 8\nstream_tokens = 48\n'
         'stream_window = 8\n')
     return str(path)
 
@@ -176,6 +176,7 @@ def test_a_pretrained_llama_study_reports_and_a_killed_run_resumes_to_the_same_w
     for name, (row,) in rows.items():
         assert row["massive_entry"] == [1, 0, 3], name
         assert row["probe_loss"] > 0 and (name == "start") == (row.get("train_minutes") is None), name
+        assert row["probe_tokens"] == 32, name  # every row, the reference too, probed at the runs' context
         for key in ("ablate_delta_zero", "ablate_delta_mean", "repeat_later_max", "repeat_later_max_bos"):
             assert row[key] is not None and row[key] == row[key], (name, key)
     # the reference row is the folder itself: the runs' step-0 val loss, and a probe loss the training changed
@@ -207,7 +208,9 @@ def test_a_pretrained_llama_study_reports_and_a_killed_run_resumes_to_the_same_w
     with monkeypatch.context() as m:
         m.setattr(study_runner, "analyse_target", lambda *a, **k: calls.append(1) or {"redone": True})
         assert study_runner.analyse_run(dict(loaded, stream_window=4), done) == {"redone": True}
-    assert calls == [1]
+        os.utime(os.path.join(done, "ckpt.pt"))  # a newer checkpoint: redone too
+        assert study_runner.analyse_run(loaded, done) == {"redone": True}
+    assert calls == [1, 1]
 
     # a kill after the iteration-3 checkpoint leaves config.json, metrics up to iter 3 and that checkpoint
     whole = tmp_path / "runs" / "decay" / "seed1"
@@ -235,7 +238,8 @@ def test_a_pretrained_llama_study_reports_and_a_killed_run_resumes_to_the_same_w
 
 def test_every_repository_study_config_gives_valid_train_commands(monkeypatch):
     """Each study in config/study/ loads, and every variant's train.py command is a valid config (keys, types,
-    optimizer interventions), so a typo in a long study stops before any run starts, not hours into it."""
+    the structure of optimizer interventions): a wrong key in a long study shows here, not hours into it.
+    (Parameter patterns and slices are checked against the model when each run starts.)"""
     from sinkgpt.config import load_config
     from sinkgpt.optim import check_optim_config
     monkeypatch.chdir(REPO)
