@@ -272,9 +272,9 @@ class CausalSelfAttention(nn.Module):
             self.k_slot = nn.Parameter(torch.randn(Hkv, D) * 0.02)
         if config.sink == "kv_bias":
             self.v_slot = nn.Parameter(torch.randn(Hkv, D) * 0.02)
-        # --- output gate (Qiu et al. G1): o' = o * sigmoid(x W_g), per head or per channel ---
-        if config.attn_gate != "none":
-            self.c_gate = nn.Linear(C, H if config.attn_gate == "headwise" else C, bias=config.bias)
+        # --- output gate (Qiu et al. G1): o' = o * sigmoid(x W_g + b_g), per head or per channel ---
+        if config.attn_gate != "none":  # always a bias, even in a bias-free model: it is what holds a retrofitted
+            self.c_gate = nn.Linear(C, H if config.attn_gate == "headwise" else C, bias=True)  # gate open
         self.hook_fns = {}  # shared with the enclosing Block
 
     def forward(self, x, rope=None, cache=None):

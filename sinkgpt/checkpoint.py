@@ -98,8 +98,12 @@ def load_checkpoint(path, device="cpu", keys=("model", "model_args")):
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):
     model = GPT(GPTConfig.from_dict(checkpoint["model_args"]))
+    state = dict(checkpoint["model"])
+    for name, p in model.state_dict().items():  # gates of bias-free models saved before gates always had a bias:
+        if name.endswith("c_gate.bias") and name not in state and name.replace("bias", "weight") in state:
+            state[name] = torch.zeros_like(p)  # a zero bias is the same gate
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(state)
     except RuntimeError as e:
         first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line or "Missing" in line
                       or "Unexpected" in line), str(e).splitlines()[0])

@@ -168,20 +168,24 @@ def test_greedy_generation_with_the_kv_cache_equals_transformers_generate(tmp_pa
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("sink", ["logit", "softmax1", "kv_bias", "k_bias", "token", "bos_override"])
+@pytest.mark.parametrize("sink", ["logit", "softmax1", "kv_bias", "k_bias", "token", "bos_override",
+                                  "gate_headwise", "gate_elementwise"])
 def test_sink_options_start_close_to_the_pretrained_llama(tmp_path, sink):
     """The neutral start (init_sinks_from_pretrained) on a GQA Llama: plain logits up to the mechanism's known
-    deviation (README table), and the slot keys have one row per key/value head."""
+    deviation (README table), and the slot keys have one row per key/value head. The Llama has no biases; its
+    gate still opens (sigmoid(10)) through the gate's own bias."""
     hf = random_llama(seed=14)
     folder = save(hf, tmp_path / "llama")
-    model = from_pretrained(folder, sink=sink).eval()
+    options = {"attn_gate": sink[5:]} if sink.startswith("gate_") else {"sink": sink}
+    model = from_pretrained(folder, **options).eval()
+    assert not model.config.bias
     if sink in ("kv_bias", "k_bias"):
         assert model.transformer.h[0].attn.k_slot.shape == (2, 8)
     idx = tokens(seed=15)
     idx[:, 0] = model.config.bos_token
     with torch.no_grad():
         ours, plain = model(idx)[0], hf_logits(hf, idx)
-    bound = {"logit": 1e-3, "bos_override": 1e-5}.get(sink, 1.0)
+    bound = {"logit": 1e-3, "bos_override": 1e-5, "gate_headwise": 1e-3, "gate_elementwise": 1e-3}.get(sink, 1.0)
     assert max_diff(ours, plain) / plain.abs().max().item() <= bound
 
 

@@ -611,3 +611,19 @@ def test_gqa_fast_path_gives_the_kernel_and_the_cache_the_shared_heads_only(sink
     assert seen and all(entry == (4, 2, 2, True) for entry in seen), seen
     keys, values = cache.buffers[0]
     assert keys.size(1) == values.size(1) == 2 and cache.length[0] == 6
+
+
+def test_a_gate_checkpoint_saved_without_a_gate_bias_loads_as_the_same_gate():
+    """Gates of bias-free models had no bias before the gate always carried one: such a checkpoint loads with a
+    zero bias, which is the same function."""
+    from sinkgpt.checkpoint import model_from_checkpoint
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32, bias=False, attn_gate="headwise")
+    model = GPT(config).eval()
+    old_state = {k: v for k, v in model.state_dict().items() if not k.endswith("c_gate.bias")}
+    assert len(old_state) < len(model.state_dict())
+    loaded = model_from_checkpoint({"model_args": config.to_dict(), "model": old_state}).eval()
+    idx = torch.randint(0, 32, (2, 8))
+    assert all(torch.equal(b.attn.c_gate.bias, torch.zeros(2)) for b in loaded.transformer.h)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx)[0], model(idx)[0])  # model's own gate bias starts at zero too
