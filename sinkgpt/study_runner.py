@@ -260,6 +260,8 @@ def mean_spread(values):
     if not values:
         return None, None
     mean = sum(values) / len(values)
+    if len(values) == 1:  # one seed: no spread to show
+        return mean, None
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
@@ -267,7 +269,7 @@ def fmt_spread(mean_sd, digits=3):
     mean, sd = mean_sd
     if mean is None:
         return "-"
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+    return f"{mean:.{digits}f}" if sd is None else f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
 def summary_table(rows_by_variant):
@@ -383,7 +385,8 @@ def write_report(study, config_path):
     seeds = ", ".join(map(str, study["seeds"]))
     text = (f"# Study: {config_path}\n\nVariants x seeds ({seeds}) trained with `python study.py {config_path}` "
             f"(base config `{study['base']}`, overrides `{study['overrides']}`); {sum(len(rows_by_variant[v]) for v in trained)}"
-            f" runs, {seconds / 60:.1f} minutes of training in all. Mean ± sd over seeds.\n\n{table}\n")
+            f" runs, {seconds / 60:.1f} minutes of training in all."
+            + (" Mean ± sd over seeds." if len(study["seeds"]) > 1 else "") + f"\n\n{table}\n")
     text += f"## The massive activation\n\n{massive_table(rows_by_variant)}\n"
     if bb:
         text += f"## Bigram-Backcopy, per layer\n\n{bb}\n"

@@ -253,3 +253,11 @@ def test_every_repository_study_config_gives_valid_train_commands(monkeypatch):
             cfg = load_config(cmd[2:])
             check_optim_config(cfg)
             assert cfg["out_dir"] == study_runner.run_dir(plan, variant, plan["seeds"][0]), (name, variant)
+
+
+def test_one_seed_has_no_spread_and_missing_values_are_a_dash():
+    fmt, spread = study_runner.fmt_spread, study_runner.mean_spread
+    assert fmt(spread([1.25]), 2) == "1.25"
+    assert fmt(spread([1.0, 3.0]), 1) == "2.0 ± 1.0"
+    assert fmt(spread([None, float("nan")])) == "-" and fmt(spread([2.0, None]), 1) == "2.0"
+    assert study_runner.layer_ranges([3, 4, 5, 9, 11, 12]) == "3-5, 9, 11-12"
