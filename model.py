@@ -603,7 +603,7 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------------------------
     # generation
 
-    @torch.no_grad()
+    @torch.inference_mode()  # cheaper per op than no_grad: decode is hundreds of small ops per token
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
                  use_cache=True):
         """Sample max_new_tokens after idx (B, T). temperature 0 = greedy. With use_cache, earlier keys and
