@@ -603,11 +603,15 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------------------------
     # generation
 
-    @torch.inference_mode()  # cheaper per op than no_grad: decode is hundreds of small ops per token
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
                  use_cache=True):
         """Sample max_new_tokens after idx (B, T). temperature 0 = greedy. With use_cache, earlier keys and
         values are kept; once the context is full it is recomputed on the last block_size tokens."""
+        with torch.inference_mode():  # cheaper per op than no_grad: decode is hundreds of small ops per token
+            out = self._generate(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
+        return out.clone()  # an ordinary tensor again: usable as the input of a forward that trains
+
+    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache):
         block_size = self.config.block_size
         cache, logits = None, None
         for _ in range(max_new_tokens):

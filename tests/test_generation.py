@@ -43,3 +43,16 @@ def test_decode_layout_copies_the_widening_layers_uses_the_current_weights_and_a
         with decode_layout(model):
             model.generate(torch.full((1, 3), 1000), 2, temperature=0)  # an error inside (token out of range)...
     assert not any("forward" in m.__dict__ for m in linears)  # ...still leaves the plain layout
+
+
+def test_generated_tokens_feed_a_training_forward():
+    """generate runs under inference_mode for speed; what it returns is an ordinary tensor, so a forward that
+    trains on it (embedding lookups save their indices for backward) works."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=32))
+    out = model.generate(torch.zeros((1, 2), dtype=torch.long), 6, temperature=0)
+    assert not out.is_inference()
+    _, loss = model(out[:, :-1], out[:, 1:])
+    loss.backward()
+    assert model.transformer.wte.weight.grad is not None
