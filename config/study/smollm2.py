@@ -8,7 +8,7 @@
 #   the down-projection row 507 and the gate/up rows of its two largest writers, neurons 1229 and 1487, found
 #   with `python analyze.py attribute data/models/SmolLM2-135M-Instruct --pos 0 --dim 507`).
 # Budget for a 2-core CPU: 40 steps x 4 sequences x 64 tokens (10,240 tokens a run), one training thread per
-# run (so a second job can share the machine), about 5 minutes a run with its final analysis.
+# run (so a second job can share the machine), 5-9 minutes of training a run beside other jobs (Muon: 23), and about 2 minutes of final analysis each.
 #   python study.py config/study/smollm2.py
 # The study resumes where it stopped (rerun the command); --report_only rebuilds the report.
 base = "config/continue/smollm2.py"
