@@ -30,12 +30,11 @@ import time
 import torch
 
 from model import GPT, GPTConfig
-from sinkgpt.common import InputError
+from sinkgpt.common import InputError, RunError
 from sinkgpt.config import ConfigError, check_ranges, check_value, load_config, model_config, parse_flag_value
 from sinkgpt.generation import decode_copy_bytes, decode_layout
 from sinkgpt.loader import loader_for_run
 from sinkgpt.optim import build_optimizer
-from sinkgpt.common import RunError
 from sinkgpt.pretrained import from_pretrained
 from sinkgpt.runtime import (autocast_context, device_name, keep_freed_memory, peak_flops, pick_device, pick_dtype,
                              synchronize, use_compile)

@@ -422,9 +422,14 @@ def select_params(model, optimizer, spec, where):
     return matches
 
 
+def param_group(optimizer, p):
+    """The optimizer's parameter group that holds p."""
+    return next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+
+
 def moment_keys(optimizer, p):
     """(first-moment state key, second-moment state key or None) of parameter p in this optimizer."""
-    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    group = param_group(optimizer, p)
     if "betas" in group:  # Adam / AdamW
         return "exp_avg", "exp_avg_sq"
     if group.get("muon"):
@@ -458,8 +463,7 @@ class MomentEditor:
             where = f"param_decay[{i}] ({decay.get('param')!r})" if isinstance(decay, dict) else f"param_decay[{i}]"
             check_decay(decay, where)
             for _, p, index in select_params(model, optimizer, decay["param"], where):
-                group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
-                self.decays.append((float(decay["weight_decay"]), group, p, index))
+                self.decays.append((float(decay["weight_decay"]), param_group(optimizer, p), p, index))
         self.edits = []  # (op, value, at iterations, every, [(param, state key, index)])
         for i, edit in enumerate(edits):
             where = f"moment_edits[{i}] ({edit.get('param')!r})" if isinstance(edit, dict) else f"moment_edits[{i}]"

@@ -30,11 +30,7 @@ def probe_batches(target, device, *, data=None, text=None, batches=4, batch_size
     T = min(block_size or DEFAULT_MAX_LENGTH, model.config.block_size)
     bos = target.bos if bos is None else bos
     if text is not None:
-        try:
-            ids = load_tokenizer(meta).encode(read_text_argument(text))
-        except ValueError as e:
-            raise AnalyzeError(str(e)) from None
-        ids = ([meta["bos_token"]] if bos else []) + ids
+        ids = encode_text(meta, text, bos)
         if len(ids) < 2:
             raise AnalyzeError("the text gives fewer than 2 tokens")
         ids = torch.tensor(ids[:T + 1], device=device)[None]
@@ -43,23 +39,16 @@ def probe_batches(target, device, *, data=None, text=None, batches=4, batch_size
         triggers = meta.get("triggers")
         masks = [torch.isin(pairs[0][0], torch.tensor(triggers, device=device))] if triggers else None
     else:
-        dataset = data or cfg.get("dataset") or (default_dataset(meta) if target.kind == "pretrained" else None)
-        if dataset is None:
-            raise AnalyzeError("the target names no dataset: give --data DATASET or --text TEXT")
+        dataset = probe_dataset(target, data)
         loader = make_loader(dataset, "val", batch_size, T, seed=seed, prepend_bos=bos,
                              align_to_docs=bool(cfg.get("align_to_docs")), bb_triggers=cfg.get("bb_triggers", 3),
                              device=device)
-        if tokenizer_identity(loader.meta) != tokenizer_identity(meta):
-            raise AnalyzeError(f"dataset {dataset!r} is tokenized with {describe_tokenizer(loader.meta)}, but the "
-                               f"model uses {describe_tokenizer(meta)}")
+        check_tokenizer(dataset, loader.meta, meta)
         pairs = [loader.next_batch() for _ in range(batches)]
         masks = [loader.trigger_mask(x) for x, _ in pairs] if dataset == "bigram_backcopy" else None
         source = {"dataset": dataset, "split": "val", "batches": batches, "batch_size": batch_size,
                   "bos": bos if dataset != "bigram_backcopy" else True}
-    biggest = max(int(x.max()) for x, _ in pairs)
-    if biggest >= model.config.vocab_size:
-        raise AnalyzeError(f"the data has token id {biggest}, outside the model's vocabulary of "
-                           f"{model.config.vocab_size}: wrong dataset for this model?")
+    check_vocab(max(int(x.max()) for x, _ in pairs), model)
     return pairs, masks, source
 
 
@@ -69,28 +58,49 @@ def stream_tokens(target, device, *, data=None, text=None, n_tokens=2048, seed=1
     Bigram-Backcopy sequence of that length."""
     model, meta, cfg = target.model, target.meta, target.config
     if text is not None:
-        try:
-            ids = load_tokenizer(meta).encode(read_text_argument(text))
-        except ValueError as e:
-            raise AnalyzeError(str(e)) from None
-        ids = ([meta["bos_token"]] if target.bos else []) + ids
+        ids = encode_text(meta, text, target.bos)
         return torch.tensor(ids[:n_tokens], device=device), {"text": text[:200], "tokens": min(len(ids), n_tokens)}
-    dataset = data or cfg.get("dataset") or (default_dataset(meta) if target.kind == "pretrained" else None)
-    if dataset is None:
-        raise AnalyzeError("the target names no dataset: give --data DATASET or --text TEXT")
+    dataset = probe_dataset(target, data)
     if dataset == "bigram_backcopy":
         loader = make_loader(dataset, "val", 1, n_tokens - 1, seed=seed, bb_triggers=cfg.get("bb_triggers", 3))
         x, y = loader.next_batch()
         ids = torch.cat([x[0], y[0, -1:]])
     else:
         loader = make_loader(dataset, "val", 1, 1, seed=seed)
-        if tokenizer_identity(loader.meta) != tokenizer_identity(meta):
-            raise AnalyzeError(f"dataset {dataset!r} is tokenized with {describe_tokenizer(loader.meta)}, but the "
-                               f"model uses {describe_tokenizer(meta)}")
+        check_tokenizer(dataset, loader.meta, meta)
         ids = torch.from_numpy(loader.shards[0][:n_tokens].astype("int64"))
-    if int(ids.max()) >= model.config.vocab_size:
-        raise AnalyzeError(f"the data has token id {int(ids.max())}, outside the model's vocabulary")
+    check_vocab(int(ids.max()), model)
     return ids.to(device), {"dataset": dataset, "split": "val", "tokens": len(ids)}
+
+
+def encode_text(meta, text, bos):
+    """The ids of `text` (or FILE:path) in the model's tokenizer, BOS first when `bos`."""
+    try:
+        ids = load_tokenizer(meta).encode(read_text_argument(text))
+    except ValueError as e:
+        raise AnalyzeError(str(e)) from None
+    return ([meta["bos_token"]] if bos else []) + ids
+
+
+def probe_dataset(target, data):
+    """`data`, else the dataset the target was trained on, else (a pretrained folder) its default probe data."""
+    dataset = data or target.config.get("dataset") or (
+        default_dataset(target.meta) if target.kind == "pretrained" else None)
+    if dataset is None:
+        raise AnalyzeError("the target names no dataset: give --data DATASET or --text TEXT")
+    return dataset
+
+
+def check_tokenizer(dataset, data_meta, model_meta):
+    if tokenizer_identity(data_meta) != tokenizer_identity(model_meta):
+        raise AnalyzeError(f"dataset {dataset!r} is tokenized with {describe_tokenizer(data_meta)}, but the "
+                           f"model uses {describe_tokenizer(model_meta)}")
+
+
+def check_vocab(biggest, model):
+    if biggest >= model.config.vocab_size:
+        raise AnalyzeError(f"the data has token id {biggest}, outside the model's vocabulary of "
+                           f"{model.config.vocab_size}: wrong dataset for this model?")
 
 
 def default_dataset(meta):
