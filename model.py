@@ -157,11 +157,16 @@ def rope_tables(head_size, n_positions, base):
     return angles.cos().float(), angles.sin().float()
 
 
+def rotation(cos, sin):
+    """The tables apply_rope takes, (T, D) each, from rope_tables' (T, D/2): [cos, cos] and [-sin, sin]. Built
+    once per forward pass, so that every layer rotates its queries and keys in four ops."""
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
 def apply_rope(x, cos, sin):
-    """Rotate channel pairs (i, i + D/2) of x (B, H, T, D) by the angles of each position (T, D/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    """Rotate channel pairs (i, i + D/2) of x (B, H, T, D) by the angles of each position, given the tables of
+    rotation(): (x1 cos - x2 sin, x2 cos + x1 sin), the same float operations as written out."""
+    return x * cos.to(x.dtype) + x.roll(x.size(-1) // 2, dims=-1) * sin.to(x.dtype)
 
 
 def causal_mask(n_queries, n_keys, device):
@@ -233,9 +238,10 @@ class KVCache:
                 grown[0][:, :, :n], grown[1][:, :, :n] = self.buffers[layer][0][:, :, :n], self.buffers[layer][1][:, :, :n]
             self.buffers[layer] = grown
         keys, values = self.buffers[layer]
-        keys[:, :, n:n + T], values[:, :, n:n + T] = k, v
+        keys.narrow(2, n, T).copy_(k)  # narrow: one view op where indexing [:, :, n:n + T] takes three
+        values.narrow(2, n, T).copy_(v)
         self.length[layer] = n + T
-        return keys[:, :, :n + T], values[:, :, :n + T]
+        return keys.narrow(2, 0, n + T), values.narrow(2, 0, n + T)
 
     def advance(self, T):
         """After a forward pass of T new real tokens."""
@@ -540,12 +546,12 @@ class GPT(nn.Module):
         return logits, loss
 
     def rope_for(self, start, T, n_prefix):
-        """cos/sin for the positions in this forward pass; sink-token prefixes sit at rotation 0."""
+        """apply_rope's tables for the positions in this forward pass; sink-token prefixes sit at rotation 0."""
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         if n_prefix:
             cos = torch.cat([cos.new_ones(n_prefix, cos.size(1)), cos])
             sin = torch.cat([sin.new_zeros(n_prefix, sin.size(1)), sin])
-        return cos, sin
+        return rotation(cos, sin)
 
     def crop_block_size(self, block_size):
         """Shorten the context (e.g. GPT-2's 1024 to a smaller block_size) by dropping position embeddings."""

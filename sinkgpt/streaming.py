@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import KVCache, apply_rope
+from model import KVCache, apply_rope, rotation
 from sinkgpt.generation import decode_layout
 
 
@@ -35,7 +35,7 @@ class RollingKVCache(KVCache):
     def __init__(self, n_layer, keep, window, n_prefix=0, rope=None):
         super().__init__(n_layer)
         self.keep, self.window, self.n_prefix = keep, window, n_prefix
-        self.rope = rope  # the model's (cos, sin) tables, or None
+        self.rope = rotation(*rope) if rope is not None else None  # from the model's (cos, sin) tables
         self.rotates_keys = rope is not None
         self.kept = 0  # real positions held (the same in every layer)
         self.largest = 0  # the most positions any layer has held at once (prefix included)

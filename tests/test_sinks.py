@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import HF_BOS, HF_VOCAB
-from model import GPT, SLOT_SINKS, CausalSelfAttention, GPTConfig, KVCache
+from model import GPT, SLOT_SINKS, CausalSelfAttention, GPTConfig, KVCache, rotation
 from sinkgpt.pretrained import from_pretrained
 
 TOL = 1e-10
@@ -173,7 +173,7 @@ def check_against_reference(attn, B, T, seed, path, rope=None):
     leaves = [x] + [params[n] for n in names]
 
     attn.hook_fns = {"scores": lambda s: None} if path == "eager" else {}  # a reading hook selects the eager path
-    out = attn(x, rope=rope)
+    out = attn(x, rope=rotation(*rope) if rope is not None else None)  # the module takes apply_rope's tables
     grads = torch.autograd.grad((out * upstream).sum(), leaves)
     attn.hook_fns = {}
     ref = ref_attention(attn, x, rope)
