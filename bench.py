@@ -17,6 +17,9 @@ family (matmul, attention, activation, norm, loss, optimizer, other ops, and wha
 transformers' own model of that folder (AutoModelForCausalLM, SDPA attention, the same weights, batch, length,
 precision and fused AdamW; run as transformers runs it, eager: --compile applies to ours) beside ours,
 interleaved in one process, and measures each one's peak memory in a fresh process of its own.
+--generate --decode_floor also times, per token and interleaved, our decode step beside what a token costs at
+least: the matrix-vector products alone, reading every weight once, and (for a plain Llama-family model) a
+decode step hand-written with the fewest eager ops.
 """
 
 import json
@@ -28,11 +31,12 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache, apply_rope, rotation
 from sinkgpt.common import InputError, RunError
 from sinkgpt.config import ConfigError, check_ranges, check_value, load_config, model_config, parse_flag_value
-from sinkgpt.generation import decode_copy_bytes, decode_layout
+from sinkgpt.generation import decode_copy_bytes, decode_layout, decode_matrix, widening_layers
 from sinkgpt.loader import loader_for_run
 from sinkgpt.optim import build_optimizer
 from sinkgpt.pretrained import from_pretrained
@@ -42,7 +46,7 @@ from sinkgpt.training import build_model, train_step
 
 BENCH_FLAGS = {"json": False, "generate": False, "profile": False, "steps": 10, "warmup": 3, "rounds": 3,
                "compare": "", "vocab_size": 0, "no_cache_steps": 0, "vs_transformers": False, "prompt_tokens": 512,
-               "new_tokens": 64}
+               "new_tokens": 64, "decode_floor": False}
 
 # op families for --profile: an op belongs to the first family one of whose name fragments it contains
 OP_FAMILIES = [
@@ -65,6 +69,8 @@ def parse_args(argv):
             raise ConfigError(f"flag --{key} must be >= {least}, got {flags[key]}")
     if flags["vs_transformers"] and not os.path.isdir(cfg["init_from"]):
         raise ConfigError("--vs_transformers needs --init_from=DIR, a pretrained folder both models load")
+    if flags["decode_floor"] and not flags["generate"]:
+        raise ConfigError("--decode_floor measures generation: add --generate")
     if flags["vs_transformers"] and flags["compare"]:
         raise ConfigError("--vs_transformers and --compare do not combine: compare one thing at a time")
     return flags, cfg
@@ -367,11 +373,139 @@ def bench_generation(cfg, flags):
     if flags["vs_transformers"]:
         result["speedup"] = results[1]["total_s"] / results[0]["total_s"]
         result["same_tokens"] = torch.equal(outputs["ours"], outputs["transformers"])
+    if flags["decode_floor"]:
+        floor = result["decode_floor"] = decode_floor(model, prompt, flags["rounds"])
+        if flags["vs_transformers"] and floor["minimal_step_ms"] is not None:  # what the fewest ops would score
+            at_minimal = results[0]["prefill_s"] + (n_new - 1) * floor["minimal_step_ms"] / 1e3
+            floor["speedup_at_minimal_step"] = results[1]["total_s"] / at_minimal
     if flags["no_cache_steps"]:  # the recompute-everything baseline, extrapolated from a few steps
         t0 = time.perf_counter()
         model.generate(prompt, flags["no_cache_steps"], temperature=0, use_cache=False)
         result["no_cache_tokens_per_s"] = flags["no_cache_steps"] / (time.perf_counter() - t0)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# the decode floor (--generate --decode_floor): what one generated token costs at least on this machine
+
+
+def matvec_calls(model):
+    """One decode token's matrix-vector products alone, as zero-argument calls: a (1, in) vector times each
+    layer's matrix in the layout the decode uses (the (in, out) copy for widening layers on a CPU)."""
+    widening, calls = set(widening_layers(model)), []
+    for layer in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+        x = torch.randn(1, layer.in_features, dtype=layer.weight.dtype, device=layer.weight.device)
+        if layer in widening and layer.weight.device.type == "cpu":
+            calls.append(lambda x=x, w=decode_matrix(layer): x @ w)
+        else:
+            calls.append(lambda x=x, w=layer.weight: F.linear(x, w))
+    return calls
+
+
+def is_plain_llama(cfg):
+    return (cfg.pos_emb, cfg.norm, cfg.norm_pos, cfg.mlp_act, cfg.sink, cfg.attn_gate, cfg.attn_fn) == (
+        "rope", "rmsnorm", "pre", "swiglu", "none", "none", "softmax") and not (
+        cfg.bias or cfg.qk_norm or cfg.logit_softcap or cfg.dropout)
+
+
+def minimal_llama_decoder(model):
+    """step(cache, token) -> logits (1, vocab) of the token after `token` (an int), for a plain Llama-family model
+    on a CPU (is_plain_llama), written with the fewest eager ops we could: no modules, no hooks, no options, the
+    matrices and rotary tables prepared once, queries and keys rotated together, keys and values written in place
+    into our KVCache. A measuring stick for how much of our decode step is per-op framework time; nothing
+    generates with it."""
+    cfg = model.config
+    H, Hkv, D, C, eps = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.n_embd, cfg.norm_eps
+    cos, sin = rotation(model.rope_cos, model.rope_sin)  # (positions, D) each
+    layers = [(b.ln_1.weight, decode_matrix(b.attn.c_attn), b.attn.c_proj.weight, b.ln_2.weight,
+               decode_matrix(b.mlp.c_fc), b.mlp.c_proj.weight) for b in model.transformer.h]
+    embedding, final_norm, head = model.transformer.wte.weight, model.transformer.ln_f.weight, decode_matrix(model.lm_head)
+
+    def rms(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    def step(cache, token):
+        pos = cache.pos
+        x = embedding[token].view(1, C)
+        for layer, (norm_1, qkv_matrix, attn_proj, norm_2, fc_matrix, mlp_proj) in enumerate(layers):
+            qkv = rms(x, norm_1) @ qkv_matrix
+            qk = qkv[:, :(H + Hkv) * D].view(H + Hkv, D)
+            qk = apply_rope(qk, cos[pos], sin[pos])
+            keys, values = cache.buffers[layer]  # (1, Hkv, capacity, D) each
+            keys[0, :, pos], values[0, :, pos] = qk[H:], qkv[:, (H + Hkv) * D:].view(Hkv, D)
+            cache.length[layer] = pos + 1
+            scores = qk[:H].view(Hkv, H // Hkv, D) @ keys[0, :, :pos + 1].transpose(-1, -2)  # query groups
+            attn = (scores * D ** -0.5).softmax(-1) @ values[0, :, :pos + 1]  # (Hkv, H / Hkv, D)
+            x = x + F.linear(attn.view(1, C), attn_proj)
+            gate, up = (rms(x, norm_2) @ fc_matrix).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, mlp_proj)
+        cache.pos += 1
+        return rms(x, final_norm) @ head
+
+    return step
+
+
+def copied_cache(cache):
+    out = KVCache(len(cache.buffers))
+    out.buffers = [tuple(t.clone() for t in kv) for kv in cache.buffers]
+    out.length, out.pos = list(cache.length), cache.pos
+    return out
+
+
+def decode_floor(model, prompt, rounds):
+    """Milliseconds per token, medians of interleaved rounds of up to 16 tokens each, after `prompt`: our decode
+    step (one token's forward and argmax, in the decode layout), the minimal Llama step (plain Llama-family
+    models on a CPU, else None), the matrix-vector products alone, and reading every weight once (a sum over
+    each distinct matrix: the memory-bandwidth floor). Also how far the minimal step's logits are from ours."""
+    cfg = model.config
+    steps = min(16, prompt.size(1), cfg.block_size - prompt.size(1))
+    minimal = is_plain_llama(cfg) and prompt.device.type == "cpu" and prompt.size(0) == 1
+    with torch.inference_mode(), decode_layout(model):
+        prefilled = KVCache(cfg.n_layer)
+        first = model(prompt, cache=prefilled, last_only=True)[0][:, -1].argmax(-1, keepdim=True)
+        matrices = list({p.data_ptr(): p for p in model.parameters() if p.dim() == 2}.values())  # tied head once
+        matvecs = matvec_calls(model)
+
+        def ours(cache, token):
+            return model(token, cache=cache)[0][:, -1].argmax(-1, keepdim=True)
+
+        minimal_step = minimal_llama_decoder(model) if minimal else None
+
+        def ours_minimal(cache, token):
+            return minimal_step(cache, token.item()).argmax(-1, keepdim=True)
+
+        def decoding(step):
+            def run():
+                cache, token = copied_cache(prefilled), first
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    token = step(cache, token)
+                return time.perf_counter() - t0
+            return run
+
+        def repeated(calls):
+            def run():
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    for call in calls:
+                        call()
+                return time.perf_counter() - t0
+            return run
+
+        variants = {"ours": decoding(ours), "minimal_step": decoding(ours_minimal) if minimal else None,
+                    "matvecs": repeated(matvecs), "weight_read": repeated([m.sum for m in matrices])}
+        variants = {name: run for name, run in variants.items() if run is not None}
+        seconds = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, run in variants.items():
+                seconds[name].append(run())
+        result = {f"{name}_ms": 1e3 * statistics.median(s) / steps for name, s in seconds.items()}
+        result.setdefault("minimal_step_ms", None)
+        if minimal:
+            ours_logits = model(first, cache=copied_cache(prefilled))[0][:, -1]
+            own_logits = minimal_step(copied_cache(prefilled), first.item())
+            result["minimal_max_logit_diff"] = (ours_logits - own_logits).abs().max().item()
+    return dict(tokens=steps, **result)
 
 
 def main(argv):
@@ -395,6 +529,15 @@ def main(argv):
                  in result else ""))
         if "speedup" in result:
             print(f"ours / transformers: x{result['speedup']:.2f} end to end; same tokens: {result['same_tokens']}")
+        if "decode_floor" in result:
+            f = result["decode_floor"]
+            minimal = (f"the minimal Llama step {f['minimal_step_ms']:.1f} (logits within "
+                       f"{f['minimal_max_logit_diff']:.1e} of ours), " if f["minimal_step_ms"] is not None else "")
+            print(f"decode floor, ms per token ({f['tokens']} tokens a round): ours {f['ours_ms']:.1f}, {minimal}"
+                  f"the matrix-vector products alone {f['matvecs_ms']:.1f}, reading every weight once "
+                  f"{f['weight_read_ms']:.1f}")
+            if "speedup_at_minimal_step" in f:
+                print(f"ours / transformers with the minimal step's ms per token: x{f['speedup_at_minimal_step']:.2f}")
     else:
         print(f"device {result['device']}, {result['params'] / 1e6:.2f}M params, peak memory "
               f"{result['peak_mem_mb']:.0f} MB")

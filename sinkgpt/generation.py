@@ -32,13 +32,18 @@ def transposed_copy(w, rows=256):
     return out
 
 
-def _decode_forward(linear, x):
+def decode_matrix(linear):
+    """The (in, out) copy of a layer's weight: made on first use, kept while the weight is unchanged."""
     key = (linear.weight.data_ptr(), linear.weight._version)
     held = _copies.get(linear)
     if held is None or held[0] != key:
         held = (key, transposed_copy(linear.weight.detach()))
         _copies[linear] = held
-    y = x @ held[1]
+    return held[1]
+
+
+def _decode_forward(linear, x):
+    y = x @ decode_matrix(linear)
     return y if linear.bias is None else y.add_(linear.bias)
 
 

@@ -3,6 +3,7 @@ times are the benchmark's output, never a test threshold)."""
 import json
 
 import pytest
+import torch
 
 import bench
 from sinkgpt.config import load_config
@@ -97,3 +98,38 @@ def test_bench_flags_and_config_keys_parse_together(tmp_path):
     flags, cfg = bench.parse_args(["--json=True", str(tmp_path / "cfg.py"), "--n_layer=2", "--steps=4"])
     assert flags["json"] is True and flags["steps"] == 4 and "json" not in cfg and "steps" not in cfg
     assert (cfg["n_layer"], cfg["batch_size"]) == (2, 5)  # a flag wins over the file
+
+
+def test_decode_floor_times_our_step_beside_the_minimal_llama_step_which_decodes_like_ours(capsys, llama_dir):
+    """--decode_floor's measuring stick is a correct decoder: on a random Llama (6 query / 2 KV heads) its logits
+    match our model's and it continues a prompt with the same greedy tokens as model.generate."""
+    from model import KVCache
+    from sinkgpt.generation import decode_layout
+    from sinkgpt.pretrained import from_pretrained
+    folder, _ = llama_dir
+    result = bench_json(capsys, f"--init_from={folder}", "--generate", "--decode_floor", "--prompt_tokens=20",
+                        "--new_tokens=4", "--rounds=1")
+    floor = result["decode_floor"]
+    assert floor["tokens"] == 16
+    for key in ("ours_ms", "minimal_step_ms", "matvecs_ms", "weight_read_ms"):
+        assert floor[key] > 0, key
+    assert floor["minimal_max_logit_diff"] < 1e-4
+    model = from_pretrained(folder).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    expected = model.generate(prompt, 10, temperature=0)[0, 12:].tolist()
+    step = bench.minimal_llama_decoder(model)
+    with torch.inference_mode(), decode_layout(model):
+        cache = KVCache(model.config.n_layer)
+        token = model(prompt, cache=cache, last_only=True)[0][0, -1].argmax().item()
+        tokens = [token]
+        for _ in range(9):
+            tokens.append(step(cache, tokens[-1])[0].argmax().item())
+    assert tokens == expected
+
+
+def test_decode_floor_has_no_minimal_step_for_a_model_outside_the_plain_llama_family(capsys, hf_dir):
+    floor = bench_json(capsys, f"--init_from={hf_dir}", "--generate", "--decode_floor", "--prompt_tokens=8",
+                       "--new_tokens=2", "--rounds=1")["decode_floor"]  # a GPT-2: learned positions, LayerNorm
+    assert floor["minimal_step_ms"] is None and "minimal_max_logit_diff" not in floor
+    assert floor["tokens"] == 8 and floor["ours_ms"] > 0 and floor["matvecs_ms"] > 0
+    assert bench.main(["--decode_floor"]) == 1  # without --generate: one error line
