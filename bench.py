@@ -477,18 +477,22 @@ def decode_floor(model, prompt, rounds):
         def decoding(step):
             def run():
                 cache, token = copied_cache(prefilled), first
+                synchronize(prompt.device)
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     token = step(cache, token)
+                synchronize(prompt.device)
                 return time.perf_counter() - t0
             return run
 
         def repeated(calls):
             def run():
+                synchronize(prompt.device)
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     for call in calls:
                         call()
+                synchronize(prompt.device)
                 return time.perf_counter() - t0
             return run
 
