@@ -456,14 +456,15 @@ def decode_floor(model, prompt, rounds):
     """Milliseconds per token, medians of interleaved rounds of up to 16 tokens each, after `prompt`: our decode
     step (one token's forward and argmax, in the decode layout), the minimal Llama step (plain Llama-family
     models on a CPU, else None), the matrix-vector products alone, and reading every weight once (a sum over
-    each distinct matrix: the memory-bandwidth floor). Also how far the minimal step's logits are from ours."""
+    each layer's matrix: the memory-bandwidth floor). Also how far the minimal step's logits are from ours."""
     cfg = model.config
     steps = min(16, prompt.size(1), cfg.block_size - prompt.size(1))
     minimal = is_plain_llama(cfg) and prompt.device.type == "cpu" and prompt.size(0) == 1
     with torch.inference_mode(), decode_layout(model):
         prefilled = KVCache(cfg.n_layer)
         first = model(prompt, cache=prefilled, last_only=True)[0][:, -1].argmax(-1, keepdim=True)
-        matrices = list({p.data_ptr(): p for p in model.parameters() if p.dim() == 2}.values())  # tied head once
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        matrices = list({m.weight.data_ptr(): m.weight for m in linears}.values())  # what a token reads
         matvecs = matvec_calls(model)
 
         def ours(cache, token):
@@ -471,7 +472,7 @@ def decode_floor(model, prompt, rounds):
 
         minimal_step = minimal_llama_decoder(model) if minimal else None
 
-        def ours_minimal(cache, token):
+        def minimal_argmax(cache, token):
             return minimal_step(cache, token.item()).argmax(-1, keepdim=True)
 
         def decoding(step):
@@ -496,7 +497,7 @@ def decode_floor(model, prompt, rounds):
                 return time.perf_counter() - t0
             return run
 
-        variants = {"ours": decoding(ours), "minimal_step": decoding(ours_minimal) if minimal else None,
+        variants = {"ours": decoding(ours), "minimal_step": decoding(minimal_argmax) if minimal else None,
                     "matvecs": repeated(matvecs), "weight_read": repeated([m.sum for m in matrices])}
         variants = {name: run for name, run in variants.items() if run is not None}
         seconds = {name: [] for name in variants}
