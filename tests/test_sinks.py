@@ -230,6 +230,16 @@ def test_rope_tables_match_the_formula():
     torch.testing.assert_close(model.rope_sin.double(), sin, rtol=0, atol=1e-7)
 
 
+def test_apply_rope_is_the_written_out_rotation_bit_for_bit():
+    """x cos + roll(x) sin with rotation()'s tables does the same float operations as (x1 cos - x2 sin,
+    x1 sin + x2 cos), so pretrained logits do not move by a rounding when the formula is rearranged."""
+    from model import apply_rope, rope_tables
+    cos, sin = rope_tables(16, 40, 10000.0)
+    x = torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(0))
+    x1, x2 = x[..., :8], x[..., 8:]
+    assert torch.equal(apply_rope(x, *rotation(cos, sin)), torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1))
+
+
 def test_fast_path_really_is_the_fused_one():
     """Without hooks, softmax attention must not go through attend_eager (the fast path is what is tested)."""
     attn = make_attention(2, sink="logit")
