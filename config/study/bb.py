@@ -5,19 +5,9 @@
 #   python study.py config/study/bb.py
 base = "config/bb/base.py"
 overrides = {"n_embd": 64, "max_iters": 1200, "eval_interval": 200, "track_interval": 100, "log_interval": 200}
-variants = {
-    "baseline": {},
-    "token": {"sink": "token"},
-    "logit": {"sink": "logit"},
-    "softmax1": {"sink": "softmax1"},
-    "kv_bias": {"sink": "kv_bias"},
-    "k_bias": {"sink": "k_bias"},
-    "bos_override": {"sink": "bos_override"},
-    "gate_headwise": {"attn_gate": "headwise"},
-    "sigmoid_attn": {"attn_fn": "sigmoid"},
-    "relu_attn": {"attn_fn": "relu"},
-    "sgd": {"optimizer": "sgd", "learning_rate": 0.03},
-}
+include("_variants.py")
+variants = {**_SINK_VARIANTS, "relu_attn": {"attn_fn": "relu"},
+            "sgd": {"optimizer": "sgd", "learning_rate": 0.03}}
 seeds = [1337, 1338]
 out_root = "out-study/bb"
 report_dir = "docs/results_bb"

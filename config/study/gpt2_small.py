@@ -14,22 +14,8 @@ overrides = {
     "warmup_iters": 20, "learning_rate": 1e-4, "min_lr": 1e-5, "weight_decay": 0.0, "sink_lr_mult": 100.0,
     "eval_interval": 100, "eval_iters": 20, "log_interval": 25, "track_interval": 25, "track_params": _WRITERS,
 }
-variants = {
-    "baseline": {},
-    "lr3e-4": {"learning_rate": 3e-4, "min_lr": 3e-5},
-    "wd0.1": {"weight_decay": 0.1},
-    "lr3e-4_wd0.1": {"learning_rate": 3e-4, "min_lr": 3e-5, "weight_decay": 0.1},
-    "logit": {"sink": "logit"},
-    "kv_bias": {"sink": "kv_bias"},
-    "k_bias": {"sink": "k_bias"},
-    "token": {"sink": "token"},
-    "gate_headwise": {"attn_gate": "headwise"},
-    "bos_override": {"sink": "bos_override"},
-    "zero_m": {"moment_edits": [{"param": p, "moment": "m", "op": "zero", "every": 1} for p in _WRITERS]},
-    "decay_writers": {"param_decay": [{"param": p, "weight_decay": 100.0} for p in _WRITERS]},
-    "sgd": {"optimizer": "sgd", "learning_rate": 0.1, "min_lr": 0.01},
-    "muon": {"optimizer": "muon", "muon_lr": 4e-3},
-}
+include("_variants.py")
+variants = _pretrained_questions(_WRITERS)  # the SmolLM2 study's questions
 seeds = [1337, 1338]
 out_root = "out-study/gpt2_small"
 report_dir = "docs/results_gpt2_small_study"

@@ -5,17 +5,8 @@
 base = "config/sinks/base.py"
 overrides = {"max_iters": 600, "lr_decay_iters": 600, "eval_interval": 300, "eval_iters": 20,
              "log_interval": 300, "track_interval": 300}
-variants = {
-    "baseline": {},
-    "token": {"sink": "token"},
-    "logit": {"sink": "logit"},
-    "softmax1": {"sink": "softmax1"},
-    "kv_bias": {"sink": "kv_bias"},
-    "k_bias": {"sink": "k_bias"},
-    "bos_override": {"sink": "bos_override"},
-    "gate_headwise": {"attn_gate": "headwise"},
-    "sigmoid_attn": {"attn_fn": "sigmoid"},
-}
+include("_variants.py")
+variants = _SINK_VARIANTS
 seeds = [1337]
 out_root = "out-study/sinks_char"
 report_dir = "docs/results_sinks_char"

@@ -26,22 +26,8 @@ overrides = {
     "track_params": [_WRITERS[0], "transformer.h.11.mlp.c_proj.weight[507, 1229]",
                      "transformer.h.11.mlp.c_proj.weight[507, 1487]"],
 }
-variants = {
-    "baseline": {},  # lr 1e-4, no decay
-    "lr3e-4": {"learning_rate": 3e-4, "min_lr": 3e-5},
-    "wd0.1": {"weight_decay": 0.1},
-    "lr3e-4_wd0.1": {"learning_rate": 3e-4, "min_lr": 3e-5, "weight_decay": 0.1},
-    "logit": {"sink": "logit"},
-    "kv_bias": {"sink": "kv_bias"},
-    "k_bias": {"sink": "k_bias"},
-    "token": {"sink": "token"},
-    "gate_headwise": {"attn_gate": "headwise"},
-    "bos_override": {"sink": "bos_override"},
-    "zero_m": {"moment_edits": [{"param": p, "moment": "m", "op": "zero", "every": 1} for p in _WRITERS]},
-    "decay_writers": {"param_decay": [{"param": p, "weight_decay": 100.0} for p in _WRITERS]},  # 1% a step
-    "sgd": {"optimizer": "sgd", "learning_rate": 0.1, "min_lr": 0.01},  # momentum 0.9, gradients clipped at 1
-    "muon": {"optimizer": "muon", "muon_lr": 4e-3},  # hidden matrices; the rest AdamW at lr 1e-4
-}
+include("_variants.py")
+variants = _pretrained_questions(_WRITERS)
 seeds = [1337]
 out_root = "out-study/smollm2"
 report_dir = "docs/results_smollm2_study"
