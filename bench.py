@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from model import GPT, GPTConfig, KVCache, apply_rope, rotation
 from sinkgpt.common import InputError, RunError
 from sinkgpt.config import ConfigError, check_ranges, check_value, load_config, model_config, parse_flag_value
-from sinkgpt.generation import decode_copy_bytes, decode_layout, decode_matrix, widening_layers
+from sinkgpt.generation import decode_copy_bytes, decode_layout, decode_matrix
 from sinkgpt.loader import loader_for_run
 from sinkgpt.optim import build_optimizer
-from sinkgpt.pretrained import from_pretrained
+from sinkgpt.pretrained import export_family, from_pretrained
 from sinkgpt.runtime import (autocast_context, device_name, keep_freed_memory, peak_flops, pick_device, pick_dtype,
                              synchronize, use_compile)
 from sinkgpt.training import build_model, train_step
@@ -390,22 +390,16 @@ def bench_generation(cfg, flags):
 
 
 def matvec_calls(model):
-    """One decode token's matrix-vector products alone, as zero-argument calls: a (1, in) vector times each
-    layer's matrix in the layout the decode uses (the (in, out) copy for widening layers on a CPU)."""
-    widening, calls = set(widening_layers(model)), []
-    for layer in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
-        x = torch.randn(1, layer.in_features, dtype=layer.weight.dtype, device=layer.weight.device)
-        if layer in widening and layer.weight.device.type == "cpu":
-            calls.append(lambda x=x, w=decode_matrix(layer): x @ w)
-        else:
-            calls.append(lambda x=x, w=layer.weight: F.linear(x, w))
-    return calls
+    """One decode token's matrix-vector products alone, as zero-argument calls: each Linear on a (1, in) vector,
+    as the decode calls it (inside decode_layout: the (in, out) copy for widening layers on a CPU)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    vectors = [torch.randn(1, m.in_features, dtype=m.weight.dtype, device=m.weight.device) for m in linears]
+    return [lambda layer=layer, x=x: layer(x) for layer, x in zip(linears, vectors)]
 
 
 def is_plain_llama(cfg):
-    return (cfg.pos_emb, cfg.norm, cfg.norm_pos, cfg.mlp_act, cfg.sink, cfg.attn_gate, cfg.attn_fn) == (
-        "rope", "rmsnorm", "pre", "swiglu", "none", "none", "softmax") and not (
-        cfg.bias or cfg.qk_norm or cfg.logit_softcap or cfg.dropout)
+    """A model the Llama format holds with nothing refused (export_family), without biases or dropout."""
+    return export_family(cfg) == ("llama", []) and not (cfg.bias or cfg.dropout)
 
 
 def minimal_llama_decoder(model):
