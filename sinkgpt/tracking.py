@@ -162,24 +162,24 @@ class OptimizerTracker:
     @torch.no_grad()
     def measure(self):
         state = self.optimizer.state
-        keys, norms = [], []
+        keys, figures = [], []  # norms, and the signed m and update of single weights
         for i, (key, p, index, m_key, v_key) in enumerate(self.targets):
             scalar = self.view(p, index).numel() == 1  # one weight: its signed m and update say which way it goes
             for prefix, state_key in (("opt_m", m_key), ("opt_v", v_key)):
                 moment = state.get(p, {}).get(state_key) if state_key else None
                 if moment is not None:
                     keys.append(f"{prefix}_norm/{key}")
-                    norms.append(self.view(moment, index).float().norm())
+                    figures.append(self.view(moment, index).float().norm())
                     if scalar and prefix == "opt_m":
                         keys.append(f"opt_m/{key}")
-                        norms.append(self.view(moment, index).float().sum())
+                        figures.append(self.view(moment, index).float().sum())
             if self.before is not None:
                 update = self.view(p, index).float() - self.before[i].float()
                 keys.append(f"opt_update_norm/{key}")
-                norms.append(update.norm())
+                figures.append(update.norm())
                 if scalar:
                     keys.append(f"opt_update/{key}")
-                    norms.append(update.sum())
+                    figures.append(update.sum())
         self.before = None
-        values = torch.stack(norms).tolist() if norms else []  # one host sync for all of them
+        values = torch.stack(figures).tolist() if figures else []  # one host sync for all of them
         return {k: v if math.isfinite(v) else None for k, v in zip(keys, values)}
