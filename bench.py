@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from model import GPT, GPTConfig, KVCache, apply_rope, rotation
 from sinkgpt.common import InputError, RunError
 from sinkgpt.config import ConfigError, check_ranges, check_value, load_config, model_config, parse_flag_value
-from sinkgpt.generation import decode_copy_bytes, decode_layout, decode_matrix
+from sinkgpt.generation import decode_layout, row_block_product, row_blocks
 from sinkgpt.loader import loader_for_run
 from sinkgpt.optim import build_optimizer
 from sinkgpt.pretrained import export_family, from_pretrained
@@ -341,10 +341,6 @@ def bench_generation(cfg, flags):
     generators = [OurGenerator(model)]
     if flags["vs_transformers"]:
         generators.append(TransformersGenerator(cfg["init_from"], device))
-    t0 = time.perf_counter()
-    generators[0](prompt[:, :1], 1)  # first call: on CPU it makes the (in, out) weight copies
-    first_call_s = time.perf_counter() - t0
-    copies_mb = decode_copy_bytes(model) / 2**20
     outputs = {g.name: g(prompt[:, :16], 4) for g in generators}  # warm-up
 
     def seconds(generate, n):
@@ -366,9 +362,7 @@ def bench_generation(cfg, flags):
                             tokens_per_s=n_new / total_s, prefill_s=prefill_s,
                             decode_tokens_per_s=(n_new - 1) / max(total_s - prefill_s, 1e-9)))
     result = dict(device=device_name(device), params=model.num_params(), prompt_tokens=n_prompt, new_tokens=n_new,
-                  rounds=flags["rounds"], first_call_s=first_call_s, decode_copies_mb=copies_mb,
-                  tokens_per_s_with_first_call=n_new / (results[0]["total_s"] + first_call_s),
-                  peak_mem_mb=peak_memory_mb(device), variants=results,
+                  rounds=flags["rounds"], peak_mem_mb=peak_memory_mb(device), variants=results,
                   **{k: results[0][k] for k in ("total_s", "tokens_per_s", "prefill_s", "decode_tokens_per_s")})
     if flags["vs_transformers"]:
         result["speedup"] = results[1]["total_s"] / results[0]["total_s"]
@@ -391,7 +385,7 @@ def bench_generation(cfg, flags):
 
 def matvec_calls(model):
     """One decode token's matrix-vector products alone, as zero-argument calls: each Linear on a (1, in) vector,
-    as the decode calls it (inside decode_layout: the (in, out) copy for widening layers on a CPU)."""
+    as the decode calls it (inside decode_layout: on a CPU, the row-block product)."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     vectors = [torch.randn(1, m.in_features, dtype=m.weight.dtype, device=m.weight.device) for m in linears]
     return [lambda layer=layer, x=x: layer(x) for layer, x in zip(linears, vectors)]
@@ -411,9 +405,14 @@ def minimal_llama_decoder(model):
     cfg = model.config
     H, Hkv, D, C, eps = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.n_embd, cfg.norm_eps
     cos, sin = rotation(model.rope_cos, model.rope_sin)  # (positions, D) each
-    layers = [(b.ln_1.weight, decode_matrix(b.attn.c_attn), b.attn.c_proj.weight, b.ln_2.weight,
-               decode_matrix(b.mlp.c_fc), b.mlp.c_proj.weight) for b in model.transformer.h]
-    embedding, final_norm, head = model.transformer.wte.weight, model.transformer.ln_f.weight, decode_matrix(model.lm_head)
+
+    def product(linear):  # x -> x W^T for one row, as the decode layout multiplies it
+        weight, parts = linear.weight, row_blocks(linear.out_features)
+        return (lambda x: row_block_product(x, weight, parts)) if parts > 1 else (lambda x: F.linear(x, weight))
+
+    layers = [(b.ln_1.weight, product(b.attn.c_attn), product(b.attn.c_proj), b.ln_2.weight, product(b.mlp.c_fc),
+               product(b.mlp.c_proj)) for b in model.transformer.h]
+    embedding, final_norm, head = model.transformer.wte.weight, model.transformer.ln_f.weight, product(model.lm_head)
 
     def rms(x, weight):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
@@ -421,8 +420,8 @@ def minimal_llama_decoder(model):
     def step(cache, token):
         pos = cache.pos
         x = embedding[token].view(1, C)
-        for layer, (norm_1, qkv_matrix, attn_proj, norm_2, fc_matrix, mlp_proj) in enumerate(layers):
-            qkv = rms(x, norm_1) @ qkv_matrix
+        for layer, (norm_1, qkv_proj, attn_proj, norm_2, fc_proj, mlp_proj) in enumerate(layers):
+            qkv = qkv_proj(rms(x, norm_1))
             qk = qkv[:, :(H + Hkv) * D].view(H + Hkv, D)
             qk = apply_rope(qk, cos[pos], sin[pos])
             keys, values = cache.buffers[layer]  # (1, Hkv, capacity, D) each
@@ -430,11 +429,11 @@ def minimal_llama_decoder(model):
             cache.length[layer] = pos + 1
             scores = qk[:H].view(Hkv, H // Hkv, D) @ keys[0, :, :pos + 1].transpose(-1, -2)  # query groups
             attn = (scores * D ** -0.5).softmax(-1) @ values[0, :, :pos + 1]  # (Hkv, H / Hkv, D)
-            x = x + F.linear(attn.view(1, C), attn_proj)
-            gate, up = (rms(x, norm_2) @ fc_matrix).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, mlp_proj)
+            x = x + attn_proj(attn.view(1, C))
+            gate, up = fc_proj(rms(x, norm_2)).chunk(2, dim=-1)
+            x = x + mlp_proj(F.silu(gate) * up)
         cache.pos += 1
-        return rms(x, final_norm) @ head
+        return head(rms(x, final_norm))
 
     return step
 
@@ -521,11 +520,8 @@ def main(argv):
             print(f"{r['variant']:>12} on {result['device']}: {r['tokens_per_s']:.1f} tokens/s for "
                   f"{result['new_tokens']} new tokens after a {result['prompt_tokens']}-token prompt (prefill "
                   f"{r['prefill_s']:.2f} s, decode {r['decode_tokens_per_s']:.1f} tokens/s)")
-        print(f"ours: {result['tokens_per_s_with_first_call']:.1f} tokens/s counting the model's first call "
-              f"({result['first_call_s']:.2f} s, which makes the decode weight copies: "
-              f"{result['decode_copies_mb']:.0f} MB)"
-              + (f"; without cache {result['no_cache_tokens_per_s']:.2f} tokens/s" if "no_cache_tokens_per_s"
-                 in result else ""))
+        if "no_cache_tokens_per_s" in result:
+            print(f"ours without the KV cache: {result['no_cache_tokens_per_s']:.2f} tokens/s")
         if "speedup" in result:
             print(f"ours / transformers: x{result['speedup']:.2f} end to end; same tokens: {result['same_tokens']}")
         if "decode_floor" in result:

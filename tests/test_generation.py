@@ -1,39 +1,63 @@
-"""sinkgpt.generation: the CPU decode layout multiplies by an exact (in, out) weight copy, follows in-place weight
-updates, touches only the widening layers, and is gone after its block (also after an error)."""
+"""sinkgpt.generation: inside the CPU decode layout, linear layers multiply few-row inputs as row-block products
+(the same product up to rounding, on the current weights, no copies), many-row inputs as nn.Linear does, and
+the layout is gone after its block (also after an error)."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import idx_batch, randomize, tiny
-from sinkgpt.generation import decode_copy_bytes, decode_layout, widening_layers
+from sinkgpt.generation import FEW_ROWS, decode_layout, row_block_product, row_blocks
+
+
+@pytest.mark.parametrize("parts", [2, 3, 8])
+@pytest.mark.parametrize("shape", [(1, 24), (3, 24), (2, 1, 24), (4, 2, 24)])
+def test_row_block_product_is_the_linear_product(parts, shape):
+    torch.manual_seed(0)
+    weight = torch.randn(48, 24, dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64)
+    y = row_block_product(x, weight, parts)
+    assert y.shape == (*shape[:-1], 48)
+    torch.testing.assert_close(y, F.linear(x, weight), rtol=0, atol=1e-12)
+    x32, w32 = x.float(), weight.float()  # float32: rounding only (the sums run in another order)
+    torch.testing.assert_close(row_block_product(x32, w32, parts), F.linear(x32, w32), rtol=0, atol=1e-5)
+
+
+def test_row_blocks_are_a_divisor_of_the_output_width_and_one_where_none_fits():
+    assert row_blocks(960, threads=2) == 2 and row_blocks(49152, threads=16) == 16
+    assert row_blocks(960, threads=1) == 2  # two even on one thread: the batched kernel is the fast one
+    assert row_blocks(960, threads=7) == 1 and row_blocks(101, threads=2) == 1  # no divisor: F.linear
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_decode_layout_computes_the_same_product_and_follows_weight_updates(bias):
+def test_decode_layout_multiplies_few_rows_by_blocks_of_the_current_weight(bias, monkeypatch):
     torch.manual_seed(0)
     layer = nn.Linear(24, 40, bias=bias).double()
     model = nn.Sequential(layer)
-    x = torch.randn(3, 5, 24, dtype=torch.float64)
-    plain = layer(x)
+    blocked = []
+    monkeypatch.setattr("sinkgpt.generation.row_block_product",
+                        lambda *a, f=row_block_product: blocked.append(a[0].shape) or f(*a))
+    few, many = torch.randn(3, 1, 24, dtype=torch.float64), torch.randn(FEW_ROWS + 1, 24, dtype=torch.float64)
     with torch.no_grad(), decode_layout(model):
-        assert torch.allclose(layer(x), plain, rtol=0, atol=1e-12) and decode_copy_bytes(model) == 24 * 40 * 8
-        layer.weight.mul_(2)  # an in-place update (an optimizer step, a load) makes a new copy
-        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-12)
+        for x in (few, many):
+            assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-12)
+        layer.weight.mul_(2)  # an in-place update (an optimizer step, a load): the blocks are views of it
+        assert torch.allclose(layer(few), F.linear(few, layer.weight, layer.bias), rtol=0, atol=1e-12)
+    assert blocked == [few.shape, few.shape]  # the prefill-sized input went through F.linear
     assert "forward" not in layer.__dict__
 
 
-def test_decode_layout_copies_the_widening_layers_uses_the_current_weights_and_always_leaves():
+def test_decode_layout_generates_the_same_tokens_on_the_current_weights_and_always_leaves():
     model = randomize(tiny()).double().eval()
     prompt = idx_batch(model, B=2, T=5)
     plain = model.generate(prompt, 3, temperature=0)
-    with decode_layout(model):
-        assert torch.equal(model.generate(prompt, 3, temperature=0), plain)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 2 * 4 + 1  # c_attn, c_proj, c_fc, c_proj per layer + lm_head
-    widening = widening_layers(model)  # c_attn, c_fc, lm_head: copied, nothing else
-    assert len(widening) == 2 * 2 + 1
-    assert decode_copy_bytes(model) == sum(m.weight.numel() * 8 for m in widening)  # float64
+    with decode_layout(model):
+        assert torch.equal(model.generate(prompt, 3, temperature=0), plain)
+        patched = [m for m in linears if "forward" in m.__dict__]
+        assert patched == [m for m in linears if m.out_features % 2 == 0]  # the head's 37 rows: no blocks
+        assert len(patched) == 2 * 4
     assert not any("forward" in m.__dict__ for m in linears)
     randomize(model, seed=1)  # new weights, copied in place
     fresh = randomize(tiny(), seed=1).double().eval()

@@ -74,7 +74,7 @@ def test_greedy_generation_is_the_same_with_and_without_cache(options):
     model = randomize(tiny(**options)).double().eval()
     prompt = idx_batch(model, B=2, T=5)
     prompt[0, 0] = model.config.bos_token
-    with decode_layout(model):  # the cached path as sample.py runs it on a CPU (the (in, out) weight copies)
+    with decode_layout(model):  # the cached path as sample.py runs it on a CPU (row-block products)
         with_cache = model.generate(prompt, 30, temperature=0, use_cache=True)
     without = model.generate(prompt, 30, temperature=0, use_cache=False)
     assert with_cache.shape == (2, 35)
