@@ -15,7 +15,8 @@ each variant's median ms/iter and its ratio to the first: compare ratios, not ab
 family (matmul, attention, activation, norm, loss, optimizer, other ops, and what no op accounts for).
 --init_from=DIR benchmarks a pretrained folder's model (its weights, its shape); --vs_transformers puts
 transformers' own model of that folder (AutoModelForCausalLM, SDPA attention, the same weights, batch, length,
-precision and fused AdamW; run as transformers runs it, eager: --compile applies to ours) beside ours,
+precision and fused AdamW; run as transformers runs it, eager: --compile applies to ours, and
+--compile_transformers=True compiles theirs too) beside ours,
 interleaved in one process, and measures each one's peak memory in a fresh process of its own.
 --generate --decode_floor also times, per token and interleaved, our decode step beside what a token costs at
 least: the matrix-vector products alone, reading every weight once, and (for a plain Llama-family model) a
@@ -46,7 +47,7 @@ from sinkgpt.training import build_model, train_step
 
 BENCH_FLAGS = {"json": False, "generate": False, "profile": False, "steps": 10, "warmup": 3, "rounds": 3,
                "compare": "", "vocab_size": 0, "no_cache_steps": 0, "vs_transformers": False, "prompt_tokens": 512,
-               "new_tokens": 64, "decode_floor": False}
+               "new_tokens": 64, "decode_floor": False, "compile_transformers": False}
 
 # op families for --profile: an op belongs to the first family one of whose name fragments it contains
 OP_FAMILIES = [
@@ -71,6 +72,9 @@ def parse_args(argv):
         raise ConfigError("--vs_transformers needs --init_from=DIR, a pretrained folder both models load")
     if flags["decode_floor"] and not flags["generate"]:
         raise ConfigError("--decode_floor measures generation: add --generate")
+    if flags["compile_transformers"] and (flags["generate"] or not flags["vs_transformers"]):
+        raise ConfigError("--compile_transformers compiles transformers' model for the training step: add "
+                          "--vs_transformers, without --generate")
     if flags["vs_transformers"] and flags["compare"]:
         raise ConfigError("--vs_transformers and --compare do not combine: compare one thing at a time")
     return flags, cfg
@@ -114,9 +118,10 @@ def bench_model(cfg, vocab_size):
 
 
 class StepRunner:
-    """One model + optimizer, stepped on random batches by train.py's own training step."""
+    """One model + optimizer, stepped on random batches by train.py's own training step; compiled as the config's
+    compile key says, unless compile_model says otherwise."""
 
-    def __init__(self, cfg, model, device, optimizer=None, name="ours", compile_model=True):
+    def __init__(self, cfg, model, device, optimizer=None, name="ours", compile_model=None):
         self.device, self.cfg, self.name = device, cfg, name
         device_type = device.split(":")[0]
         self.model = model.to(device)
@@ -124,7 +129,7 @@ class StepRunner:
         dtype = pick_dtype(cfg["dtype"], device_type)
         self.ctx = autocast_context(device_type, dtype)
         self.scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-        compiled = compile_model and use_compile(cfg["compile"], device_type)
+        compiled = use_compile(cfg["compile"], device_type) if compile_model is None else compile_model
         self.step_model = torch.compile(self.model) if compiled else self.model
         shape = (cfg["batch_size"], cfg["block_size"])
         vocab_size = self.model.config.vocab_size
@@ -168,11 +173,11 @@ class TransformersModel(torch.nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def transformers_runner(cfg, device):
+def transformers_runner(cfg, device, compiled):
     model = TransformersModel(cfg["init_from"]).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
                                   eps=cfg["eps"], weight_decay=cfg["weight_decay"], fused=True)  # as ours
-    return StepRunner(cfg, model, device, optimizer=optimizer, name="transformers", compile_model=False)
+    return StepRunner(cfg, model, device, optimizer=optimizer, name="transformers", compile_model=compiled)
 
 
 def make_runners(cfg, flags, device, only=None):
@@ -181,7 +186,7 @@ def make_runners(cfg, flags, device, only=None):
     vocab_size = dataset_vocab(cfg, flags["vocab_size"])
     if flags["vs_transformers"]:
         makers = {"ours": lambda: StepRunner(cfg, bench_model(cfg, vocab_size), device),
-                  "transformers": lambda: transformers_runner(cfg, device)}
+                  "transformers": lambda: transformers_runner(cfg, device, flags["compile_transformers"])}
         return [(name, make()) for name, make in makers.items() if only in (None, name)]
     variants = parse_compare(flags["compare"]) if flags["compare"] else [(None, None)]
     runners = []

@@ -133,3 +133,40 @@ def test_decode_floor_has_no_minimal_step_for_a_model_outside_the_plain_llama_fa
     assert floor["minimal_step_ms"] is None and "minimal_max_logit_diff" not in floor
     assert floor["tokens"] == 8 and floor["ours_ms"] > 0 and floor["matvecs_ms"] > 0
     assert bench.main(["--decode_floor"]) == 1  # without --generate: one error line
+
+
+def test_vs_transformers_times_both_models_of_one_folder_each_with_its_peak_memory(capsys, llama_dir):
+    folder, _ = llama_dir
+    result = bench_json(capsys, f"--init_from={folder}", "--vs_transformers", "--device=cpu", "--batch_size=2",
+                        "--block_size=16", "--steps=1", "--warmup=1", "--rounds=2")
+    ours, theirs = result["variants"]
+    assert (ours["variant"], theirs["variant"]) == ("ours", "transformers")
+    assert len(ours["ms_rounds"]) == len(theirs["ms_rounds"]) == 2
+    assert theirs["ratio"] == pytest.approx(theirs["ms_per_iter"] / ours["ms_per_iter"])
+    assert ours["peak_rss_mb"] > 0 and theirs["peak_rss_mb"] > 0  # each measured in a process of its own
+    assert theirs["mfu"] is None and theirs["tokens_per_s"] == pytest.approx(32 / theirs["ms_per_iter"] * 1000)
+
+
+def test_compile_transformers_compiles_their_model_and_compile_still_decides_ours(llama_dir):
+    folder, _ = llama_dir
+
+    def compiled(*argv):
+        flags, cfg = bench.parse_args([f"--init_from={folder}", "--vs_transformers", "--batch_size=2",
+                                       "--block_size=16", *argv])
+        runners = dict(bench.make_runners(cfg, flags, "cpu"))
+        return {name: isinstance(r.step_model, torch._dynamo.eval_frame.OptimizedModule) for name, r in runners.items()}
+
+    assert compiled() == {"ours": False, "transformers": False}  # CPU: compile='auto' is off; theirs as they run it
+    assert compiled("--compile=True") == {"ours": True, "transformers": False}
+    assert compiled("--compile_transformers=True") == {"ours": False, "transformers": True}
+    assert bench.main(["--compile_transformers=True"]) == 1  # without --vs_transformers: one error line
+
+
+def test_generation_vs_transformers_checks_the_tokens_are_the_same(capsys, llama_dir):
+    folder, _ = llama_dir
+    result = bench_json(capsys, f"--init_from={folder}", "--generate", "--vs_transformers", "--prompt_tokens=12",
+                        "--new_tokens=6", "--rounds=2")
+    ours, theirs = result["variants"]
+    assert result["same_tokens"] is True
+    assert result["speedup"] == pytest.approx(theirs["total_s"] / ours["total_s"])
+    assert len(ours["total_s_rounds"]) == len(theirs["total_s_rounds"]) == 2
