@@ -1,6 +1,8 @@
 """sinkgpt.generation: inside the CPU decode layout, linear layers multiply few-row inputs as row-block products
-(the same product up to rounding, on the current weights, no copies), many-row inputs as nn.Linear does, and
-the layout is gone after its block (also after an error)."""
+(the same product up to rounding, on the current weights, no copies), more rows as nn.Linear does, and the
+layout is gone after its `with` (also after an error), leaving any forward of a layer's own alone."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -10,23 +12,25 @@ from conftest import idx_batch, randomize, tiny
 from sinkgpt.generation import FEW_ROWS, decode_layout, row_block_product, row_blocks
 
 
+@pytest.mark.parametrize("out_features", [48, 47, 3])  # equal blocks; rows left over; fewer rows than blocks
 @pytest.mark.parametrize("parts", [2, 3, 8])
-@pytest.mark.parametrize("shape", [(1, 24), (3, 24), (2, 1, 24), (4, 2, 24)])
-def test_row_block_product_is_the_linear_product(parts, shape):
+@pytest.mark.parametrize("shape", [(24,), (1, 24), (3, 24), (2, 1, 24), (4, 2, 24)])
+def test_row_block_product_is_the_linear_product(out_features, parts, shape):
     torch.manual_seed(0)
-    weight = torch.randn(48, 24, dtype=torch.float64)
+    weight = torch.randn(out_features, 24, dtype=torch.float64)
     x = torch.randn(shape, dtype=torch.float64)
     y = row_block_product(x, weight, parts)
-    assert y.shape == (*shape[:-1], 48)
+    assert y.shape == (*shape[:-1], out_features)
     torch.testing.assert_close(y, F.linear(x, weight), rtol=0, atol=1e-12)
     x32, w32 = x.float(), weight.float()  # float32: rounding only (the sums run in another order)
     torch.testing.assert_close(row_block_product(x32, w32, parts), F.linear(x32, w32), rtol=0, atol=1e-5)
 
 
-def test_row_blocks_are_a_divisor_of_the_output_width_and_one_where_none_fits():
-    assert row_blocks(960, threads=2) == 2 and row_blocks(49152, threads=16) == 16
-    assert row_blocks(960, threads=1) == 2  # two even on one thread: the batched kernel is the fast one
-    assert row_blocks(960, threads=7) == 1 and row_blocks(101, threads=2) == 1  # no divisor: F.linear
+def test_row_blocks_are_one_per_thread_and_two_on_one_thread(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert row_blocks() == 2  # the batched kernel is the fast one even on one thread
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert row_blocks() == 16
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -37,14 +41,47 @@ def test_decode_layout_multiplies_few_rows_by_blocks_of_the_current_weight(bias,
     blocked = []
     monkeypatch.setattr("sinkgpt.generation.row_block_product",
                         lambda *a, f=row_block_product: blocked.append(a[0].shape) or f(*a))
-    few, many = torch.randn(3, 1, 24, dtype=torch.float64), torch.randn(FEW_ROWS + 1, 24, dtype=torch.float64)
+    few = torch.randn(FEW_ROWS, 1, 24, dtype=torch.float64)
+    many = torch.randn(FEW_ROWS + 1, 24, dtype=torch.float64)
     with torch.no_grad(), decode_layout(model):
         for x in (few, many):
             assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=1e-12)
         layer.weight.mul_(2)  # an in-place update (an optimizer step, a load): the blocks are views of it
         assert torch.allclose(layer(few), F.linear(few, layer.weight, layer.bias), rtol=0, atol=1e-12)
-    assert blocked == [few.shape, few.shape]  # the prefill-sized input went through F.linear
+        layer.weight = nn.Parameter(torch.randn(24, 40, dtype=torch.float64).t())  # no view splits it: F.linear
+        assert torch.allclose(layer(few), F.linear(few, layer.weight, layer.bias), rtol=0, atol=1e-12)
+    assert blocked == [few.shape, few.shape]  # the prefill-sized input and the strided weight: F.linear
     assert "forward" not in layer.__dict__
+
+
+def test_decode_layout_keeps_the_output_dtype_under_autocast():
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 40)
+    x = torch.randn(2, 1, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = layer(x)
+        with decode_layout(layer):
+            ours = layer(x)
+    assert plain.dtype == ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), plain.float(), rtol=0.02, atol=0.02)
+
+
+def test_decode_layout_leaves_a_forward_of_the_layers_own_and_an_enclosing_layout_alone():
+    layers = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4))
+    own = layers[1].forward = lambda x: torch.zeros(x.shape[:-1] + (4,))  # e.g. set by a hooking library
+    with decode_layout(layers):
+        outer = layers[0].__dict__["forward"]
+        with decode_layout(layers):
+            pass
+        assert layers[0].__dict__["forward"] is outer  # the inner `with` did not undo the outer one
+        assert layers[1].__dict__["forward"] is own
+        twin = copy.deepcopy(layers)  # a copy made inside binds to its own weights
+        with torch.no_grad():
+            twin[0].weight.zero_(), twin[0].bias.zero_()
+        assert torch.equal(twin[0](torch.ones(1, 8)), torch.zeros(1, 6))
+    assert "forward" not in layers[0].__dict__ and layers[1].__dict__["forward"] is own
+    with decode_layout(nn.ReLU()):  # no parameters: nothing to do
+        pass
 
 
 def test_decode_layout_generates_the_same_tokens_on_the_current_weights_and_always_leaves():
@@ -52,12 +89,10 @@ def test_decode_layout_generates_the_same_tokens_on_the_current_weights_and_alwa
     prompt = idx_batch(model, B=2, T=5)
     plain = model.generate(prompt, 3, temperature=0)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert len(linears) == 2 * 4 + 1  # c_attn, c_proj, c_fc, c_proj per layer + lm_head
+    assert len(linears) == 2 * 4 + 1  # c_attn, c_proj, c_fc, c_proj per layer + lm_head (37 rows: one left over)
     with decode_layout(model):
         assert torch.equal(model.generate(prompt, 3, temperature=0), plain)
-        patched = [m for m in linears if "forward" in m.__dict__]
-        assert patched == [m for m in linears if m.out_features % 2 == 0]  # the head's 37 rows: no blocks
-        assert len(patched) == 2 * 4
+        assert all("forward" in m.__dict__ for m in linears)
     assert not any("forward" in m.__dict__ for m in linears)
     randomize(model, seed=1)  # new weights, copied in place
     fresh = randomize(tiny(), seed=1).double().eval()
