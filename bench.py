@@ -8,21 +8,23 @@ Benchmark training steps (and, with --generate, KV-cache generation) on this mac
     python bench.py --init_from=data/models/SmolLM2-135M-Instruct --batch_size=4 --block_size=256 --vs_transformers
     python bench.py --init_from=data/models/SmolLM2-135M-Instruct --generate --prompt_tokens=256 --vs_transformers
 
-Steps run on random tokens (no dataset needed) through the same model, optimizer and precision code as
-train.py. --compare=KEY=V1,V2,... times every variant in one process, interleaved in rounds, and reports
-each variant's median ms/iter and its ratio to the first: compare ratios, not absolute times, on a noisy machine.
+Steps run on random tokens (the dataset only sets the vocabulary; a pretrained folder brings its own) through
+the same model, optimizer and precision code as train.py. --compare=KEY=V1,V2,... times every variant in one
+process, interleaved in rounds, and reports each variant's median ms/iter and its ratio to the first: compare
+ratios, not absolute times, on a noisy machine.
 --profile then runs --steps more steps of the first variant under torch.profiler and splits their time by op
 family (matmul, attention, activation, norm, loss, optimizer, other ops, and what no op accounts for).
 --init_from=DIR benchmarks a pretrained folder's model (its weights, its shape); --vs_transformers puts
 transformers' own model of that folder (AutoModelForCausalLM, SDPA attention, the same weights, batch, length,
 precision and fused AdamW; run as transformers runs it, eager: --compile applies to ours, and
---compile_transformers=True compiles theirs too) beside ours,
-interleaved in one process, and measures each one's peak memory in a fresh process of its own.
---generate --decode_floor also times, per token and interleaved, our decode step beside what a token costs at
-least: the matrix-vector products alone, reading every weight once, and (for a plain Llama-family model) a
-decode step hand-written with the fewest eager ops.
+--compile_transformers=True compiles theirs too) beside ours, interleaved in one process, and measures each
+one's peak memory in a fresh process of its own. --generate --decode_floor also times, per token and
+interleaved, our decode step beside what a token costs at least: the matrix-vector products alone (in the decode
+layout, and as F.linear runs them), reading every weight once, and (for a plain Llama-family model) a decode step
+hand-written with the fewest eager ops.
 """
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -95,11 +97,13 @@ def peak_memory_mb(device):
 
 
 def dataset_vocab(cfg, override):
-    """The dataset's vocabulary size (the bundled ones are prepared if needed); GPT-2's when it is unknown."""
+    """The dataset's vocabulary size (the bundled ones are prepared if needed, saying so on stderr: stdout may be
+    --json's); GPT-2's when it is unknown."""
     if override:
         return override
     try:  # the loader train.py would use, on the smallest windows
-        return loader_for_run(dict(cfg, batch_size=1, block_size=1), "val", "cpu").vocab_size
+        with contextlib.redirect_stdout(sys.stderr):
+            return loader_for_run(dict(cfg, batch_size=1, block_size=1), "val", "cpu").vocab_size
     except InputError:
         return 50257
 
@@ -183,7 +187,8 @@ def transformers_runner(cfg, device, compiled):
 def make_runners(cfg, flags, device, only=None):
     """[(variant name, StepRunner)]: the --compare variants, or ours and transformers' (--vs_transformers; `only`
     builds just one of the two)."""
-    vocab_size = dataset_vocab(cfg, flags["vocab_size"])
+    # a pretrained folder brings its vocabulary (the steps draw random ids of it): no dataset is read for it
+    vocab_size = 0 if os.path.isdir(cfg["init_from"]) else dataset_vocab(cfg, flags["vocab_size"])
     if flags["vs_transformers"]:
         makers = {"ours": lambda: StepRunner(cfg, bench_model(cfg, vocab_size), device),
                   "transformers": lambda: transformers_runner(cfg, device, flags["compile_transformers"])}
@@ -243,7 +248,8 @@ def bench_training(cfg, flags):
     named = make_runners(cfg, flags, device)
     names, runners = [n for n, _ in named], [r for _, r in named]
     for runner in runners:
-        runner.time_steps(flags["warmup"])
+        if flags["warmup"]:
+            runner.time_steps(flags["warmup"])
     times = [[] for _ in runners]
     for r in range(flags["rounds"]):  # interleave variants, rotating who goes first, so noise hits all alike
         for i in [(r + j) % len(runners) for j in range(len(runners))]:
@@ -388,11 +394,14 @@ def bench_generation(cfg, flags):
 # the decode floor (--generate --decode_floor): what one generated token costs at least on this machine
 
 
-def matvec_calls(model):
+def matvec_calls(model, plain=False):
     """One decode token's matrix-vector products alone, as zero-argument calls: each Linear on a (1, in) vector,
-    as the decode calls it (inside decode_layout: on a CPU, the row-block product)."""
+    as the decode calls it (inside decode_layout: on a CPU, the row-block product), or with plain=True as
+    F.linear multiplies it (what the layout replaces)."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     vectors = [torch.randn(1, m.in_features, dtype=m.weight.dtype, device=m.weight.device) for m in linears]
+    if plain:
+        return [lambda layer=layer, x=x: F.linear(x, layer.weight, layer.bias) for layer, x in zip(linears, vectors)]
     return [lambda layer=layer, x=x: layer(x) for layer, x in zip(linears, vectors)]
 
 
@@ -412,8 +421,8 @@ def minimal_llama_decoder(model):
     cos, sin = rotation(model.rope_cos, model.rope_sin)  # (positions, D) each
 
     def product(linear):  # x -> x W^T for one row, as the decode layout multiplies it
-        weight, parts = linear.weight, row_blocks(linear.out_features)
-        return (lambda x: row_block_product(x, weight, parts)) if parts > 1 else (lambda x: F.linear(x, weight))
+        weight, parts = linear.weight, row_blocks()
+        return lambda x: row_block_product(x, weight, parts)
 
     layers = [(b.ln_1.weight, product(b.attn.c_attn), product(b.attn.c_proj), b.ln_2.weight, product(b.mlp.c_fc),
                product(b.mlp.c_proj)) for b in model.transformer.h]
@@ -453,8 +462,9 @@ def copied_cache(cache):
 def decode_floor(model, prompt, rounds):
     """Milliseconds per token, medians of interleaved rounds of up to 16 tokens each, after `prompt`: our decode
     step (one token's forward and argmax, in the decode layout), the minimal Llama step (plain Llama-family
-    models on a CPU, else None), the matrix-vector products alone, and reading every weight once (a sum over
-    each layer's matrix: the memory-bandwidth floor). Also how far the minimal step's logits are from ours."""
+    models on a CPU, else None), the matrix-vector products alone (in the decode layout, and as F.linear runs
+    them), and reading every weight once (a sum over each layer's matrix: the memory-bandwidth floor). Also how
+    far the minimal step's logits are from ours."""
     cfg = model.config
     steps = min(16, prompt.size(1), cfg.block_size - prompt.size(1))
     minimal = is_plain_llama(cfg) and prompt.device.type == "cpu" and prompt.size(0) == 1
@@ -463,7 +473,7 @@ def decode_floor(model, prompt, rounds):
         first = model(prompt, cache=prefilled, last_only=True)[0][:, -1].argmax(-1, keepdim=True)
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         matrices = list({m.weight.data_ptr(): m.weight for m in linears}.values())  # what a token reads
-        matvecs = matvec_calls(model)
+        matvecs, plain_matvecs = matvec_calls(model), matvec_calls(model, plain=True)
 
         def ours(cache, token):
             return model(token, cache=cache)[0][:, -1].argmax(-1, keepdim=True)
@@ -496,7 +506,8 @@ def decode_floor(model, prompt, rounds):
             return run
 
         variants = {"ours": decoding(ours), "minimal_step": decoding(minimal_argmax) if minimal else None,
-                    "matvecs": repeated(matvecs), "weight_read": repeated([m.sum for m in matrices])}
+                    "matvecs": repeated(matvecs), "plain_matvecs": repeated(plain_matvecs),
+                    "weight_read": repeated([m.sum for m in matrices])}
         variants = {name: run for name, run in variants.items() if run is not None}
         seconds = {name: [] for name in variants}
         for _ in range(rounds):
@@ -534,7 +545,8 @@ def main(argv):
             minimal = (f"the minimal Llama step {f['minimal_step_ms']:.1f} (logits within "
                        f"{f['minimal_max_logit_diff']:.1e} of ours), " if f["minimal_step_ms"] is not None else "")
             print(f"decode floor, ms per token ({f['tokens']} tokens a round): ours {f['ours_ms']:.1f}, {minimal}"
-                  f"the matrix-vector products alone {f['matvecs_ms']:.1f}, reading every weight once "
+                  f"the matrix-vector products alone {f['matvecs_ms']:.1f} (as F.linear runs them "
+                  f"{f['plain_matvecs_ms']:.1f}), reading every weight once "
                   f"{f['weight_read_ms']:.1f}")
             if "speedup_at_minimal_step" in f:
                 print(f"ours / transformers with the minimal step's ms per token: x{f['speedup_at_minimal_step']:.2f}")

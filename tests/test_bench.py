@@ -170,3 +170,9 @@ def test_generation_vs_transformers_checks_the_tokens_are_the_same(capsys, llama
     assert result["same_tokens"] is True
     assert result["speedup"] == pytest.approx(theirs["total_s"] / ours["total_s"])
     assert len(ours["total_s_rounds"]) == len(theirs["total_s_rounds"]) == 2
+
+
+def test_no_warm_up_steps_is_allowed(capsys):
+    result = bench_json(capsys, "--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16",
+                        "--batch_size=2", "--vocab_size=50", "--steps=1", "--rounds=1", "--warmup=0")
+    assert result["ms_per_iter"] > 0
