@@ -54,8 +54,7 @@ def row_block_product(x, weight, parts):
 
 def _decode_forward(linear, x):
     """nn.Linear.forward inside the layout (bound to one layer as its own `forward`)."""
-    rows = x.numel() // max(linear.in_features, 1)
-    if rows > FEW_ROWS or not linear.weight.is_contiguous():  # a prefill, or a weight no view can split
+    if x.shape[:-1].numel() > FEW_ROWS or not linear.weight.is_contiguous():  # a prefill, or a weight no view can split
         return F.linear(x, linear.weight, linear.bias)
     y = row_block_product(x, linear.weight, row_blocks())
     return y if linear.bias is None else y.add_(linear.bias)  # in place: keeps y's dtype under autocast
