@@ -11,6 +11,7 @@ Sun et al. (2024, massive activations), Yona et al. (2025, repeated tokens) and 
     python analyze.py attribute out-bb/base --pos 0 --dim 17             # which MLP neurons write the entry
     python analyze.py stream DIR --window 256 --keep 0,1,4 --report R   # perplexity with a rolling cache
     python analyze.py compare out-a out-b --report reports/ab            # metrics.jsonl of runs, overlaid
+    python analyze.py explicit ORIGINAL CONVERTED --report R             # a model against its convert.py output
 
 TARGET is a training out_dir (reads its ckpt.pt), a checkpoint file, or a pretrained folder (config.json and
 model.safetensors). Data: --data DATASET (its val split), --text "..." or --text FILE:path, default the
@@ -27,8 +28,9 @@ import torch
 
 from sinkgpt.checkpoint import load_model
 from sinkgpt.common import InputError, plain
+from sinkgpt.explicit import compare_explicit, explicit_markdown, paired_batches
 from sinkgpt.measure import AnalyzeError
-from sinkgpt.plots import plot_delta, plot_repeat, plot_stream
+from sinkgpt.plots import plot_delta, plot_explicit, plot_repeat, plot_stream
 from sinkgpt.probes import (POSITION_POINTS, ablate, attribute, check_position, hook_name, intervene,
                             position_index, probe_batches, repeat_probe, stream_tokens)
 from sinkgpt.report import build_report, compare, fmt, report_markdown, write_report
@@ -62,7 +64,7 @@ def add_target_args(p, data=True):
 
 
 def parse_args(argv):
-    commands = ("report", "intervene", "ablate", "repeat", "attribute", "stream", "compare")
+    commands = ("report", "intervene", "ablate", "repeat", "attribute", "stream", "compare", "explicit")
     if argv and argv[0] not in commands and argv[0] not in ("-h", "--help"):
         argv = ["report"] + list(argv)
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,6 +103,15 @@ def parse_args(argv):
     p.add_argument("--window", default="256", help="recent tokens kept, or a comma-separated grid (e.g. 64,256)")
     p.add_argument("--keep", default="0,1,4", help="first tokens kept (attention sinks): a grid, e.g. 0,1,4")
     p.add_argument("--tokens", type=int, default=2048, help="length of the streamed text")
+    p = sub.add_parser("explicit", help="a model (BOS first) against its explicit-sink conversion (convert.py)")
+    add_target_args(p)
+    p.add_argument("converted", help="the converted model (convert.py's out_dir, or a run trained from it)")
+    p.add_argument("--writers", default="", metavar="LAYER:NEURON,...",
+                   help="MLP neurons to zero on the real tokens (default: the two that write BOS's largest entry)")
+    p.add_argument("--window", type=int, default=64, help="streaming: recent tokens kept")
+    p.add_argument("--tokens", type=int, default=1024, help="streaming: length of the streamed text")
+    p.add_argument("--string", default=" the", help="repeated-token probe: text whose first token is repeated")
+    p.add_argument("--n", type=int, default=128, help="repeated-token probe: length")
     p = sub.add_parser("compare", help="runs' metrics.jsonl overlaid, and a table of final figures")
     p.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
     p.add_argument("--report", required=True)
@@ -252,6 +263,74 @@ def cmd_attribute(args, model, batches, masks, source):
     write_json(args.report, "attribute.json", {"target": args.target, "data": source, **result})
 
 
+def parse_writers(text, model):
+    writers = []
+    for item in filter(None, text.split(",")):
+        try:
+            layer, neuron = (int(part) for part in item.split(":"))
+        except ValueError:
+            raise AnalyzeError(f"--writers {item!r} is not LAYER:NEURON") from None
+        if not (0 <= layer < model.config.n_layer and 0 <= neuron < model.config.hidden_size):
+            raise AnalyzeError(f"--writers {item}: layer or neuron out of range")
+        writers.append((layer, neuron))
+    return writers
+
+
+def bos_writers(model, batches, top=2):
+    """The MLP neurons that write BOS's largest block-output entry: in the first block where the entry reaches
+    half its largest value, the `top` neurons with the largest activation x output weight at position 0."""
+    names = [f"h.{layer}.resid_post" for layer in range(model.config.n_layer)]
+    _, _, got = model.run_with_cache(batches[0][0][:1], names)
+    at_bos = torch.stack([got[n][0, 0].float().abs() for n in names])  # (L, C)
+    dim = int(at_bos.amax(0).argmax())
+    layer = int((at_bos[:, dim] >= at_bos[:, dim].max() / 2).nonzero()[0])
+    neurons = attribute(model, batches[:1], 0, dim, top)["layers"][layer]["neurons"]
+    return [(layer, n[0]) for n in neurons]
+
+
+def cmd_explicit(args, target, device):
+    converted = load_model(args.converted, device)
+    original = target.model
+    if converted.model.config.pos_offset != 1 or converted.model.config.sink != "kv_bias":
+        raise AnalyzeError(f"{args.converted} is not a model whose BOS became a slot (convert.py writes one)")
+    if target.model.config.pos_offset or target.meta.get("bos_token") is None:
+        raise AnalyzeError(f"{args.target} is not a model that reads BOS first")
+    if converted.model.config.vocab_size != original.config.vocab_size:
+        raise AnalyzeError(f"{args.converted} and {args.target} have different vocabularies")
+    batches, _, source = probe_batches(target, device, data=args.data, text=args.text, batches=args.batches,
+                                       batch_size=args.batch_size, block_size=args.block_size, bos=False,
+                                       seed=args.seed)
+    windows = torch.cat([torch.cat([x, y[:, -1:]], 1) for x, y in batches])
+    if windows.size(1) > converted.model.config.block_size + 1:
+        windows = windows[:, :converted.model.config.block_size + 1]
+    bos_token = target.meta["bos_token"]
+    # a BOS inside a window is a document start, where both models build their sink again: not a real token
+    windows = windows[~(windows == bos_token).any(1)]
+    if len(windows) == 0:
+        raise AnalyzeError("every probe window holds a BOS token (a document start): give shorter --block_size, "
+                           "more --batches or --text")
+    source["windows_without_bos"] = len(windows)
+    writers = parse_writers(args.writers, original) or bos_writers(original, [paired_batches(windows, bos_token)[0]])
+    ids, _ = stream_tokens(target, device, data=args.data, text=args.text, n_tokens=args.tokens, seed=args.seed)
+    if args.window + 1 > min(original.config.block_size, converted.model.config.block_size):
+        raise AnalyzeError(f"--window {args.window} does not fit the models' context")
+    try:
+        token = load_tokenizer(target.meta).encode(args.string)[0]
+    except (ValueError, IndexError):
+        raise AnalyzeError(f"--string {args.string!r} gives no token") from None
+    result = compare_explicit(original, converted.model, windows, bos_token, writers, ids, args.window, token,
+                              min(args.n, converted.model.config.block_size))
+    result = {"original": args.target, "converted": args.converted, "data": source, **result}
+    text = explicit_markdown(result)
+    print(text, end="")
+    write_json(args.report, "explicit.json", result)
+    if args.report:
+        with open(os.path.join(args.report, "explicit.md"), "w") as f:
+            f.write(f"# {args.target} against {args.converted}\n\n{text}")
+        plot_explicit(result, os.path.join(args.report, "explicit.png"))
+        print(f"wrote {args.report}/explicit.json, explicit.md, explicit.png")
+
+
 def check_report_dir(report):
     """Make --report's folder before any work, so a bad path fails first, not after the analysis."""
     if report:
@@ -279,6 +358,8 @@ def run(argv):
         return cmd_repeat(args, model, target.meta)
     if args.command == "stream":
         return cmd_stream(args, target, device)
+    if args.command == "explicit":
+        return cmd_explicit(args, target, device)
     batches, masks, source = probe_batches(target, device, data=args.data, text=args.text, batches=args.batches,
                                            batch_size=args.batch_size, block_size=args.block_size, bos=args.bos,
                                            seed=args.seed)

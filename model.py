@@ -49,6 +49,7 @@ class GPTConfig:
     attn_gate: str = "none"  # sigmoid output gate after attention (Qiu et al. 2025, G1)
     attn_fn: str = "softmax"  # sigmoid: no row normalisation (Gu et al.); relu: ReLU(scores)/n_visible (Guo et al.)
     bos_token: int = 50256  # the token that marks document starts (sink == "bos_override")
+    pos_offset: int = 0  # the position of the first real token: 1 once a BOS at position 0 became a slot (bos_as_slot)
     # architecture ablations (defaults = GPT-2)
     pos_emb: str = "learned"
     rope_base: float = 10000.0
@@ -77,8 +78,9 @@ class GPTConfig:
         if self.attn_fn != "softmax" and self.sink in ("logit", "softmax1", "k_bias"):
             raise ValueError(f"sink={self.sink!r} does nothing with attn_fn={self.attn_fn!r}: its slot has value 0 "
                              "and the rows are not normalised (use kv_bias, token or bos_override)")
-        if self.n_sink_tokens < 1:
-            raise ValueError(f"n_sink_tokens={self.n_sink_tokens} must be >= 1")
+        if self.n_sink_tokens < 1 or self.pos_offset < 0:
+            raise ValueError(f"n_sink_tokens must be >= 1 and pos_offset >= 0, got {self.n_sink_tokens} and "
+                             f"{self.pos_offset}")
         if self.rope_base <= 0 or self.logit_softcap < 0:
             raise ValueError(f"rope_base must be > 0 and logit_softcap >= 0 (0 = off), got {self.rope_base} and "
                              f"{self.logit_softcap}")
@@ -86,6 +88,11 @@ class GPTConfig:
     @property
     def padded_vocab_size(self):
         return (self.vocab_size + 63) // 64 * 64 if self.pad_vocab else self.vocab_size
+
+    @property
+    def n_positions(self):
+        """Rows of the position tables: block_size real tokens from position pos_offset on."""
+        return self.block_size + self.pos_offset
 
     @property
     def head_size(self):
@@ -467,9 +474,9 @@ class GPT(nn.Module):
             ln_f=make_norm(config),
         ))
         if config.pos_emb == "learned":
-            self.transformer.wpe = nn.Embedding(config.block_size, C)
+            self.transformer.wpe = nn.Embedding(config.n_positions, C)
         if config.pos_emb == "rope":
-            cos, sin = rope_tables(config.head_size, config.block_size, config.rope_base)
+            cos, sin = rope_tables(config.head_size, config.n_positions, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         if config.sink == "token":  # StreamingLLM / registers: learned vectors prepended to every sequence
@@ -519,11 +526,12 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size={cfg.block_size}")
+        start += cfg.pos_offset  # the position of this pass's first token
         x = self.transformer.wte(idx)
         if cfg.pos_emb == "learned":
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         x = hook(self.hook_fns, "embed", x)
-        n_prefix = self.n_prefix if start == 0 else 0  # the sink tokens enter once, then live in the cache
+        n_prefix = self.n_prefix if start == cfg.pos_offset else 0  # sink tokens enter once, then live in the cache
         if n_prefix:
             x = torch.cat([self.sink_tokens.to(x.dtype).expand(B, -1, -1), x], dim=1)
         x = self.transformer.drop(x)
@@ -557,10 +565,11 @@ class GPT(nn.Module):
         """Shorten the context (e.g. GPT-2's 1024 to a smaller block_size) by dropping position embeddings."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
+        rows = self.config.n_positions
         if hasattr(self.transformer, "wpe"):
-            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:rows])
         if hasattr(self, "rope_cos"):
-            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+            self.rope_cos, self.rope_sin = self.rope_cos[:rows], self.rope_sin[:rows]
 
     # ------------------------------------------------------------------------------------------------
     # analysis hooks (TransformerLens-style, scoped): the points and their shapes are in HOOK_POINTS
@@ -635,22 +644,23 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_sinks_from_pretrained(self):
-        """Start each new mechanism as close to the pretrained model as it allows (deviations: README)."""
+        """Start each new mechanism at the pretrained model's function, or as close as it allows, where its
+        gradient is not saturated (each start and its measured cost: docs/explicit_sinks.md)."""
         cfg = self.config
         for block in self.transformer.h:
             attn = block.attn
-            if cfg.sink == "logit":  # a very negative logit: the slot takes ~e^-10 of the mass
-                attn.sink_logit.fill_(-10.0)
-            if cfg.sink in ("kv_bias", "k_bias"):  # a zero key and value: softmax1 at step 0
+            if cfg.sink == "logit":  # logit 0 with value 0: softmax1 at the start, as the zero key/value slots
+                attn.sink_logit.zero_()
+            if cfg.sink in ("kv_bias", "k_bias"):  # a zero key and value: softmax1 at the start
                 attn.k_slot.zero_()
                 if hasattr(attn, "v_slot"):
                     attn.v_slot.zero_()
-            if cfg.attn_gate != "none":  # gate open: sigmoid(10) = 0.99995
-                attn.c_gate.weight.zero_()
-                if attn.c_gate.bias is not None:
-                    attn.c_gate.bias.fill_(10.0)
-        if cfg.sink == "token":  # the token the model already uses as a sink: BOS at position 0
-            wpe = self.transformer.wpe.weight[0] if hasattr(self.transformer, "wpe") else 0.0
+            if cfg.attn_gate != "none":  # gate at sigmoid(0) = 1/2, where its slope is largest (1/4), and
+                attn.c_gate.weight.zero_()  # c_proj doubled: (2 W) (y / 2) = W y, the pretrained output exactly
+                attn.c_gate.bias.zero_()
+                attn.c_proj.weight.mul_(2.0)
+        if cfg.sink == "token":  # the token the model already uses as a sink: BOS at position 0 (exact with
+            wpe = self.transformer.wpe.weight[0] if hasattr(self.transformer, "wpe") else 0.0  # pos_offset=1)
             self.sink_tokens.copy_((self.transformer.wte.weight[cfg.bos_token] + wpe).expand_as(self.sink_tokens))
         if cfg.sink == "bos_override":  # the model's own residual at a BOS in position 0, after each block
             names = [f"h.{layer}.resid_post" for layer in range(cfg.n_layer)]
@@ -664,8 +674,41 @@ class GPT(nn.Module):
                 block.bos_resid.copy_(cache[name][0, 0])
 
 
-# the dedicated sink parameters (the optimizer gives them their own group: no weight decay by default)
-SINK_PARAMETERS = ("sink_logit", "k_slot", "v_slot", "bos_resid", "sink_tokens")
+@torch.no_grad()
+def bos_as_slot(model):
+    """The model's BOS at position 0 as an explicit key/value slot: a new GPT with sink='kv_bias' whose slot in
+    each layer holds the key (after qk_norm and rotary, the identity at position 0) and the value that BOS has
+    there, and whose real tokens start at position 1. BOS at position 0 sees only itself, so those keys and values
+    are constants of the model: on the real tokens the new model computes what the old one computes with BOS
+    first, without ever computing BOS's residual stream (where the massive activation lives)."""
+    cfg = model.config
+    refusals = [(cfg.sink != "none", f"sink={cfg.sink!r}: the model already has a dedicated sink"),
+                (cfg.pos_offset != 0, f"pos_offset={cfg.pos_offset}: its BOS is already a slot"),
+                (cfg.attn_fn != "softmax", f"attn_fn={cfg.attn_fn!r}: only softmax attention is converted")]
+    for refused, reason in refusals:
+        if refused:
+            raise ValueError(f"cannot convert BOS into a slot: {reason}")
+    names = [f"h.{layer}.{point}" for layer in range(cfg.n_layer) for point in ("k", "v")]
+    device = model.lm_head.weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        _, _, seen = model.run_with_cache(torch.tensor([[cfg.bos_token]], device=device), names)
+    finally:
+        model.train(was_training)
+    converted = GPT(GPTConfig(**dict(cfg.to_dict(), sink="kv_bias", pos_offset=1, block_size=cfg.block_size - 1)))
+    converted.to(device=device, dtype=model.lm_head.weight.dtype)
+    state = {name: t for name, t in model.state_dict().items()}
+    for layer in range(cfg.n_layer):  # the keys and values of BOS: (1, Hkv, 1, D) -> (Hkv, D)
+        state[f"transformer.h.{layer}.attn.k_slot"] = seen[f"h.{layer}.k"][0, :, 0]
+        state[f"transformer.h.{layer}.attn.v_slot"] = seen[f"h.{layer}.v"][0, :, 0]
+    converted.load_state_dict(state)
+    return converted.train(was_training)
+
+
+# the dedicated sink parameters, the output gate's included (the optimizer gives them their own group, with
+# sink_lr_mult and no weight decay by default)
+SINK_PARAMETERS = ("sink_logit", "k_slot", "v_slot", "bos_resid", "sink_tokens", "c_gate")
 
 
 def is_sink_parameter(name):

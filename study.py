@@ -6,6 +6,7 @@ emergent one.
     python study.py config/study/bb.py                 # run (or resume) every variant x seed, then report
     python study.py config/study/bb.py --report_only   # only rebuild the report from finished runs
     python study.py config/study/bb.py --dry_run       # print the train.py commands
+    python study.py config/study/bb.py --only base,logit --train_only   # these variants (e.g. one per process)
 
 A study config is plain Python assignments (the keys of STUDY_DEFAULTS in sinkgpt/study_runner.py). Runs go to out_root/<variant>/seed<N>; a run
 that finished is skipped, one with a checkpoint resumes, so an interrupted study picks up where it stopped.
@@ -23,12 +24,14 @@ def main(argv):
     parser.add_argument("config")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--dry_run", action="store_true")
+    parser.add_argument("--only", help="comma-separated variants to train (default: all)")
+    parser.add_argument("--train_only", action="store_true", help="train, but leave the report for later")
     args = parser.parse_args(argv)
     try:
         study = load_study(args.config)
         if not args.report_only:
-            train_all(study, args.dry_run)
-        if not args.dry_run:
+            train_all(study, args.dry_run, only=args.only.split(",") if args.only else None)
+        if not args.dry_run and not args.train_only:
             write_report(study, args.config)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

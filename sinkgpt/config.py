@@ -42,6 +42,8 @@ DEFAULTS = dict(
     gradient_accumulation_steps=1,
     batch_size=12,
     prepend_bos=False,  # every training window starts with the BOS / end-of-text token
+    bos_loss=True,  # prepend_bos: the prediction made at BOS counts in the loss (False: only what a model
+    # without BOS predicts too, the comparison with a model whose BOS is a slot)
     align_to_docs=False,  # windows start at document boundaries
     bb_triggers=3,  # dataset='bigram_backcopy': number of trigger characters
     # optimizer and schedule

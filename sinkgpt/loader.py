@@ -26,7 +26,7 @@ class DataError(InputError):
 
 
 def make_loader(dataset, split, batch_size, block_size, *, seed=1337, prepend_bos=False, align_to_docs=False,
-                bb_triggers=3, device="cpu", rank=0, world_size=1):
+                bb_triggers=3, device="cpu", rank=0, world_size=1, bos_loss=True):
     """The batches of a dataset's split: a prepared dataset (a name under data/ or a folder holding meta.json;
     the bundled ones are prepared on first use) or 'bigram_backcopy' (generated on the fly). DataError, one line,
     for missing data or a split too short for the windows."""
@@ -39,7 +39,8 @@ def make_loader(dataset, split, batch_size, block_size, *, seed=1337, prepend_bo
             raise DataError(f"config key 'bb_triggers': {e}") from None
     try:
         return TokenLoader(open_dataset(dataset), split, batch_size, block_size, seed=seed, prepend_bos=prepend_bos,
-                           align_to_docs=align_to_docs, device=device, rank=rank, world_size=world_size)
+                           align_to_docs=align_to_docs, device=device, rank=rank, world_size=world_size,
+                           bos_loss=bos_loss)
     except (FileNotFoundError, ValueError) as e:  # not prepared; no window of block_size + 1 tokens in a split
         raise DataError(str(e)) from None
 
@@ -48,7 +49,8 @@ def loader_for_run(cfg, split, device, rank=0, world_size=1):
     """make_loader with a training config's data keys."""
     return make_loader(cfg["dataset"], split, cfg["batch_size"], cfg["block_size"], seed=cfg["seed"],
                        prepend_bos=cfg["prepend_bos"], align_to_docs=cfg["align_to_docs"],
-                       bb_triggers=cfg["bb_triggers"], device=device, rank=rank, world_size=world_size)
+                       bb_triggers=cfg["bb_triggers"], device=device, rank=rank, world_size=world_size,
+                       bos_loss=cfg["bos_loss"])
 
 
 def open_dataset(dataset, data_root="data", auto_prepare=True):
@@ -93,7 +95,7 @@ class TokenLoader:
     run on N processes sees exactly the batches of a single process with an N times larger batch."""
 
     def __init__(self, data_dir, split, batch_size, block_size, *, seed=1337, prepend_bos=False,
-                 align_to_docs=False, device="cpu", rank=0, world_size=1):
+                 align_to_docs=False, device="cpu", rank=0, world_size=1, bos_loss=True):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if batch_size < 1 or block_size < 1:
@@ -103,7 +105,7 @@ class TokenLoader:
         self.data_dir, self.split = data_dir, split
         self.batch_size, self.block_size = batch_size, block_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.prepend_bos, self.align_to_docs = prepend_bos, align_to_docs
+        self.prepend_bos, self.align_to_docs, self.bos_loss = prepend_bos, align_to_docs, bos_loss
         self.device = torch.device(device)
         self.meta = prep.read_meta(data_dir)
         self.vocab_size, self.bos_token = int(self.meta["vocab_size"]), int(self.meta["bos_token"])
@@ -163,6 +165,8 @@ class TokenLoader:
             xy[0, :, 0] = self.bos_token
             xy[0, :, 1:] = windows[:, :-1]
             xy[1] = windows
+            if not self.bos_loss:  # the first token predicted from BOS alone is left out of the loss
+                xy[1, :, 0] = -1  # (cross_entropy's ignore_index): the targets a BOS-free model also predicts
         else:
             xy[0], xy[1] = windows[:, :-1], windows[:, 1:]
         self.batches_drawn += 1

@@ -7,7 +7,7 @@ Optimizers and interventions on the optimizer state (the tracking of m, v and up
 Parameters fall into five groups, each with its own lr multiplier and weight decay:
     embed   token and position embeddings (wte, wpe)
     head    the untied lm_head (a tied head is wte and follows the embed settings)
-    sink    dedicated sink parameters (sink_tokens, sink_logit, k_slot, v_slot, bos_resid)
+    sink    dedicated sink parameters (sink_tokens, sink_logit, k_slot, v_slot, bos_resid, the gate's c_gate)
     matrix  2-D hidden weights (c_attn, c_proj, c_fc, c_gate): Muon takes these when optimizer='muon'
     vector  norm gains, biases and other 1-D parameters
 The defaults reproduce plain AdamW with one lr and weight decay on every >=2-D non-sink parameter.

@@ -172,3 +172,27 @@ def plot_stream(rows, path, smooth=64):
     ax.set(xlabel="token", ylabel=f"loss (mean of the last {smooth} tokens)", title="streaming with a rolling cache")
     ax.legend(fontsize=7)
     return save(fig, path)
+
+
+def plot_explicit(result, path):
+    """A model against its explicit-sink conversion: the largest |h| over real tokens in each block (log scale),
+    with BOS's own in the original, and the repeated-token probe's largest |h| at each position."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    layers = result["layers"]
+    x = [e["layer"] for e in layers["original"]]
+    left.plot(x, [e["max_abs"] for e in layers["original"]], marker="o", label="original, real tokens")
+    left.plot(x, [e["max_abs"] for e in layers["converted"]], marker="s", label="converted (slot), real tokens")
+    left.plot(x, [e["median"] for e in layers["converted"]], color="gray", label="converted, median")
+    left.axhline(result["bos_max_abs"], color="red", linestyle="--", label="original, at BOS (largest)")
+    left.set(yscale="log", xlabel="block", ylabel="largest |h|", title="massive activations on real tokens")
+    left.set_xticks(x[::max(1, len(x) // 15)])
+    left.legend(fontsize=8)
+    repeat = result["repeat"]
+    for key, label in (("original_no_bos", "original, no BOS"), ("original_bos_first", "original, BOS first"),
+                       ("converted", "converted (slot)")):
+        right.plot(range(len(repeat[key])), repeat[key], label=label)
+    right.set(yscale="log", xlabel="position of the repeated token", ylabel="largest |h| over blocks",
+              title=f"token {repeat['token']} repeated {repeat['n']} times")
+    right.legend(fontsize=8)
+    return save(fig, path)

@@ -120,6 +120,7 @@ def from_pretrained(name_or_dir, **overrides):
     config = make_config(hf, path)
     for key, value in overrides.items():
         setattr(config, key, value)
+    config.block_size -= config.pos_offset  # the folder's positions hold pos_offset fewer real tokens
     try:
         config.__post_init__()
     except ValueError as e:
@@ -331,7 +332,7 @@ FAMILIES = {"gpt2": (gpt2_config, load_gpt2_state_dict), "llama": (llama_config,
 def export_family(cfg):
     """'llama' for rotary / RMSNorm / SwiGLU models, else 'gpt2'; with the settings that family cannot express."""
     defaults = GPTConfig()
-    common = [key for key in ("sink", "attn_gate", "attn_fn", "norm_pos", "qk_norm", "logit_softcap")
+    common = [key for key in ("sink", "attn_gate", "attn_fn", "norm_pos", "qk_norm", "logit_softcap", "pos_offset")
               if getattr(cfg, key) != getattr(defaults, key)]
     if (cfg.pos_emb, cfg.norm, cfg.mlp_act) == ("rope", "rmsnorm", "swiglu"):
         return "llama", common

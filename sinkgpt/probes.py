@@ -83,9 +83,10 @@ def encode_text(meta, text, bos):
 
 
 def probe_dataset(target, data):
-    """`data`, else the dataset the target was trained on, else (a pretrained folder) its default probe data."""
-    dataset = data or target.config.get("dataset") or (
-        default_dataset(target.meta) if target.kind == "pretrained" else None)
+    """`data`, else the dataset the target was trained on, else (a pretrained folder, or a model converted from
+    one) its default probe data."""
+    from_pretrained = target.kind == "pretrained" or "converted_from" in target.config
+    dataset = data or target.config.get("dataset") or (default_dataset(target.meta) if from_pretrained else None)
     if dataset is None:
         raise AnalyzeError("the target names no dataset: give --data DATASET or --text TEXT")
     return dataset

@@ -7,8 +7,8 @@ window, when the model keeps only the first `keep` positions (attention sinks) a
 Routes, by how the model encodes positions:
 - rotary (pos_emb='rope'): a RollingKVCache, decoding token by token without recomputing anything. Keys are
   cached before rotary and rotated to their place in the cache on every step, StreamingLLM's rule: the kept
-  first tokens sit at positions 0..keep-1, the window right after them, the current token last, so no position
-  ever exceeds keep + window - 1.
+  first tokens sit at positions 0..keep-1 (from pos_offset on), the window right after them, the current token
+  last, so no position ever exceeds keep + window - 1 (+ pos_offset).
 - no positions (pos_emb='none'): the same cache, nothing to rotate.
 - learned absolute positions: a cached key carries its position in its residual stream, so the honest comparison
   is a sliding window recomputed over the kept tokens (first `keep` + last `window`, positions 0..) for every
@@ -97,7 +97,8 @@ def stream_losses(model, ids, keep, window):
 
 
 def cached_losses(model, ids, keep, window):
-    rope = (model.rope_cos, model.rope_sin) if model.config.pos_emb == "rope" else None
+    offset = model.config.pos_offset  # the cache's first real position (1 where a BOS became a slot)
+    rope = (model.rope_cos[offset:], model.rope_sin[offset:]) if model.config.pos_emb == "rope" else None
     cache = RollingKVCache(model.config.n_layer, keep, window, model.n_prefix, rope)
     first = min(len(ids) - 1, keep + window)  # the opening stretch fits the cache: one forward pass
     with decode_layout(model):  # token-by-token decoding, as sample.py does it

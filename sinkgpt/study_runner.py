@@ -132,9 +132,13 @@ def run_training(cmd, threads=0):
         signal.signal(signal.SIGINT, previous)
 
 
-def train_all(study, dry_run=False):
+def train_all(study, dry_run=False, only=None):
+    """Train (or resume) every variant x seed, or only the variants named in `only`."""
+    unknown = [v for v in only or [] if v not in study["variants"]]
+    if unknown:
+        raise StudyError(f"--only: {unknown[0]!r} is not a variant ({', '.join(study['variants'])})")
     for seed in study["seeds"]:  # seed-major: a study stopped half-way has every variant at the first seed
-        for variant in study["variants"]:
+        for variant in [v for v in study["variants"] if only is None or v in only]:
             out_dir = run_dir(study, variant, seed)
             status = run_status(out_dir)
             if status == "done":
@@ -272,14 +276,29 @@ def fmt_spread(mean_sd, digits=3):
     return f"{mean:.{digits}f}" if sd is None else f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
-def summary_table(rows_by_variant):
+# the figures of a run that an option which changes nothing leaves exactly as the baseline's
+NULL_KEYS = ("val_loss", "probe_loss", "top1_at_max_ratio", "sink_rate", "ablate_delta_zero", "delta_w8a8")
+
+
+def null_variants(rows_by_variant, baseline):
+    """Variants whose every run equals the baseline's on every NULL_KEYS figure, to the last digit: the option
+    did not change training (a start that cannot move, a parameter outside the optimizer), a null result."""
+    if baseline not in rows_by_variant:
+        return []
+    reference = [[r.get(k) for k in NULL_KEYS] for r in rows_by_variant[baseline]]
+    return [v for v, rows in rows_by_variant.items() if v not in (baseline, "start")
+            and [[r.get(k) for k in NULL_KEYS] for r in rows] == reference]
+
+
+def summary_table(rows_by_variant, null=()):
     lines = ["| variant | val loss | back-copy loss | max top-1/median (layer, pos, dim) | % heads on pos 0 "
              "(alpha>0.3) | % heads on slot | peak mass on pos 0 | repeated-token: max later-key mass | "
              "minutes of training per run |", "|---|---|---|---|---|---|---|---|---|"]
     for variant, rows in rows_by_variant.items():
         where = rows[0]["max_ratio_at"]
         lines.append(" | ".join([
-            f"| {variant}", fmt_spread(mean_spread([r["val_loss"] for r in rows]), 4),
+            f"| {variant}" + (" (null: equals the baseline)" if variant in null else ""),
+            fmt_spread(mean_spread([r["val_loss"] for r in rows]), 4),
             fmt_spread(mean_spread([r["val_backcopy_loss"] for r in rows]), 4),
             f"{fmt_spread(mean_spread([r['max_ratio'] for r in rows]), 1)} ({', '.join(map(str, where))})",
             fmt_spread(mean_spread([r["sink_rate"] for r in rows]), 1),  # analyze reports these in percent
@@ -381,12 +400,17 @@ def write_report(study, config_path):
     trained = [v for v in rows_by_variant if v in study["variants"]]  # the reference row has no curves
     curves_dir = os.path.join(report_dir, "curves")
     compare([run_dir(study, v, study["seeds"][0]) for v in trained], curves_dir, names=trained)
-    table, bb = summary_table(rows_by_variant), bb_table(rows_by_variant)
+    baseline = "baseline" if "baseline" in rows_by_variant else trained[0]
+    null = null_variants(rows_by_variant, baseline)
+    table, bb = summary_table(rows_by_variant, null), bb_table(rows_by_variant)
     seeds = ", ".join(map(str, study["seeds"]))
     text = (f"# Study: {config_path}\n\nVariants x seeds ({seeds}) trained with `python study.py {config_path}` "
             f"(base config `{study['base']}`, overrides `{study['overrides']}`); {sum(len(rows_by_variant[v]) for v in trained)}"
             f" runs, {seconds / 60:.1f} minutes of training in all."
             + (" Mean ± sd over seeds." if len(study["seeds"]) > 1 else "") + f"\n\n{table}\n")
+    if null:
+        text += (f"**Null variants**: {', '.join(null)} equal {baseline} on every figure ({', '.join(NULL_KEYS)}) to "
+                 "the last digit: the option changed nothing in training. Not a finding.\n\n")
     text += f"## The massive activation\n\n{massive_table(rows_by_variant)}\n"
     if bb:
         text += f"## Bigram-Backcopy, per layer\n\n{bb}\n"

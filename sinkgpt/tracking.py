@@ -134,7 +134,8 @@ class OptimizerTracker:
         tracker = OptimizerTracker(raw_model, optimizer, cfg["track_params"])
         tracker.snapshot()          # before optimizer.step(), on tracking iterations only
         optimizer.step()
-        record = tracker.measure()  # {'opt_m_norm/<name>': .., 'opt_v_norm/<name>': .., 'opt_update_norm/<name>': ..}
+        record = tracker.measure()  # {'opt_param_norm/<name>': .., 'opt_m_norm/<name>': .., 'opt_v_norm/<name>': ..,
+                                    #  'opt_update_norm/<name>': ..}
 
     The snapshot copies only the tracked parameters (or slices); v is absent where the optimizer keeps none. A
     single weight (e.g. 'transformer.h.11.mlp.c_proj.weight[507, 1229]') also gets its signed m and update
@@ -165,6 +166,8 @@ class OptimizerTracker:
         keys, figures = [], []  # norms, and the signed m and update of single weights
         for i, (key, p, index, m_key, v_key) in enumerate(self.targets):
             scalar = self.view(p, index).numel() == 1  # one weight: its signed m and update say which way it goes
+            keys.append(f"opt_param_norm/{key}")  # the weights themselves: do removed writers grow back?
+            figures.append(self.view(p, index).float().norm())
             for prefix, state_key in (("opt_m", m_key), ("opt_v", v_key)):
                 moment = state.get(p, {}).get(state_key) if state_key else None
                 if moment is not None:

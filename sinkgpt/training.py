@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from model import GPT
-from sinkgpt.checkpoint import TrainProgress, model_from_checkpoint, pretrained_meta, set_rng_state
+from sinkgpt.checkpoint import (TrainProgress, checkpoint_path, load_checkpoint, model_from_checkpoint, pretrained_meta,
+                                set_rng_state)
 from sinkgpt.common import RunError
 from sinkgpt.config import DEFAULTS, MODEL_KEYS, ConfigError, model_config
 from sinkgpt.optim import load_optimizer_state
@@ -60,40 +61,58 @@ def micro_steps_per_rank(cfg, world_size):
 # what a run may add to a pretrained model (new parameters start at their neutral point); every other model key
 # is the folder's architecture, which a config may repeat but not change
 PRETRAINED_OPTIONS = ("sink", "n_sink_tokens", "attn_gate", "attn_fn", "qk_norm", "logit_softcap", "dropout",
-                      "pad_vocab")
+                      "pad_vocab", "pos_offset")
 
 
 def build_model(cfg, vocab_size, bos_token, checkpoint=None, data_meta=None):
-    """The model a run starts from: the checkpoint's (resume), a fresh one (scratch), or a pretrained folder with
+    """The model a run starts from: the checkpoint's (resume), a fresh one (scratch), the weights of another run
+    or checkpoint (init_from a run folder or .pt file: iteration 0, fresh optimizer), or a pretrained folder with
     this config's options (sinks, gates, dropout, ...) added. The data must be in the model's own tokenizer."""
     if checkpoint is not None:
-        saved = checkpoint["model_args"]
-        for key in MODEL_KEYS:  # keys this run sets must agree with the checkpoint (dropout may change)
-            if key != "dropout" and cfg[key] != DEFAULTS[key] and cfg[key] != saved.get(key, DEFAULTS[key]):
-                raise RunError(f"config key '{key}'={cfg[key]!r} differs from the checkpoint's "
-                               f"{saved.get(key, DEFAULTS[key])!r}; resume with the checkpoint's model settings")
-        if saved["vocab_size"] < vocab_size:  # as for a pretrained start: the model must hold the data's ids
-            raise RunError(f"checkpoint vocab_size {saved['vocab_size']} does not match dataset "
+        check_model_keys(cfg, checkpoint["model_args"], "the checkpoint's", "resume with the checkpoint's model settings")
+        if checkpoint["model_args"]["vocab_size"] < vocab_size:  # the model must hold the data's ids
+            raise RunError(f"checkpoint vocab_size {checkpoint['model_args']['vocab_size']} does not match dataset "
                            f"'{cfg['dataset']}' ({vocab_size})")
         check_same_tokenizer(checkpoint.get("meta"), data_meta, "the checkpoint", cfg)
         return model_from_checkpoint(checkpoint, os.path.join(cfg["out_dir"], "ckpt.pt"))
     if cfg["init_from"] == "scratch":
         return GPT(model_config(cfg, vocab_size, bos_token))
-    folder = resolve_folder(cfg["init_from"])  # a hub name: the folder it was fetched into
-    model = from_pretrained(folder, **{k: cfg[k] for k in PRETRAINED_OPTIONS})
-    for key in MODEL_KEYS:
-        if key not in PRETRAINED_OPTIONS + ("block_size",) and cfg[key] != DEFAULTS[key] and \
-                cfg[key] != getattr(model.config, key):
-            raise RunError(f"config key '{key}'={cfg[key]!r} conflicts with {folder}'s {getattr(model.config, key)!r}: "
-                           "a pretrained model keeps its architecture (leave the key out)")
+    source = cfg["init_from"]
+    if is_checkpoint_target(source):  # a run's weights (a converted model is one): its architecture as it is
+        start = load_checkpoint(checkpoint_path(source), keys=("model", "model_args", "meta"))
+        check_model_keys(cfg, start["model_args"], f"{source}'s", "a run started from weights keeps their model "
+                         "settings (leave the key out)", also_allowed=("block_size",))
+        model, model_meta = model_from_checkpoint(start, source), start["meta"]
+    else:
+        folder = resolve_folder(source)  # a hub name: the folder it was fetched into
+        model = from_pretrained(folder, **{k: cfg[k] for k in PRETRAINED_OPTIONS})
+        check_model_keys(cfg, model.config.to_dict(), f"{folder}'s", "a pretrained model keeps its architecture "
+                         "(leave the key out)", also_allowed=PRETRAINED_OPTIONS + ("block_size",))
+        source, model_meta = folder, pretrained_meta(folder, model)
     if model.config.vocab_size < vocab_size:
-        raise RunError(f"{folder} has vocab_size {model.config.vocab_size} but dataset '{cfg['dataset']}' has "
-                       f"{vocab_size}: prepare the data with the model's tokenizer (--tokenizer {folder})")
+        raise RunError(f"{source} has vocab_size {model.config.vocab_size} but dataset '{cfg['dataset']}' has "
+                       f"{vocab_size}: prepare the data with the model's tokenizer (--tokenizer {source})")
     if data_meta is not None:
-        check_same_tokenizer(pretrained_meta(folder, model), data_meta, folder, cfg)
+        check_same_tokenizer(model_meta, data_meta, source, cfg)
+    if model.config.pos_offset and (cfg["prepend_bos"] or cfg["align_to_docs"]):
+        raise RunError(f"{source} starts its tokens at position {model.config.pos_offset} (its BOS is a slot): "
+                       "train it on windows without BOS (prepend_bos=False, align_to_docs=False)")
     if cfg["block_size"] < model.config.block_size:
         model.crop_block_size(cfg["block_size"])
     return model
+
+
+def is_checkpoint_target(target):
+    """A sinkgpt run folder (with ckpt.pt) or a checkpoint file, as opposed to a pretrained folder or hub name."""
+    return os.path.isfile(target) or os.path.isfile(os.path.join(target, "ckpt.pt"))
+
+
+def check_model_keys(cfg, saved, whose, hint, also_allowed=("dropout",)):
+    """Model keys this run sets (not at their default) must agree with the model it starts from."""
+    for key in MODEL_KEYS:
+        if key not in also_allowed and cfg[key] != DEFAULTS[key] and cfg[key] != saved.get(key, DEFAULTS[key]):
+            raise RunError(f"config key '{key}'={cfg[key]!r} differs from {whose} "
+                           f"{saved.get(key, DEFAULTS[key])!r}; {hint}")
 
 
 def check_same_tokenizer(model_meta, data_meta, what, cfg):

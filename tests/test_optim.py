@@ -44,9 +44,10 @@ def train_steps(model, optimizer, cfg, n, first_seed=0):
 
 
 def legacy_optimizer(model, cfg):
-    """train.build_optimizer as it was before optim.py (kept here so the comparison survives the switch)."""
+    """train.build_optimizer as it was before optim.py (kept here so the comparison survives the switch), with
+    the output gate among the sink parameters (no decay), where it has belonged since."""
     def is_sink(name):
-        return any(part in name for part in ("sink_logit", "k_slot", "v_slot", "bos_resid", "sink_tokens"))
+        return any(part in name for part in ("sink_logit", "k_slot", "v_slot", "bos_resid", "sink_tokens", "c_gate"))
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -106,9 +107,8 @@ def test_groups_multipliers_and_weight_decay():
     names = {g["name"]: set(g["param_names"]) for g in optimizer.param_groups}
     assert names["embed"] == {"transformer.wte.weight", "transformer.wpe.weight"}
     assert names["head"] == {"lm_head.weight"}
-    assert names["sink"] == {f"transformer.h.{i}.attn.sink_logit" for i in range(2)}
-    assert "transformer.h.1.attn.c_gate.weight" in names["matrix"]
-    assert "transformer.h.1.attn.c_gate.bias" in names["vector"]
+    assert names["sink"] == {f"transformer.h.{i}.attn.{p}" for i in range(2)
+                             for p in ("sink_logit", "c_gate.weight", "c_gate.bias")}  # the gate: sink_lr_mult
     assert "transformer.h.0.ln_1.weight" in names["vector"] and C_PROJ in names["matrix"]
     for g in optimizer.param_groups:  # names and params line up
         lookup = dict(model.named_parameters())
@@ -186,7 +186,7 @@ def test_muon_takes_only_hidden_matrices():
     muon_names = {n for g in muon.param_groups for n in g["param_names"]}
     adamw_names = {n for g in adamw.param_groups for n in g["param_names"]}
     hidden = {n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("transformer.h.")
-              and any(k in n for k in ("c_attn", "c_proj", "c_fc", "c_gate"))}
+              and any(k in n for k in ("c_attn", "c_proj", "c_fc"))}  # the gate is a sink parameter: AdamW
     assert muon_names == hidden
     assert adamw_names == {n for n, _ in model.named_parameters()} - hidden
     assert {"transformer.wte.weight", "lm_head.weight", "transformer.h.0.attn.k_slot"} <= adamw_names
@@ -445,7 +445,9 @@ def test_tracking_norms_match_a_hand_computed_adamw_step():
     key = "transformer.h.1.mlp.c_fc.weight[2:5,:]"
     fc_m = optimizer.state[dict(model.named_parameters())["transformer.h.1.mlp.c_fc.weight"]]["exp_avg"]
     assert record[f"opt_m_norm/{key}"] == pytest.approx(fc_m[2:5].norm().item(), rel=1e-6)
-    assert set(record) == {f"{s}/{k}" for s in ("opt_m_norm", "opt_v_norm", "opt_update_norm")
+    assert record[f"opt_param_norm/{key}"] == pytest.approx(
+        dict(model.named_parameters())["transformer.h.1.mlp.c_fc.weight"][2:5].norm().item(), rel=1e-6)
+    assert set(record) == {f"{s}/{k}" for s in ("opt_param_norm", "opt_m_norm", "opt_v_norm", "opt_update_norm")
                            for k in (C_PROJ, key)}
     assert all(math.isfinite(v) and v > 0 for v in record.values())
     assert "opt_update_norm/" + C_PROJ not in tracker.measure()  # no snapshot, no update norm
@@ -478,7 +480,8 @@ def test_tracking_under_muon_has_no_second_moment():
     model, optimizer, cfg = stepped("muon", steps=1)
     record = OptimizerTracker(model, optimizer, ["transformer.h.0.*c_fc.*"]).measure()
     assert set(record) == {"opt_m_norm/transformer.h.0.mlp.c_fc.weight", "opt_m_norm/transformer.h.0.mlp.c_fc.bias",
-                           "opt_v_norm/transformer.h.0.mlp.c_fc.bias"}
+                           "opt_v_norm/transformer.h.0.mlp.c_fc.bias", "opt_param_norm/transformer.h.0.mlp.c_fc.weight",
+                           "opt_param_norm/transformer.h.0.mlp.c_fc.bias"}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -261,3 +261,24 @@ def test_one_seed_has_no_spread_and_missing_values_are_a_dash():
     assert fmt(spread([1.0, 3.0]), 1) == "2.0 ± 1.0"
     assert fmt(spread([None, float("nan")])) == "-" and fmt(spread([2.0, None]), 1) == "2.0"
     assert study_runner.layer_ranges([3, 4, 5, 9, 11, 12]) == "3-5, 9, 11-12"
+
+
+def test_a_variant_equal_to_the_baseline_is_flagged_as_null():
+    row = {"val_loss": 3.88, "probe_loss": 3.9, "top1_at_max_ratio": 29576.0, "sink_rate": 73.1,
+           "ablate_delta_zero": 7.81, "delta_w8a8": 0.36}
+    rows = {"start": [dict(row)], "baseline": [dict(row)], "gate": [dict(row)],
+            "logit": [dict(row, val_loss=3.8877)], "wd": [dict(row, delta_w8a8=0.359)]}
+    assert study_runner.null_variants(rows, "baseline") == ["gate"]
+    table = study_runner.summary_table({k: [dict(v[0], val_backcopy_loss=None, max_ratio=1.0, max_ratio_at=[0, 0, 0],
+                                                 slot_sink_rate=None, repeat_later_max=0.1)] for k, v in rows.items()},
+                                       null=["gate"])
+    assert "| gate (null: equals the baseline) |" in table and "| logit |" in table
+
+
+def test_only_trains_the_named_variants(tmp_path, capsys):
+    config = write_study(tmp_path)
+    assert study.main([config, "--dry_run", "--only", "kv_bias"]) == 0
+    out = capsys.readouterr().out
+    assert "kv_bias/seed1" in out and "baseline/seed1" not in out
+    assert study.main([config, "--dry_run", "--only", "nope"]) == 1
+    assert "'nope' is not a variant" in capsys.readouterr().err
