@@ -87,6 +87,8 @@ def sample(args):
     device_type = device.split(":")[0]
     target = load_model(os.path.join(args.out_dir, "ckpt.pt") if args.init_from == "resume" else args.init_from, device)
     model, tokenizer = target.model, load_tokenizer(target.meta)
+    if model.config.pos_offset and args.start is None:  # BOS is its slot: a BOS token would stand at position 1
+        raise RunError("this model's BOS is a key/value slot (convert.py): give a prompt with --start")
     ids = encode_prompt(tokenizer, read_prompt(args.start), target.bos, model.config.block_size)
     ctx = autocast_context(device_type, pick_dtype(args.dtype, device_type))
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -180,6 +180,8 @@ def test_sample_and_analyze_take_the_converted_model(tmp_path, bos_run, converte
     assert sample.main(["--init_from", converted_run] + args) == 0
     converted = capsys.readouterr().out
     assert original == "<|endoftext|>" + converted  # the original prepends BOS, the converted model has the slot
+    assert sample.main(["--init_from", converted_run, "--max_new_tokens=3"]) == 1  # no prompt, and no BOS to start
+    assert "give a prompt with --start" in one_error(capsys)
     assert analyze.main([converted_run, "--batches", "1", "--batch_size", "2", "--report", str(tmp_path / "r")]) == 0
     report = json.load(open(tmp_path / "r" / "report.json"))
     assert report["data"]["bos"] is False and report["layers"][0]["slot_mass"] is not None
@@ -284,3 +286,23 @@ def test_smollm2_converts_within_float32_rounding_and_loses_its_massive_activati
     assert max(e["max_abs"] for e in conv_layers) <= 1000  # every real token, every block
     assert got["h.11.resid_post"][:, 0].abs().max() >= 20000  # the original's BOS carries it
     assert max(e["max_abs"] for e in orig_layers) == pytest.approx(max(e["max_abs"] for e in conv_layers), rel=1e-3)
+
+
+def test_convert_a_pretrained_llama_folder_and_compare(tmp_path, llama_dir, capsys):
+    """A Hugging Face Llama folder (GQA, its own tokenizer.json) converts, and the comparison runs on it; the
+    Llama format has no slot, so exporting the converted model is refused with one line."""
+    from sinkgpt.checkpoint import load_model
+    from sinkgpt.pretrained import PretrainedError, export_hf
+    folder, _ = llama_dir
+    out = tmp_path / "converted"
+    assert convert.main([folder, "--out_dir", str(out), "--windows", "2", "--window_tokens", "30"]) == 0
+    assert "converted logits equal the original's (BOS first) within" in capsys.readouterr().out
+    check = json.load(open(out / "convert.json"))["check"]
+    assert check["windows"] == [2, 30] and check["max_abs_logit_diff"] <= 1e-4
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
+    assert analyze.main(["explicit", folder, str(out), "--text", text, "--window", "8", "--tokens", "40",
+                         "--n", "10", "--report", str(tmp_path / "r")]) == 0
+    result = json.load(open(tmp_path / "r" / "explicit.json"))
+    assert result["max_abs_logit_diff"] <= 1e-4 and len(result["writers"]) == 2
+    with pytest.raises(PretrainedError, match="sink='kv_bias'"):
+        export_hf(load_model(str(out)).model, str(tmp_path / "hf"))
