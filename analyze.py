@@ -12,6 +12,7 @@ Sun et al. (2024, massive activations), Yona et al. (2025, repeated tokens) and 
     python analyze.py stream DIR --window 256 --keep 0,1,4 --report R   # perplexity with a rolling cache
     python analyze.py compare out-a out-b --report reports/ab            # metrics.jsonl of runs, overlaid
     python analyze.py explicit ORIGINAL CONVERTED --report R             # a model against its convert.py output
+    python analyze.py starts data/models/SmolLM2-135M-Instruct           # each retrofit's step-0 loss change
 
 TARGET is a training out_dir (reads its ckpt.pt), a checkpoint file, or a pretrained folder (config.json and
 model.safetensors). Data: --data DATASET (its val split), --text "..." or --text FILE:path, default the
@@ -28,7 +29,8 @@ import torch
 
 from sinkgpt.checkpoint import load_model
 from sinkgpt.common import InputError, plain
-from sinkgpt.explicit import compare_explicit, explicit_markdown, paired_batches
+from sinkgpt.explicit import compare_explicit, explicit_markdown, paired_batches, retrofit_start_costs
+from sinkgpt.pretrained import from_pretrained
 from sinkgpt.measure import AnalyzeError
 from sinkgpt.plots import plot_delta, plot_explicit, plot_repeat, plot_stream
 from sinkgpt.probes import (POSITION_POINTS, ablate, attribute, check_position, hook_name, intervene,
@@ -64,7 +66,7 @@ def add_target_args(p, data=True):
 
 
 def parse_args(argv):
-    commands = ("report", "intervene", "ablate", "repeat", "attribute", "stream", "compare", "explicit")
+    commands = ("report", "intervene", "ablate", "repeat", "attribute", "stream", "compare", "explicit", "starts")
     if argv and argv[0] not in commands and argv[0] not in ("-h", "--help"):
         argv = ["report"] + list(argv)
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,6 +114,8 @@ def parse_args(argv):
     p.add_argument("--tokens", type=int, default=1024, help="streaming: length of the streamed text")
     p.add_argument("--string", default=" the", help="repeated-token probe: text whose first token is repeated")
     p.add_argument("--n", type=int, default=128, help="repeated-token probe: length")
+    p = sub.add_parser("starts", help="each sink retrofit of a pretrained folder: its loss change at step 0")
+    add_target_args(p)
     p = sub.add_parser("compare", help="runs' metrics.jsonl overlaid, and a table of final figures")
     p.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
     p.add_argument("--report", required=True)
@@ -300,15 +304,8 @@ def cmd_explicit(args, target, device):
     batches, _, source = probe_batches(target, device, data=args.data, text=args.text, batches=args.batches,
                                        batch_size=args.batch_size, block_size=args.block_size, bos=False,
                                        seed=args.seed)
-    windows = torch.cat([torch.cat([x, y[:, -1:]], 1) for x, y in batches])
-    if windows.size(1) > converted.model.config.block_size + 1:
-        windows = windows[:, :converted.model.config.block_size + 1]
+    windows = real_windows(target, batches)[:, :converted.model.config.block_size + 1]
     bos_token = target.meta["bos_token"]
-    # a BOS inside a window is a document start, where both models build their sink again: not a real token
-    windows = windows[~(windows == bos_token).any(1)]
-    if len(windows) == 0:
-        raise AnalyzeError("every probe window holds a BOS token (a document start): give shorter --block_size, "
-                           "more --batches or --text")
     source["windows_without_bos"] = len(windows)
     writers = parse_writers(args.writers, original) or bos_writers(original, [paired_batches(windows, bos_token)[0]])
     ids, _ = stream_tokens(target, device, data=args.data, text=args.text, n_tokens=args.tokens, seed=args.seed)
@@ -329,6 +326,34 @@ def cmd_explicit(args, target, device):
             f.write(f"# {args.target} against {args.converted}\n\n{text}")
         plot_explicit(result, os.path.join(args.report, "explicit.png"))
         print(f"wrote {args.report}/explicit.json, explicit.md, explicit.png")
+
+
+def real_windows(target, batches):
+    """(N, T + 1) real-token windows from probe batches read without BOS; windows holding a BOS (a document start,
+    where the model builds its sink again) are left out."""
+    windows = torch.cat([torch.cat([x, y[:, -1:]], 1) for x, y in batches])
+    windows = windows[~(windows == target.meta["bos_token"]).any(1)]
+    if len(windows) == 0:
+        raise AnalyzeError("every probe window holds a BOS token (a document start): give shorter --block_size, "
+                           "more --batches or --text")
+    return windows
+
+
+def cmd_starts(args, target, device):
+    if target.kind != "pretrained":
+        raise AnalyzeError(f"{args.target} is not a pretrained folder: retrofits start from one")
+    batches, _, source = probe_batches(target, device, data=args.data, text=args.text, batches=args.batches,
+                                       batch_size=args.batch_size, block_size=args.block_size, bos=False,
+                                       seed=args.seed)
+    windows = real_windows(target, batches)[:, :target.model.config.block_size]
+    result = retrofit_start_costs(lambda **options: from_pretrained(args.target, **options).to(device), windows,
+                                  target.meta["bos_token"])
+    print(f"plain, BOS first: loss {result['plain_loss']:.4f} on {len(windows)} windows of {windows.size(1) - 1} "
+          "real tokens (the prediction at BOS left out)")
+    for name, change in result["loss_change"].items():
+        print(f"{name}: {change:+.4f}")
+    write_json(args.report, "starts.json", {"target": args.target, "data": source, "windows": list(windows.shape),
+                                            **result})
 
 
 def check_report_dir(report):
@@ -360,6 +385,8 @@ def run(argv):
         return cmd_stream(args, target, device)
     if args.command == "explicit":
         return cmd_explicit(args, target, device)
+    if args.command == "starts":
+        return cmd_starts(args, target, device)
     batches, masks, source = probe_batches(target, device, data=args.data, text=args.text, batches=args.batches,
                                            batch_size=args.batch_size, block_size=args.block_size, bos=args.bos,
                                            seed=args.seed)

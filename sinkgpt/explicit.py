@@ -158,3 +158,32 @@ def explicit_markdown(result):
 def fmt_top(entry, with_layer=False):
     where = f"{entry['layer']}, " if with_layer else ""
     return f"{entry['max_abs']:,.1f} ({where}{entry['position']}, {entry['dim']})"
+
+
+# each retrofit of a pretrained model, with the data it reads: (options, reads BOS first)
+RETROFITS = {
+    "attn_gate=headwise": (dict(attn_gate="headwise"), True),
+    "attn_gate=elementwise": (dict(attn_gate="elementwise"), True),
+    "sink=logit": (dict(sink="logit"), True),
+    "sink=softmax1": (dict(sink="softmax1"), True),
+    "sink=kv_bias": (dict(sink="kv_bias"), True),
+    "sink=k_bias": (dict(sink="k_bias"), True),
+    "sink=bos_override": (dict(sink="bos_override"), True),
+    "sink=token": (dict(sink="token"), False),
+    "sink=token, pos_offset=1": (dict(sink="token", pos_offset=1), False),
+    "sink=kv_bias, pos_offset=1": (dict(sink="kv_bias", pos_offset=1), False),
+    "none, pos_offset=1": (dict(pos_offset=1), False),
+}
+
+
+@torch.no_grad()
+def retrofit_start_costs(load, windows, bos_token):
+    """The loss change at step 0 of every retrofit against the plain model reading BOS first, on the same real
+    tokens (the prediction made at BOS left out). load(**options) builds the model with a retrofit."""
+    with_bos, without = paired_batches(windows, bos_token)
+    plain = load().eval()(*with_bos)[1].item()
+    costs = {}
+    for name, (options, reads_bos) in RETROFITS.items():
+        model = load(**options).eval()
+        costs[name] = model(*(with_bos if reads_bos else without))[1].item() - plain
+    return {"plain_loss": plain, "loss_change": costs}

@@ -306,3 +306,14 @@ def test_convert_a_pretrained_llama_folder_and_compare(tmp_path, llama_dir, caps
     assert result["max_abs_logit_diff"] <= 1e-4 and len(result["writers"]) == 2
     with pytest.raises(PretrainedError, match="sink='kv_bias'"):
         export_hf(load_model(str(out)).model, str(tmp_path / "hf"))
+
+
+def test_analyze_starts_measures_each_retrofits_step0_cost(tmp_path, llama_dir, capsys):
+    folder, _ = llama_dir
+    assert analyze.main(["starts", folder, "--text", "To be, or not to be, that is the question: whether 'tis",
+                         "--report", str(tmp_path / "s")]) == 0
+    costs = json.load(open(tmp_path / "s" / "starts.json"))["loss_change"]
+    for exact in ("attn_gate=headwise", "attn_gate=elementwise", "sink=bos_override", "sink=token, pos_offset=1"):
+        assert abs(costs[exact]) <= 1e-5, exact
+    assert costs["sink=logit"] == pytest.approx(costs["sink=kv_bias"], abs=1e-6)  # both start as softmax1
+    assert abs(costs["sink=logit"]) > 1e-4
