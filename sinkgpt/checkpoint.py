@@ -71,7 +71,7 @@ def save_atomic(obj, path):
 def save_checkpoint(path, model, optimizer, cfg, progress, meta):
     """Everything a bit-for-bit resume needs, as tensors and plain types (loads with weights_only=True)."""
     save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "model_args": model.config.to_dict(), "config": cfg, "iter_num": progress.iter_num,
+                 "model_args": model.config.to_dict(), "config": dict(cfg), "iter_num": progress.iter_num,
                  "best_val_loss": progress.best_val_loss, "tokens": progress.tokens, "rng": rng_state(),
                  "loader": progress.loader, "meta": meta}, path)
 

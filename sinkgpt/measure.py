@@ -14,8 +14,8 @@ import torch
 
 from sinkgpt.common import InputError
 from sinkgpt.stats import (bb_masses, excess_kurtosis, finite_max, first_token_mass, mean_of, moment_sums, position_norms,
-                           rate_from_alphas, safe_ratio, sequence_medians, sink_alpha, slot_mass, top_entries,
-                           value_norms)
+                           rate_from_alphas, safe_ratio, sequence_medians, sequence_ratios, sink_alpha, slot_mass,
+                           top_entries, value_norms)
 
 
 class AnalyzeError(InputError):
@@ -74,6 +74,7 @@ def layer_reducer(model, trigger_mask=None):
         if point == "resid_post":
             x = x.detach().float()
             return {"absmax": x.abs().amax(0), "medians": sequence_medians(x[:, n_prefix:]),
+                    "ratios": sequence_ratios(x[:, n_prefix:]),
                     "norms": position_norms(x, n_prefix), "moments": moment_sums(x[:, n_prefix:])}
         if point == "attn_z":  # the attention output before c_proj: Bondarenko et al.'s outliers
             x = x.detach().float()[:, n_prefix:]
@@ -122,7 +123,8 @@ def collect(model, batches, trigger_masks=None, k=3, patches=None):
         if n_slot:
             alphas_slot.append(torch.cat([a["alpha_slot"] for a in attn]))
         entry = {
-            "layer": layer, "top": top, "median": median, "ratio": safe_ratio(top[0][0], median),
+            # the median: the mean of the sequences' medians; the ratio: the largest of the sequences' own ratios
+            "layer": layer, "top": top, "median": median, "ratio": torch.cat([r["ratios"] for r in resid]).max().item(),
             "pos0_norm": pos0_norm, "other_norm": other_norm, "pos0_norm_ratio": safe_ratio(pos0_norm, other_norm),
             # a dedicated sink token growing a massive activation is itself interesting: reported apart
             "sink_token_top": top_entries(absmax[:n_prefix], k, offset=-n_prefix) if n_prefix else None,

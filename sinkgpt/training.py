@@ -19,7 +19,7 @@ import torch
 from model import GPT
 from sinkgpt.checkpoint import TrainProgress, model_from_checkpoint, pretrained_meta, set_rng_state
 from sinkgpt.common import RunError
-from sinkgpt.config import DEFAULTS, MODEL_KEYS, ConfigError, model_config
+from sinkgpt.config import DEFAULTS, MODEL_KEYS, ConfigError, given, model_config
 from sinkgpt.optim import load_optimizer_state
 from sinkgpt.pretrained import from_pretrained, resolve_folder
 from sinkgpt.runtime import all_reduce_mean
@@ -68,10 +68,12 @@ def build_model(cfg, vocab_size, bos_token, checkpoint=None, data_meta=None):
     this config's options (sinks, gates, dropout, ...) added. The data must be in the model's own tokenizer."""
     if checkpoint is not None:
         saved = checkpoint["model_args"]
-        for key in MODEL_KEYS:  # keys this run sets must agree with the checkpoint (dropout may change)
-            if key != "dropout" and cfg[key] != DEFAULTS[key] and cfg[key] != saved.get(key, DEFAULTS[key]):
+        for key in MODEL_KEYS:  # a key this run names must agree with the checkpoint; dropout may change
+            if key != "dropout" and given(cfg, key) and cfg[key] != saved.get(key, DEFAULTS[key]):
                 raise RunError(f"config key '{key}'={cfg[key]!r} differs from the checkpoint's "
                                f"{saved.get(key, DEFAULTS[key])!r}; resume with the checkpoint's model settings")
+        if given(cfg, "dropout"):
+            checkpoint = dict(checkpoint, model_args=dict(saved, dropout=cfg["dropout"]))
         if saved["vocab_size"] < vocab_size:  # as for a pretrained start: the model must hold the data's ids
             raise RunError(f"checkpoint vocab_size {saved['vocab_size']} does not match dataset "
                            f"'{cfg['dataset']}' ({vocab_size})")
@@ -82,7 +84,7 @@ def build_model(cfg, vocab_size, bos_token, checkpoint=None, data_meta=None):
     folder = resolve_folder(cfg["init_from"])  # a hub name: the folder it was fetched into
     model = from_pretrained(folder, **{k: cfg[k] for k in PRETRAINED_OPTIONS})
     for key in MODEL_KEYS:
-        if key not in PRETRAINED_OPTIONS + ("block_size",) and cfg[key] != DEFAULTS[key] and \
+        if key not in PRETRAINED_OPTIONS + ("block_size",) and given(cfg, key) and \
                 cfg[key] != getattr(model.config, key):
             raise RunError(f"config key '{key}'={cfg[key]!r} conflicts with {folder}'s {getattr(model.config, key)!r}: "
                            "a pretrained model keeps its architecture (leave the key out)")

@@ -18,7 +18,7 @@ from sinkgpt.measure import capture, collect  # noqa: E402
 from sinkgpt.probes import ablate, attribute, intervene  # noqa: E402
 from sinkgpt.report import build_report  # noqa: E402
 from sinkgpt.stats import (bb_masses, find_massive, first_token_mass, key_mass, rate_from_alphas,  # noqa: E402
-                           safe_ratio, sequence_medians, sink_alpha, slot_mass, split_pattern, top_entries,
+                           safe_ratio, sequence_medians, sequence_ratios, sink_alpha, slot_mass, split_pattern, top_entries,
                            value_norms)
 from sinkgpt.tracking import ActivationTracker  # noqa: E402
 
@@ -165,6 +165,22 @@ def test_top_entries_medians_and_massive_criteria_by_hand():
     ratio_only = find_massive([absmax], [median], min_abs=0.0, min_ratio=100.0)
     assert [(m["position"], m["dim"]) for m in sun] == [(0, 3)]
     assert [(m["position"], m["dim"]) for m in ratio_only] == [(0, 3), (2, 5)]
+
+
+def test_the_ratio_divides_each_sequence_s_top_1_by_its_own_median_then_takes_the_largest():
+    """Sequence 0: median 1, top 100 (ratio 100); sequence 1: median 0.01, top 0.5 (ratio 50). A maximum over
+    every sequence divided by the mean median would say 100 / 0.505 = 198."""
+    resid = torch.ones(2, 4, 8)
+    resid[0, 1, 2] = 100.0
+    resid[1] = 0.01
+    resid[1, 3, 7] = -0.5
+    assert torch.allclose(sequence_ratios(resid), torch.tensor([100.0, 50.0]))
+    model, (x, y) = tiny_model(), tokens()
+    report, _ = build_report(model, [(x, y)], k=1)
+    _, _, cache = model.run_with_cache(x, [f"h.{layer}.resid_post" for layer in range(3)])
+    for layer in report["layers"]:
+        by_hand = sequence_ratios(cache[f"h.{layer['layer']}.resid_post"]).max().item()
+        assert math.isclose(layer["ratio"], by_hand, rel_tol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -446,6 +446,35 @@ def test_init_from_refuses_a_config_that_changes_the_pretrained_architecture(tmp
     assert "'n_head'=2 conflicts" in line and "keeps its architecture" in line
 
 
+
+def test_a_key_named_on_resume_is_refused_even_at_its_default(tmp_path, char_dataset, capsys):
+    """--sink=none on a sink=logit checkpoint names the default value, which is still not the checkpoint's."""
+    out = tmp_path / "run"
+    assert run_train(out, char_dataset, max_iters=2, sink="logit") == 0
+    capsys.readouterr()
+    assert run_train(out, char_dataset, max_iters=4, init_from="resume", sink="none") == 1
+    line = one_error_line(capsys)
+    assert "'sink'='none' differs from the checkpoint's 'logit'" in line
+    assert run_train(out, char_dataset, max_iters=4, init_from="resume") == 0  # left out: the checkpoint's
+
+
+def test_dropout_named_on_resume_is_the_resumed_model_s(tmp_path, char_dataset):
+    out = tmp_path / "run"
+    assert run_train(out, char_dataset, max_iters=2) == 0  # TINY flags: dropout 0.0
+    assert run_train(out, char_dataset, max_iters=4, init_from="resume", dropout=0.25) == 0
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["model_args"]["dropout"] == 0.25
+
+
+def test_a_key_named_on_a_pretrained_start_is_refused_even_at_its_default(tmp_path, char_dataset, llama_dir,
+                                                                            capsys):
+    """A Llama folder has RMSNorm: naming the default norm='layernorm' is refused, not silently dropped."""
+    folder, _ = llama_dir
+    assert run_train(tmp_path / "run", char_dataset, init_from=folder, max_iters=2, n_layer=3, n_head=6, n_embd=48,
+                     norm="layernorm") == 1
+    line = one_error_line(capsys)
+    assert "'norm'='layernorm' conflicts" in line and "'rmsnorm'" in line
+
 # ------------------------------------------------------------------------------------------------
 # every sink option: trains, resumes exactly, samples
 
