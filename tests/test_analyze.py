@@ -16,7 +16,7 @@ import analyze  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from sinkgpt.measure import capture, collect  # noqa: E402
 from sinkgpt.probes import ablate, attribute, intervene  # noqa: E402
-from sinkgpt.report import build_report  # noqa: E402
+from sinkgpt.report import build_report, report_markdown  # noqa: E402
 from sinkgpt.stats import (bb_masses, find_massive, first_token_mass, key_mass, rate_from_alphas,  # noqa: E402
                            safe_ratio, sequence_medians, sequence_ratios, sink_alpha, slot_mass, split_pattern, top_entries,
                            value_norms)
@@ -181,6 +181,25 @@ def test_the_ratio_divides_each_sequence_s_top_1_by_its_own_median_then_takes_th
     for layer in report["layers"]:
         by_hand = sequence_ratios(cache[f"h.{layer['layer']}.resid_post"]).max().item()
         assert math.isclose(layer["ratio"], by_hand, rel_tol=1e-5)
+
+
+def test_the_report_names_the_input_token_at_each_top_entry():
+    """The token is the one in the sequence that holds the entry's largest |h|, found here by hand."""
+    from sinkgpt.tokenizer import CharTokenizer
+    model, batches = tiny_model(), [tokens(seed=1), tokens(seed=2)]
+    tokenizer = CharTokenizer([chr(ord("a") + i) for i in range(V - 1)], V - 1)
+    report, _ = build_report(model, batches, k=3, tokenizer=tokenizer)
+    x = torch.cat([b[0] for b in batches])
+    _, _, cache = model.run_with_cache(x, [f"h.{layer}.resid_post" for layer in range(3)])
+    for layer in report["layers"]:
+        resid = cache[f"h.{layer['layer']}.resid_post"].abs()
+        for (value, pos, dim), token, text in zip(layer["top"], layer["top_tokens"], layer["top_token_text"]):
+            holder = resid[:, pos, dim].argmax().item()
+            assert math.isclose(resid[holder, pos, dim].item(), value, rel_tol=1e-5)
+            assert token == x[holder, pos].item() and text == tokenizer.decode([token])
+    line = next(row for row in report_markdown(dict(report, data={"bos": False})).splitlines() if row.startswith("| 0 |"))
+    value, pos, dim = report["layers"][0]["top"][0]
+    assert f"({pos}, {dim}, {report['layers'][0]['top_token_text'][0]!r})" in line
 
 
 # ----------------------------------------------------------------------------------------------------
