@@ -579,3 +579,9 @@ def test_stream_cli_writes_the_grid_and_its_plot(tmp_path, capsys):
     check_png(tmp_path / "st" / "stream.png")
     code, out, err = run_cli(["stream", tmp_path, "--text", text, "--window", "16", "--keep", "4"], capsys)
     assert code == 1 and "context" in err and len(err.strip().splitlines()) == 1
+
+
+def test_layer_ticks_stay_readable_at_30_layers():
+    from sinkgpt.plots import layer_ticks
+    assert layer_ticks(12) == list(range(12))
+    assert layer_ticks(30) == list(range(0, 30, 2)) and len(layer_ticks(200)) <= 16
