@@ -151,10 +151,10 @@ def read_metrics(run):
 class MetricsLog:
     """Appends one JSON object per event to out_dir/metrics.jsonl; a fresh run starts the file anew, a resumed
     one keeps the events up to the iteration it resumes from (later ones are about to be redone). With no path
-    (eval_only) it writes nothing."""
+    (eval_only) it writes nothing. `send` (live logging) also gets every event written."""
 
-    def __init__(self, path, resume_iter=None):
-        self.path = path
+    def __init__(self, path, resume_iter=None, send=None):
+        self.path, self.send = path, send
         self.kept = 0  # events kept from before (0: a new log, also for a run continued into a new folder)
         if path is None:
             return
@@ -170,6 +170,8 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(event) + "\n")
+        if self.send is not None:
+            self.send(event)
 
 
 # ----------------------------------------------------------------------------------------------------

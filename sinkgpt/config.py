@@ -37,6 +37,9 @@ DEFAULTS = dict(
     resume_from="",  # init_from='resume': a run folder or checkpoint to continue from ('' = out_dir itself)
     seed=1337,
     track_interval=0,  # 0 = off; else log massive-activation / sink statistics every N iterations
+    wandb_log=False,  # also send every metrics.jsonl event to Weights & Biases (pip install wandb)
+    wandb_project="sinkgpt",
+    wandb_run_name="",  # '' = the out_dir's folder name
     # data
     dataset="shakespeare_char",
     gradient_accumulation_steps=1,

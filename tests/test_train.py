@@ -608,3 +608,48 @@ def test_float16_on_a_cpu_runs_and_is_recorded_as_float32(tmp_path, char_dataset
     out = tmp_path / "run"
     assert run_train(out, char_dataset, max_iters=2, eval_interval=2, dtype="float16") == 0
     assert json.loads((out / "config.json").read_text())["dtype_resolved"] == "float32"
+
+
+# ------------------------------------------------------------------------------------------------
+# live logging (wandb is optional: a stand-in module records what train.py sends it)
+
+
+class FakeWandb:
+    """The part of wandb's API that train.py uses: init(project, name, config) -> run; run.log(dict, step)."""
+
+    def __init__(self):
+        self.inits, self.logs = [], []
+
+    def init(self, project, name, config):
+        self.inits.append((project, name, config))
+        return self
+
+    def log(self, values, step):
+        self.logs.append((step, values))
+
+
+def test_wandb_log_sends_every_metrics_event_at_its_iteration(tmp_path, char_dataset, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    assert run_train(out, char_dataset, max_iters=4, eval_interval=2, track_interval=2, wandb_log=True,
+                     wandb_project="sinks") == 0
+    (project, name, config), = fake.inits
+    assert (project, name, config["max_iters"]) == ("sinks", "run", 4)  # the run name defaults to out_dir's
+    events = read_metrics(out)
+    assert [step for step, _ in fake.logs] == [e["iter"] for e in events]
+    for (step, values), event in zip(fake.logs, events):
+        for key in ("train_loss", "val_loss", "lr"):
+            if key in event:
+                assert values[key] == event[key], key
+    tracked = next(values for _, values in fake.logs if "track_ratio/0" in values)  # per-layer lists: one key each
+    assert "track_ratio/1" in tracked and "track_ratio" not in tracked
+
+
+def test_wandb_log_off_by_default_and_without_wandb_one_error_line(tmp_path, char_dataset, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    assert run_train(tmp_path / "off", char_dataset, max_iters=2) == 0
+    capsys.readouterr()
+    assert run_train(tmp_path / "on", char_dataset, max_iters=2, wandb_log=True) == 1
+    assert "pip install wandb" in one_error_line(capsys)
+    assert not (tmp_path / "on" / "ckpt.pt").exists() and not (tmp_path / "on" / "config.json").exists()
