@@ -166,18 +166,24 @@ def plot_repeat(result, path):
     return path
 
 
+COMPARE_PANELS = [("val_loss", "val loss", "linear"),
+                  ("max_top1", "largest |h| over layers (the massive entry)", "log"),
+                  ("max_ratio", "max top-1/median |h| over layers", "log"),
+                  ("grad_top1", "dLoss/dh at the largest |h| (signed: descent moves h against it)", "symlog"),
+                  ("first_mass", "mean attention mass on position 0", "linear"),
+                  ("slot_mass", "mean attention mass on the sink slot", "linear")]
+
+
 def plot_compare(series, path):
+    """One panel per series key (a compare.json written before a key existed has fewer), one legend."""
     plt = pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(16, 7))
-    panels = [("val_loss", "val loss", "linear"), ("max_top1", "largest |h| over layers (the massive entry)", "log"),
-              ("max_ratio", "max top-1/median |h| over layers", "log"),
-              ("grad_top1", "dLoss/dh at the largest |h| (signed: descent moves h against it)", "symlog"),
-              ("first_mass", "mean attention mass on position 0", "linear"),
-              ("slot_mass", "mean attention mass on the sink slot", "linear")]
+    panels = [p for p in COMPARE_PANELS if any(p[0] in s for s in series.values())]
+    cols = 3 if len(panels) > 4 else 2
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(5.3 * cols, 7), squeeze=False)
     colors = run_colors(plt, len(series))
     for ax, (key, title, scale) in zip(axes.ravel(), panels):
         for color, (name, s) in zip(colors, series.items()):  # one colour per run in every panel
-            points = [(i, v) for i, v in s[key] if v is not None]
+            points = [(i, v) for i, v in s.get(key, []) if v is not None]
             if points:
                 ax.plot(*zip(*points), marker=".", color=color, label=name)
         ax.set(title=title, xlabel="iter")
