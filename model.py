@@ -635,7 +635,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_sinks_from_pretrained(self):
-        """Start each new mechanism as close to the pretrained model as it allows (deviations: README)."""
+        """Start each new mechanism as close to the pretrained model as it allows (deviations: docs/pretrained.md)."""
         cfg = self.config
         for block in self.transformer.h:
             attn = block.attn

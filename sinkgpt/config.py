@@ -24,7 +24,7 @@ class ConfigError(InputError):
     """A mistake in a config file or flag; the entry points print it as one line and exit."""
 
 
-# the families of keys (README documents each); model keys are GPTConfig's fields
+# the families of keys (docs/reference.md documents each); model keys are GPTConfig's fields
 DEFAULTS = dict(
     # I/O and logging
     out_dir="out",
