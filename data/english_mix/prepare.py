@@ -2,9 +2,11 @@
 english_mix: an offline English corpus for GPU runs where FineWeb-Edu cannot be fetched, in GPT-2 BPE shards
 (~24M tokens with the bundled Shakespeare). The text is taken from three Debian 12 packages: the GCIDE
 dictionary (dict-gcide), the Python 3.11 documentation (python3.11-doc) and the Perl 5.36 documentation
-(perl-doc); SOURCE.md beside this file says what each part is, its licence and the format --input reads.
+(perl-doc); build.py beside this file builds the --input folder from them, and SOURCE.md says what each part
+is and its licence.
 Every 10th document is held out for val.
 
+    python data/english_mix/build.py --out_dir /path/to/english_mix           # once: from the Debian packages
     python data/english_mix/prepare.py --input /path/to/english_mix           # its *.jsonl.gz files + Shakespeare
     python data/english_mix/prepare.py --input /path/to/english_mix --no-with_shakespeare
 """
