@@ -229,5 +229,5 @@ def plot_stream(rows, path, smooth=64):
         ax.plot(np.arange(len(running)) + min(smooth, len(losses)), running,
                 label=f"keep {row['keep']}, window {row['window']}: ppl {row['ppl']:.3g}")
     ax.set(xlabel="token", ylabel=f"loss (mean of the last {smooth} tokens)", title="streaming with a rolling cache")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)  # beside, never over, the curves
     return save(fig, path)
