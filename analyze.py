@@ -135,8 +135,8 @@ def write_json(out_dir, name, obj):
             json.dump(plain(obj), f, indent=1)
 
 
-def cmd_report(args, model, batches, masks, source):
-    report, maps = build_report(model, batches, masks, args.k, args.min_ratio)
+def cmd_report(args, model, batches, masks, source, tokenizer):
+    report, maps = build_report(model, batches, masks, args.k, args.min_ratio, tokenizer)
     report = {"target": args.target, "data": source, **report}
     write_report(report, maps, args.report)
     print(report_markdown(report))
@@ -390,7 +390,9 @@ def run(argv):
     batches, masks, source = probe_batches(target, device, data=args.data, text=args.text, batches=args.batches,
                                            batch_size=args.batch_size, block_size=args.block_size, bos=args.bos,
                                            seed=args.seed)
-    commands = {"report": cmd_report, "intervene": cmd_intervene, "ablate": cmd_ablate, "attribute": cmd_attribute}
+    if args.command == "report":  # names the token at each top entry
+        return cmd_report(args, model, batches, masks, source, load_tokenizer(target.meta))
+    commands = {"intervene": cmd_intervene, "ablate": cmd_ablate, "attribute": cmd_attribute}
     commands[args.command](args, model, batches, masks, source)
 
 

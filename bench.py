@@ -9,24 +9,15 @@ Benchmark training steps (and, with --generate, KV-cache generation) on this mac
     python bench.py --init_from=data/models/SmolLM2-135M-Instruct --generate --prompt_tokens=256 --vs_transformers
 
 Steps run on random tokens (the dataset only sets the vocabulary; a pretrained folder brings its own) through
-the same model, optimizer and precision code as train.py. --compare=KEY=V1,V2,... times every variant in one
-process, interleaved in rounds, and reports each variant's median ms/iter and its ratio to the first: compare
-ratios, not absolute times, on a noisy machine.
---profile then runs --steps more steps of the first variant under torch.profiler and splits their time by op
-family (matmul, attention, activation, norm, loss, optimizer, other ops, and what no op accounts for).
---init_from=DIR benchmarks a pretrained folder's model (its weights, its shape); --vs_transformers puts
-transformers' own model of that folder (AutoModelForCausalLM, SDPA attention, the same weights, batch, length,
-precision and fused AdamW; run as transformers runs it, eager: --compile applies to ours, and
---compile_transformers=True compiles theirs too) beside ours, interleaved in one process, and measures each
-one's peak memory in a fresh process of its own. --generate --decode_floor also times, per token and
-interleaved, our decode step beside what a token costs at least: the matrix-vector products alone (in the decode
-layout, and as F.linear runs them), reading every weight once, and (for a plain Llama-family model) a decode step
-hand-written with the fewest eager ops.
+train.py's own training step. --compare=KEY=V1,V2,... times every variant in one process, interleaved in rounds,
+and reports each one's median ms/iter and its ratio to the first (compare ratios, not absolute times). --profile
+splits a step's time by op family. --vs_transformers (sinkgpt.vs_transformers) puts transformers' own model of
+an --init_from folder beside ours; --generate --decode_floor (sinkgpt.decode_floor) times what a token costs at
+least. docs/performance.md has the measurements; docs/reference.md every flag.
 """
 
 import contextlib
 import json
-import multiprocessing
 import os
 import resource
 import statistics
@@ -34,18 +25,20 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, apply_rope, rotation
-from sinkgpt.common import InputError, RunError
+from model import GPT, GPTConfig
+from sinkgpt.common import InputError
 from sinkgpt.config import ConfigError, check_ranges, check_value, load_config, model_config, parse_flag_value
-from sinkgpt.generation import decode_layout, row_block_product, row_blocks
+from sinkgpt.decode_floor import decode_floor, floor_lines
+from sinkgpt.generation import decode_layout
 from sinkgpt.loader import loader_for_run
 from sinkgpt.optim import build_optimizer
-from sinkgpt.pretrained import export_family, from_pretrained
+from sinkgpt.pretrained import from_pretrained
 from sinkgpt.runtime import (autocast_context, device_name, keep_freed_memory, peak_flops, pick_device, pick_dtype,
                              synchronize, use_compile)
 from sinkgpt.training import build_model, train_step
+from sinkgpt.vs_transformers import (TransformersGenerator, TransformersModel, peak_rss_in_own_process,
+                                     transformers_optimizer)
 
 BENCH_FLAGS = {"json": False, "generate": False, "profile": False, "steps": 10, "warmup": 3, "rounds": 3,
                "compare": "", "vocab_size": 0, "no_cache_steps": 0, "vs_transformers": False, "prompt_tokens": 512,
@@ -154,34 +147,9 @@ class StepRunner:
         return 1000 * (time.perf_counter() - t0) / n
 
 
-def transformers_model(folder, device="cpu"):
-    """transformers' own model of a folder, as a transformers user loads it (SDPA attention, float32)."""
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32).to(device)
-
-
-class TransformersModel(torch.nn.Module):
-    """transformers' model of a folder as train_step calls a model: model(x, y) -> (logits, loss), the loss as a
-    transformers user computes it (labels = the input ids; transformers shifts them)."""
-
-    def __init__(self, folder):
-        super().__init__()
-        self.hf = transformers_model(folder)
-        self.config = self.hf.config
-
-    def forward(self, x, y=None):
-        out = self.hf(input_ids=x, labels=x if y is not None else None)
-        return out.logits, out.loss
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
-
-
 def transformers_runner(cfg, device, compiled):
     model = TransformersModel(cfg["init_from"]).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
-                                  eps=cfg["eps"], weight_decay=cfg["weight_decay"], fused=True)  # as ours
-    return StepRunner(cfg, model, device, optimizer=optimizer, name="transformers", compile_model=compiled)
+    return StepRunner(cfg, model, device, optimizer=transformers_optimizer(model, cfg), name="transformers", compile_model=compiled)
 
 
 def make_runners(cfg, flags, device, only=None):
@@ -204,41 +172,15 @@ def make_runners(cfg, flags, device, only=None):
 
 
 def peak_rss_of(cfg, flags, which):
-    """Peak RSS (MB) of a fresh process that builds one runner (ours or transformers') and takes warm-up + 2 steps:
-    on a CPU a process's peak is the only memory figure, so each implementation gets a process of its own."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_measure_peak_rss, args=(cfg, flags, which, queue))
-    process.start()
-    process.join()
-    if process.exitcode != 0 or queue.empty():
-        raise RunError(f"measuring the peak memory of {which} in a process of its own failed (exit code "
-                       f"{process.exitcode})" + (f": {queue.get()[1]}" if not queue.empty() else ""))
-    status, value = queue.get()
-    if status != "ok":
-        raise RunError(f"measuring the peak memory of {which} in a process of its own failed: {value}")
-    return value
+    """Peak RSS (MB) of a fresh process that builds one runner (ours or transformers') and takes warm-up + 2 steps."""
+    return peak_rss_in_own_process(_warm_up_runner, (cfg, flags, which), which)
 
 
-def _measure_peak_rss(cfg, flags, which, queue):
-    try:
-        torch.set_num_threads(1)
-        keep_freed_memory()
-        runner = dict(make_runners(cfg, flags, "cpu", only=which))[which]
-        runner.time_steps(max(1, flags["warmup"]) + 2)
-        queue.put(("ok", own_peak_rss_mb()))
-    except Exception as e:  # the parent reports it in one line
-        queue.put(("error", f"{type(e).__name__}: {e}"))
-
-
-def own_peak_rss_mb():
-    """This process's own peak RSS: VmHWM of its address space. (ru_maxrss would not do in a spawned child: Linux
-    carries the forking parent's high-water mark across fork + exec.)"""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return peak_memory_mb("cpu")
+def _warm_up_runner(cfg, flags, which):
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    runner = dict(make_runners(cfg, flags, "cpu", only=which))[which]
+    runner.time_steps(max(1, flags["warmup"]) + 2)
 
 
 def bench_training(cfg, flags):
@@ -320,19 +262,6 @@ class OurGenerator:
             return self.model.generate(prompt, n_new, temperature=0)
 
 
-class TransformersGenerator:
-    """transformers' greedy generate with its KV cache, for all n_new tokens (no stop on EOS)."""
-    name = "transformers"
-
-    def __init__(self, folder, device):
-        self.model = transformers_model(folder, device).eval()
-        self.model.generation_config.eos_token_id = None
-
-    def __call__(self, prompt, n_new):
-        return self.model.generate(prompt, max_new_tokens=n_new, do_sample=False, pad_token_id=0,
-                                   attention_mask=torch.ones_like(prompt))
-
-
 @torch.no_grad()
 def bench_generation(cfg, flags):
     """Greedy KV-cache generation: --prompt_tokens of prompt, then --new_tokens. The model is --init_from's
@@ -390,138 +319,6 @@ def bench_generation(cfg, flags):
     return result
 
 
-# ----------------------------------------------------------------------------------------------------
-# the decode floor (--generate --decode_floor): what one generated token costs at least on this machine
-
-
-def matvec_calls(model, plain=False):
-    """One decode token's matrix-vector products alone, as zero-argument calls: each Linear on a (1, in) vector,
-    as the decode calls it (inside decode_layout: on a CPU, the row-block product), or with plain=True as
-    F.linear multiplies it (what the layout replaces)."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    vectors = [torch.randn(1, m.in_features, dtype=m.weight.dtype, device=m.weight.device) for m in linears]
-    if plain:
-        return [lambda layer=layer, x=x: F.linear(x, layer.weight, layer.bias) for layer, x in zip(linears, vectors)]
-    return [lambda layer=layer, x=x: layer(x) for layer, x in zip(linears, vectors)]
-
-
-def is_plain_llama(cfg):
-    """A model the Llama format holds with nothing refused (export_family), without biases or dropout."""
-    return export_family(cfg) == ("llama", []) and not (cfg.bias or cfg.dropout)
-
-
-def minimal_llama_decoder(model):
-    """step(cache, token) -> logits (1, vocab) of the token after `token` (an int), for a plain Llama-family model
-    on a CPU (is_plain_llama), written with the fewest eager ops we could: no modules, no hooks, no options, the
-    matrices and rotary tables prepared once, queries and keys rotated together, keys and values written in place
-    into our KVCache. A measuring stick for how much of our decode step is per-op framework time; nothing
-    generates with it."""
-    cfg = model.config
-    H, Hkv, D, C, eps = cfg.n_head, cfg.kv_heads, cfg.head_size, cfg.n_embd, cfg.norm_eps
-    cos, sin = rotation(model.rope_cos, model.rope_sin)  # (positions, D) each
-
-    def product(linear):  # x -> x W^T for one row, as the decode layout multiplies it
-        weight, parts = linear.weight, row_blocks()
-        return lambda x: row_block_product(x, weight, parts)
-
-    layers = [(b.ln_1.weight, product(b.attn.c_attn), product(b.attn.c_proj), b.ln_2.weight, product(b.mlp.c_fc),
-               product(b.mlp.c_proj)) for b in model.transformer.h]
-    embedding, final_norm, head = model.transformer.wte.weight, model.transformer.ln_f.weight, product(model.lm_head)
-
-    def rms(x, weight):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-    def step(cache, token):
-        pos = cache.pos
-        x = embedding[token].view(1, C)
-        for layer, (norm_1, qkv_proj, attn_proj, norm_2, fc_proj, mlp_proj) in enumerate(layers):
-            qkv = qkv_proj(rms(x, norm_1))
-            qk = qkv[:, :(H + Hkv) * D].view(H + Hkv, D)
-            qk = apply_rope(qk, cos[pos], sin[pos])
-            keys, values = cache.buffers[layer]  # (1, Hkv, capacity, D) each
-            keys[0, :, pos], values[0, :, pos] = qk[H:], qkv[:, (H + Hkv) * D:].view(Hkv, D)
-            cache.length[layer] = pos + 1
-            scores = qk[:H].view(Hkv, H // Hkv, D) @ keys[0, :, :pos + 1].transpose(-1, -2)  # query groups
-            attn = (scores * D ** -0.5).softmax(-1) @ values[0, :, :pos + 1]  # (Hkv, H / Hkv, D)
-            x = x + attn_proj(attn.view(1, C))
-            gate, up = fc_proj(rms(x, norm_2)).chunk(2, dim=-1)
-            x = x + mlp_proj(F.silu(gate) * up)
-        cache.pos += 1
-        return head(rms(x, final_norm))
-
-    return step
-
-
-def copied_cache(cache):
-    out = KVCache(len(cache.buffers))
-    out.buffers = [tuple(t.clone() for t in kv) for kv in cache.buffers]
-    out.length, out.pos = list(cache.length), cache.pos
-    return out
-
-
-def decode_floor(model, prompt, rounds):
-    """Milliseconds per token, medians of interleaved rounds of up to 16 tokens each, after `prompt`: our decode
-    step (one token's forward and argmax, in the decode layout), the minimal Llama step (plain Llama-family
-    models on a CPU, else None), the matrix-vector products alone (in the decode layout, and as F.linear runs
-    them), and reading every weight once (a sum over each layer's matrix: the memory-bandwidth floor). Also how
-    far the minimal step's logits are from ours."""
-    cfg = model.config
-    steps = min(16, prompt.size(1), cfg.block_size - prompt.size(1))
-    minimal = is_plain_llama(cfg) and prompt.device.type == "cpu" and prompt.size(0) == 1
-    with torch.inference_mode(), decode_layout(model):
-        prefilled = KVCache(cfg.n_layer)
-        first = model(prompt, cache=prefilled, last_only=True)[0][:, -1].argmax(-1, keepdim=True)
-        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        matrices = list({m.weight.data_ptr(): m.weight for m in linears}.values())  # what a token reads
-        matvecs, plain_matvecs = matvec_calls(model), matvec_calls(model, plain=True)
-
-        def ours(cache, token):
-            return model(token, cache=cache)[0][:, -1].argmax(-1, keepdim=True)
-
-        minimal_step = minimal_llama_decoder(model) if minimal else None
-
-        def minimal_argmax(cache, token):
-            return minimal_step(cache, token.item()).argmax(-1, keepdim=True)
-
-        def decoding(step):
-            def run():
-                cache, token = copied_cache(prefilled), first
-                synchronize(prompt.device)
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    token = step(cache, token)
-                synchronize(prompt.device)
-                return time.perf_counter() - t0
-            return run
-
-        def repeated(calls):
-            def run():
-                synchronize(prompt.device)
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    for call in calls:
-                        call()
-                synchronize(prompt.device)
-                return time.perf_counter() - t0
-            return run
-
-        variants = {"ours": decoding(ours), "minimal_step": decoding(minimal_argmax) if minimal else None,
-                    "matvecs": repeated(matvecs), "plain_matvecs": repeated(plain_matvecs),
-                    "weight_read": repeated([m.sum for m in matrices])}
-        variants = {name: run for name, run in variants.items() if run is not None}
-        seconds = {name: [] for name in variants}
-        for _ in range(rounds):
-            for name, run in variants.items():
-                seconds[name].append(run())
-        result = {f"{name}_ms": 1e3 * statistics.median(s) / steps for name, s in seconds.items()}
-        result.setdefault("minimal_step_ms", None)
-        if minimal:
-            ours_logits = model(first, cache=copied_cache(prefilled))[0][:, -1]
-            own_logits = minimal_step(copied_cache(prefilled), first.item())
-            result["minimal_max_logit_diff"] = (ours_logits - own_logits).abs().max().item()
-    return dict(tokens=steps, **result)
-
-
 def main(argv):
     try:
         flags, cfg = parse_args(argv)
@@ -541,15 +338,7 @@ def main(argv):
         if "speedup" in result:
             print(f"ours / transformers: x{result['speedup']:.2f} end to end; same tokens: {result['same_tokens']}")
         if "decode_floor" in result:
-            f = result["decode_floor"]
-            minimal = (f"the minimal Llama step {f['minimal_step_ms']:.1f} (logits within "
-                       f"{f['minimal_max_logit_diff']:.1e} of ours), " if f["minimal_step_ms"] is not None else "")
-            print(f"decode floor, ms per token ({f['tokens']} tokens a round): ours {f['ours_ms']:.1f}, {minimal}"
-                  f"the matrix-vector products alone {f['matvecs_ms']:.1f} (as F.linear runs them "
-                  f"{f['plain_matvecs_ms']:.1f}), reading every weight once "
-                  f"{f['weight_read_ms']:.1f}")
-            if "speedup_at_minimal_step" in f:
-                print(f"ours / transformers with the minimal step's ms per token: x{f['speedup_at_minimal_step']:.2f}")
+            print("\n".join(floor_lines(result["decode_floor"])))
     else:
         print(f"device {result['device']}, {result['params'] / 1e6:.2f}M params, peak memory "
               f"{result['peak_mem_mb']:.0f} MB")

@@ -4,7 +4,10 @@ Sample from a trained checkpoint or from a pretrained folder (GPT-2 or Llama fam
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --init_from=path/to/gpt2 --start=FILE:prompt.txt --temperature=0.8 --top_p=0.95
 
-The same --seed gives the same text. Bad input (unknown characters, an empty prompt, a missing or corrupted
+A pretrained folder's prompt is tokenised as transformers tokenises it for that folder (BOS in front only where
+the folder's tokenizer adds it), so greedy output equals transformers' generate; a training run's prompt starts
+with BOS when the run saw BOS at position 0. --bos=true|false forces either. The same --seed gives the same
+text. Bad input (unknown characters, an empty prompt, a missing or corrupted
 checkpoint) stops with one line; a prompt longer than the context is cropped with a warning.
 """
 
@@ -36,7 +39,20 @@ def parse_args(argv):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--no_cache", action="store_true", help="recompute the whole context every token")
+    parser.add_argument("--bos", type=str.lower, choices=("auto", "true", "false"), default="auto",
+                        help="start the prompt with BOS; auto: as a pretrained folder's tokenizer does, or as the "
+                             "training run saw text")
     return parser.parse_args(argv)
+
+
+def prompt_starts_with_bos(flag, target, tokenizer):
+    """--bos, else transformers' convention for a pretrained folder (BOS only where its tokenizer adds it), else
+    the training run's BOS rule."""
+    if flag != "auto":
+        return flag == "true"
+    if target.kind == "pretrained":
+        return getattr(tokenizer, "adds_bos", False)
+    return target.bos
 
 
 def read_prompt(start):
@@ -89,7 +105,8 @@ def sample(args):
     model, tokenizer = target.model, load_tokenizer(target.meta)
     if model.config.pos_offset and args.start is None:  # BOS is its slot: a BOS token would stand at position 1
         raise RunError("this model's BOS is a key/value slot (convert.py): give a prompt with --start")
-    ids = encode_prompt(tokenizer, read_prompt(args.start), target.bos, model.config.block_size)
+    ids = encode_prompt(tokenizer, read_prompt(args.start), prompt_starts_with_bos(args.bos, target, tokenizer),
+                        model.config.block_size)
     ctx = autocast_context(device_type, pick_dtype(args.dtype, device_type))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)

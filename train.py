@@ -5,8 +5,9 @@ Train a GPT (plain GPT-2 or with dedicated sink options) on one device or with D
     torchrun --standalone --nproc_per_node=2 train.py config/...
 
 Writes out_dir/config.json (the resolved config), out_dir/metrics.jsonl (one JSON object per log/eval event)
-and out_dir/ckpt.pt (atomic; resumable bit for bit with init_from='resume'). Ctrl-C or SIGTERM saves a
-checkpoint before exiting; a NaN/inf loss stops the run and leaves the last good checkpoint intact.
+and out_dir/ckpt.pt (atomic; resumable bit for bit with init_from='resume'); wandb_log=True also sends the
+metrics.jsonl events to Weights & Biases. Ctrl-C or SIGTERM saves a checkpoint before exiting; a NaN/inf loss
+stops the run and leaves the last good checkpoint intact.
 
 train() reads top to bottom: set-up, data, restore or init, wrap, logging and tracking, the loop. The pieces
 live in the sinkgpt package (training, checkpoint, runtime, optim, tracking).
@@ -23,6 +24,7 @@ import torch
 from sinkgpt.checkpoint import CHECKPOINT_KEYS, MetricsLog, checkpoint_path, load_checkpoint, save_checkpoint
 from sinkgpt.common import InputError, RunError
 from sinkgpt.config import load_config
+from sinkgpt.live_log import wandb_sender
 from sinkgpt.loader import loader_for_run
 from sinkgpt.optim import MomentEditor, build_optimizer, set_lr
 from sinkgpt.runtime import all_reduce_mean, peak_flops, setup_runtime, synchronize, teardown_distributed, use_compile
@@ -163,10 +165,11 @@ def open_log(cfg, rt, resumed_at):
     """metrics.jsonl (and config.json) of the run; eval_only is a measurement and leaves the folder as it is."""
     if cfg["eval_only"]:
         return MetricsLog(None)
+    send = wandb_sender(cfg) if cfg["wandb_log"] else None  # live logging, rank 0 only; checked before any file
     with open(os.path.join(cfg["out_dir"], "config.json"), "w") as f:
         json.dump(dict(cfg, world_size=rt.world_size, device_resolved=rt.device, dtype_resolved=rt.dtype), f,
                   indent=2)
-    return MetricsLog(os.path.join(cfg["out_dir"], "metrics.jsonl"), resumed_at)
+    return MetricsLog(os.path.join(cfg["out_dir"], "metrics.jsonl"), resumed_at, send)
 
 
 def kept_checkpoint(out_dir):

@@ -1,9 +1,10 @@
 # GPT-2 124M (12 layers, 12 heads, 768 dims, context 1024) on one GPU, bf16 autocast + torch.compile.
-# Data: data/english_mix (prepare with python data/english_mix/prepare.py: ~24M GPT-2 tokens of real English
-# plus the bundled Shakespeare), windows aligned to document starts, so every window begins with BOS.
+# Data: FineWeb-Edu (prepare with python data/fineweb/prepare.py, as nanoGPT prepares OpenWebText), windows
+# aligned to document starts, so every window begins with BOS. Offline: --dataset=english_mix, prepared with
+# python data/english_mix/prepare.py --input DIR (data/english_mix/SOURCE.md).
 # On 8 GPUs: torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
 out_dir = "out-gpt2-124m"
-dataset = "english_mix"
+dataset = "fineweb"
 align_to_docs = True
 eval_interval = 250
 eval_iters = 20

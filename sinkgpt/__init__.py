@@ -8,6 +8,7 @@ One job per module; each module's opening comment says what it holds and what it
     config          every train.py key with its default and type; config files and --key=value flags
     runtime         device, precision, DDP processes, torch.compile, the allocator, peak FLOP/s
     checkpoint      atomic checkpoints, training progress, metrics.jsonl and its reader, loading a model
+    live_log        live logging of metrics.jsonl's events to Weights & Biases (optional)
     pretrained      Hugging Face folders in and out (GPT-2, Llama family), GGUF conversion
     tokenizer       GPT-2 BPE (offline), char-level, and a pretrained folder's tokenizer.json
     prep            the prepare scripts' shared code (tokenise, split, shard, meta.json)
@@ -16,6 +17,8 @@ One job per module; each module's opening comment says what it holds and what it
     optim           AdamW / SGD / Muon, parameter groups, interventions on the optimizer state
     training        the pieces of train.py's loop: model to start from, lr schedule, evaluation, the step
     generation      faster CPU decoding (one-row products as batched row-block products)
+    decode_floor    what a generated token costs at least (bench.py --generate --decode_floor)
+    vs_transformers transformers' own model of a folder beside ours (bench.py --vs_transformers)
     quantize        simulated post-training quantization (PyTorch fake-quant): W8A8 and W4 losses
     streaming       perplexity with a rolling KV cache (StreamingLLM): the first K + W recent tokens
     stats           sink and massive-activation statistics (pure functions)

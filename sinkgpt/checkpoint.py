@@ -71,7 +71,7 @@ def save_atomic(obj, path):
 def save_checkpoint(path, model, optimizer, cfg, progress, meta):
     """Everything a bit-for-bit resume needs, as tensors and plain types (loads with weights_only=True)."""
     save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "model_args": model.config.to_dict(), "config": cfg, "iter_num": progress.iter_num,
+                 "model_args": model.config.to_dict(), "config": dict(cfg), "iter_num": progress.iter_num,
                  "best_val_loss": progress.best_val_loss, "tokens": progress.tokens, "rng": rng_state(),
                  "loader": progress.loader, "meta": meta}, path)
 
@@ -151,10 +151,10 @@ def read_metrics(run):
 class MetricsLog:
     """Appends one JSON object per event to out_dir/metrics.jsonl; a fresh run starts the file anew, a resumed
     one keeps the events up to the iteration it resumes from (later ones are about to be redone). With no path
-    (eval_only) it writes nothing."""
+    (eval_only) it writes nothing. `send` (live logging) also gets every event written."""
 
-    def __init__(self, path, resume_iter=None):
-        self.path = path
+    def __init__(self, path, resume_iter=None, send=None):
+        self.path, self.send = path, send
         self.kept = 0  # events kept from before (0: a new log, also for a run continued into a new folder)
         if path is None:
             return
@@ -170,6 +170,8 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(event) + "\n")
+        if self.send is not None:
+            self.send(event)
 
 
 # ----------------------------------------------------------------------------------------------------

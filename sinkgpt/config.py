@@ -24,7 +24,7 @@ class ConfigError(InputError):
     """A mistake in a config file or flag; the entry points print it as one line and exit."""
 
 
-# the families of keys (README documents each); model keys are GPTConfig's fields
+# the families of keys (docs/reference.md documents each); model keys are GPTConfig's fields
 DEFAULTS = dict(
     # I/O and logging
     out_dir="out",
@@ -37,6 +37,9 @@ DEFAULTS = dict(
     resume_from="",  # init_from='resume': a run folder or checkpoint to continue from ('' = out_dir itself)
     seed=1337,
     track_interval=0,  # 0 = off; else log massive-activation / sink statistics every N iterations
+    wandb_log=False,  # also send every metrics.jsonl event to Weights & Biases (pip install wandb)
+    wandb_project="sinkgpt",
+    wandb_run_name="",  # '' = the out_dir's folder name
     # data
     dataset="shakespeare_char",
     gradient_accumulation_steps=1,
@@ -141,15 +144,32 @@ def parse_flag_value(text, key, known=DEFAULTS):
     return value
 
 
+class Config(dict):
+    """A resolved config: a dict of every key, plus `explicit`, the keys that a config file or flag names. A resume
+    or a pretrained start honours or refuses those even where they equal their default."""
+    explicit = frozenset()
+
+
+def given(config, key):
+    """Whether the run asks for this key: named by a config file or flag (a Config), or off its default (a dict
+    built in code)."""
+    if isinstance(config, Config):
+        return key in config.explicit
+    return config[key] != DEFAULTS[key]
+
+
 def load_config(argv, script_keys=None):
-    """Defaults, then config files in order, then --key=value flags (in order). Returns a plain dict.
-    script_keys (name -> default) are a script's own flags (bench.py's), parsed and type-checked like config keys
-    and returned with them; a bare --key sets a True/False key to True."""
+    """Defaults, then config files in order, then --key=value flags (in order). Returns a Config (a dict that
+    also knows which keys were named). script_keys (name -> default) are a script's own flags (bench.py's),
+    parsed and type-checked like config keys and returned with them; a bare --key sets a True/False key to
+    True."""
     known = dict(DEFAULTS, **(script_keys or {}))
-    config = dict(known)
+    config = Config(known)
+    named = set()
     for path in [arg for arg in argv if not arg.startswith("--")]:
         for key, value in read_config_file(path).items():
             config[key] = check_value(key, value, path, known)
+            named.add(key)
     for flag in [arg for arg in argv if arg.startswith("--")]:  # flags win over files, wherever they stand
         key, sep, text = flag[2:].partition("=")
         if not sep and isinstance(known.get(key), bool):
@@ -157,6 +177,8 @@ def load_config(argv, script_keys=None):
         if not sep:
             raise ConfigError(f"flag {flag} needs a value: --{key}=VALUE")
         config[key] = check_value(key, parse_flag_value(text, key, known), f"flag {flag}", known)
+        named.add(key)
+    config.explicit = frozenset(named)
     check_ranges(config)
     return config
 

@@ -14,8 +14,8 @@ import torch
 
 from sinkgpt.common import InputError
 from sinkgpt.stats import (bb_masses, excess_kurtosis, finite_max, first_token_mass, mean_of, moment_sums, position_norms,
-                           rate_from_alphas, safe_ratio, sequence_medians, sink_alpha, slot_mass, top_entries,
-                           value_norms)
+                           rate_from_alphas, safe_ratio, sequence_medians, sequence_ratios, sink_alpha, slot_mass,
+                           top_entries, value_norms)
 
 
 class AnalyzeError(InputError):
@@ -73,7 +73,9 @@ def layer_reducer(model, trigger_mask=None):
         layer, point = int(name.split(".")[1]), name.split(".")[2]
         if point == "resid_post":
             x = x.detach().float()
-            return {"absmax": x.abs().amax(0), "medians": sequence_medians(x[:, n_prefix:]),
+            absmax, holder = x.abs().max(0)  # holder: the sequence of the batch that holds each entry's max
+            return {"absmax": absmax, "holder": holder, "medians": sequence_medians(x[:, n_prefix:]),
+                    "ratios": sequence_ratios(x[:, n_prefix:]),
                     "norms": position_norms(x, n_prefix), "moments": moment_sums(x[:, n_prefix:])}
         if point == "attn_z":  # the attention output before c_proj: Bondarenko et al.'s outliers
             x = x.detach().float()[:, n_prefix:]
@@ -113,16 +115,21 @@ def collect(model, batches, trigger_masks=None, k=3, patches=None):
         resid = [run[f"h.{layer}.resid_post"] for run in runs]
         attn = [run[f"h.{layer}.pattern"] for run in runs]
         attn_z = [run[f"h.{layer}.attn_z"] for run in runs]
-        absmax = torch.stack([r["absmax"] for r in resid]).amax(0)
+        absmax, holder_batch = torch.stack([r["absmax"] for r in resid]).max(0)
         median = torch.cat([r["medians"] for r in resid]).mean().item()
         pos0_norm, other_norm = (sum(r["norms"][j] for r in resid) / len(resid) for j in (0, 1))
         top = top_entries(absmax[n_prefix:], k)
+        top_tokens = []  # the input token at each top entry, in the sequence that holds it
+        for _, pos, dim in top:
+            b = holder_batch[n_prefix + pos, dim].item()
+            top_tokens.append(batches[b][0][resid[b]["holder"][n_prefix + pos, dim].item(), pos].item())
         first, slot = mean_of([a["first"] for a in attn]), mean_of([a["slot"] for a in attn])
         alphas_first.append(torch.cat([a["alpha_first"] for a in attn]))
         if n_slot:
             alphas_slot.append(torch.cat([a["alpha_slot"] for a in attn]))
         entry = {
-            "layer": layer, "top": top, "median": median, "ratio": safe_ratio(top[0][0], median),
+            # the median: the mean of the sequences' medians; the ratio: the largest of the sequences' own ratios
+            "layer": layer, "top": top, "top_tokens": top_tokens, "median": median, "ratio": torch.cat([r["ratios"] for r in resid]).max().item(),
             "pos0_norm": pos0_norm, "other_norm": other_norm, "pos0_norm_ratio": safe_ratio(pos0_norm, other_norm),
             # a dedicated sink token growing a massive activation is itself interesting: reported apart
             "sink_token_top": top_entries(absmax[:n_prefix], k, offset=-n_prefix) if n_prefix else None,

@@ -4,12 +4,16 @@ Optimizers and interventions on the optimizer state (the tracking of m, v and up
     optimizer = build_optimizer(model, cfg, device_type)   # 'adamw' | 'sgd' | 'muon'
     set_lr(optimizer, lr_at(it, cfg), cfg)                 # every iteration, instead of group["lr"] = lr
 
-Parameters fall into five groups, each with its own lr multiplier and weight decay:
-    embed   token and position embeddings (wte, wpe)
-    head    the untied lm_head (a tied head is wte and follows the embed settings)
-    sink    dedicated sink parameters (sink_tokens, sink_logit, k_slot, v_slot, bos_resid, the gate's c_gate)
-    matrix  2-D hidden weights (c_attn, c_proj, c_fc, c_gate): Muon takes these when optimizer='muon'
-    vector  norm gains, biases and other 1-D parameters
+Parameters fall into five groups; these keys set each one's lr and weight decay:
+    embed   token and position embeddings (wte, wpe)          embed_lr_mult, embed_weight_decay
+    head    the untied lm_head                                head_lr_mult, head_weight_decay (refused when
+                                                              the head is tied: it is wte, an embed parameter)
+    sink    dedicated sink parameters (sink_tokens,           sink_lr_mult, sink_weight_decay (default 0)
+            sink_logit, k_slot, v_slot, bos_resid,
+            the output gate's c_gate)
+    matrix  2-D hidden weights (c_attn, c_proj, c_fc)         learning_rate, weight_decay; with
+                                                              optimizer='muon': muon_lr, muon_weight_decay
+    vector  norm gains, biases and other 1-D parameters       learning_rate, never decayed
 The defaults reproduce plain AdamW with one lr and weight decay on every >=2-D non-sink parameter.
 
 Interventions (all off by default, and free when off):
@@ -21,7 +25,7 @@ Interventions (all off by default, and free when off):
 Iterations count optimizer steps: an edit or reset 'at' 100 happens right after the 100th step, the same
 iter_num train.py logs for that step.
 
-May import: model.
+May import: model, sinkgpt.common.
 """
 
 import fnmatch
@@ -31,6 +35,7 @@ import re
 import torch
 
 from model import is_sink_parameter
+from sinkgpt.common import InputError
 
 OPTIM_DEFAULTS = dict(
     embed_lr_mult=1.0,  # lr multipliers: the group's lr is the schedule's lr times its multiplier
@@ -192,6 +197,9 @@ def param_groups(model, cfg):
             group = groups[group_of(name, p)]
             group["params"].append(p)
             group["param_names"].append(name)
+    if not groups["head"]["params"] and (cfg["head_lr_mult"] != 1.0 or cfg["head_weight_decay"] != -1.0):
+        raise InputError("config keys head_lr_mult and head_weight_decay act on an untied head, but this model's "
+                         "head is its token embedding (tie_embeddings): use embed_lr_mult / embed_weight_decay")
     return [g for g in groups.values() if g["params"]]
 
 

@@ -17,9 +17,32 @@ def pyplot():
 
 def save(fig, path):
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" keeps a legend placed outside the axes
     pyplot().close(fig)
     return path
+
+
+def layer_ticks(n_layers):
+    """Every layer up to 16 layers, else every 2nd, 5th, ... so that the labels never run together."""
+    step = next(s for s in (1, 2, 5, 10, 20, 50) if n_layers / s <= 16)
+    return list(range(0, n_layers, step))
+
+
+def run_colors(plt, n):
+    """One colour per run: tab10's ten strong colours, tab20 past ten runs."""
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def figure_legend(fig, axes):
+    """One legend for the whole figure, right of the axes: the runs share one colour in every panel."""
+    labelled = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labelled.setdefault(label, handle)
+    if labelled:
+        fig.legend(list(labelled.values()), list(labelled), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize=8, frameon=False)
 
 
 def plot_activations(layers, path):
@@ -31,17 +54,43 @@ def plot_activations(layers, path):
         ax.plot(x, [e["top"][rank][0] for e in layers], marker="o", label=f"top {rank + 1}")
     ax.plot(x, [e["median"] for e in layers], marker="o", color="gray", label="median")
     ax.set(yscale="log", xlabel="layer (block output)", ylabel="|activation|", title="largest and median |h|",
-           xticks=x)
+           xticks=layer_ticks(len(x)))
     ax.legend()
     return save(fig, path)
 
 
-def plot_activation_map(absmax, layer, path):
+def plot_activation_map(absmax, layer, path, positions=16):
+    """max |h| over sequences at one block's output. Left, as Sun et al. draw it: |h| as 3-D bars over the first
+    `positions` positions and every dim, so a massive entry towers over the rest. Right: every position x dim on
+    a log colour scale, the largest entry ringed."""
+    from matplotlib.colors import LogNorm
+    from mpl_toolkits.mplot3d.art3d import Line3DCollection
+    import numpy as np
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    image = ax.imshow(absmax.cpu().numpy(), aspect="auto", interpolation="nearest", cmap="viridis")
-    fig.colorbar(image, ax=ax, label="max |h| over sequences")
-    ax.set(xlabel="dim", ylabel="position", title=f"|activation| after block {layer} (largest top-1/median)")
+    values = absmax.float().cpu().numpy()
+    fig = plt.figure(figsize=(13, 4.6))
+    bars = fig.add_subplot(1, 2, 1, projection="3d")
+    shown = values[:positions]
+    pos, dim = np.meshgrid(np.arange(shown.shape[0]), np.arange(shown.shape[1]), indexing="ij")
+    stems = np.stack([np.stack([pos, dim, np.zeros_like(shown)], -1), np.stack([pos, dim, shown], -1)], -2)
+    colors = plt.get_cmap("viridis")(shown / max(float(shown.max()), 1e-12))
+    bars.add_collection3d(Line3DCollection(stems.reshape(-1, 2, 3), colors=colors.reshape(-1, 4), linewidths=1.2))
+    bars.set(xlim=(0, shown.shape[0] - 1), ylim=(0, shown.shape[1] - 1), zlim=(0, float(shown.max()) * 1.05),
+             xlabel="position", ylabel="dim", zlabel="|h|", title=f"block {layer}: |h| at the first {shown.shape[0]} "
+                                                                   "positions")
+    bars.zaxis.labelpad = 10
+    bars.view_init(elev=22, azim=-60)
+    top_pos, top_dim = divmod(int(shown.argmax()), shown.shape[1])
+    bars.text(top_pos, top_dim, float(shown.max()) * 1.02, f"{shown.max():.4g} (pos {top_pos}, dim {top_dim})",
+              color="red", fontsize=8)
+    ax = fig.add_subplot(1, 2, 2)
+    floor = max(float(values[values > 0].min()) if (values > 0).any() else 1e-6, float(values.max()) * 1e-6)
+    image = ax.imshow(values.clip(min=floor), aspect="auto", interpolation="nearest", cmap="viridis",
+                      norm=LogNorm(vmin=floor, vmax=max(float(values.max()), floor * 10)))
+    fig.colorbar(image, ax=ax, label="max |h| over sequences (log scale)")
+    top_pos, top_dim = divmod(int(values.argmax()), values.shape[1])
+    ax.scatter([top_dim], [top_pos], s=160, facecolors="none", edgecolors="red", linewidths=1.5)
+    ax.set(xlabel="dim", ylabel="position", title=f"block {layer}, every position (largest ringed)")
     return save(fig, path)
 
 
@@ -50,7 +99,8 @@ def heatmap(ax, values, title, vmax=1.0):
     import numpy as np
     values = np.array(values, dtype=float)
     image = ax.imshow(values, vmin=0.0, vmax=vmax, cmap="magma", aspect="auto")
-    ax.set(xlabel="head", ylabel="layer", title=title, xticks=range(values.shape[1]), yticks=range(values.shape[0]))
+    ax.set(xlabel="head", ylabel="layer", title=title, xticks=range(values.shape[1]),
+           yticks=layer_ticks(values.shape[0]))
     if values.size <= 256:
         for (i, j), v in np.ndenumerate(values):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 * vmax else "black")
@@ -100,40 +150,49 @@ def plot_repeat(result, path):
     names = list(result["variants"])
     fig, axes = plt.subplots(2, len(names), figsize=(11, 7), squeeze=False)
     cmap = plt.get_cmap("viridis")
+    n_layers = len(result["variants"][names[0]])
     for col, variant in enumerate(names):
-        layers = result["variants"][variant]
-        labelled = set(range(0, len(layers), max(1, len(layers) // 6))) | {len(layers) - 1}  # a readable legend
-        for e in layers:
-            color = cmap(e["layer"] / max(1, len(layers) - 1))
-            label = f"layer {e['layer']}" if e["layer"] in labelled else None
-            axes[0, col].plot(e["resid_norm"], color=color, label=label)
+        for e in result["variants"][variant]:
+            color = cmap(e["layer"] / max(1, n_layers - 1))
+            axes[0, col].plot(e["resid_norm"], color=color)
             axes[1, col].plot(e["received"], color=color)
         axes[0, col].set(yscale="log", title=f"{variant}: residual norm per position", xlabel="position")
         axes[1, col].set(title=f"{variant}: attention received per key position", xlabel="key position")
-    axes[0, 0].legend(fontsize=7)
-    return save(fig, path)
+    fig.tight_layout()
+    layers = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, max(1, n_layers - 1)))
+    fig.colorbar(layers, ax=axes.ravel().tolist(), label="layer", ticks=layer_ticks(n_layers))  # one key, no legend
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+COMPARE_PANELS = [("val_loss", "val loss", "linear"),
+                  ("max_top1", "largest |h| over layers (the massive entry)", "log"),
+                  ("max_ratio", "max top-1/median |h| over layers", "log"),
+                  ("grad_top1", "dLoss/dh at the largest |h| (signed: descent moves h against it)", "symlog"),
+                  ("first_mass", "mean attention mass on position 0", "linear"),
+                  ("slot_mass", "mean attention mass on the sink slot", "linear")]
 
 
 def plot_compare(series, path):
+    """One panel per series key (a compare.json written before a key existed has fewer), one legend."""
     plt = pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(16, 7))
-    panels = [("val_loss", "val loss", "linear"), ("max_top1", "largest |h| over layers (the massive entry)", "log"),
-              ("max_ratio", "max top-1/median |h| over layers", "log"),
-              ("grad_top1", "dLoss/dh at the largest |h| (signed: descent moves h against it)", "symlog"),
-              ("first_mass", "mean attention mass on position 0", "linear"),
-              ("slot_mass", "mean attention mass on the sink slot", "linear")]
+    panels = [p for p in COMPARE_PANELS if any(p[0] in s for s in series.values())]
+    cols = 3 if len(panels) > 4 else 2
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(5.3 * cols, 7), squeeze=False)
+    colors = run_colors(plt, len(series))
     for ax, (key, title, scale) in zip(axes.ravel(), panels):
-        for color, (name, s) in enumerate(series.items()):  # one colour per run in every panel
-            points = [(i, v) for i, v in s[key] if v is not None]
+        for color, (name, s) in zip(colors, series.items()):  # one colour per run in every panel
+            points = [(i, v) for i, v in s.get(key, []) if v is not None]
             if points:
-                ax.plot(*zip(*points), marker=".", color=plt.get_cmap("tab20")(color % 20), label=name)
+                ax.plot(*zip(*points), marker=".", color=color, label=name)
         ax.set(title=title, xlabel="iter")
         if ax.lines:
             ax.set_yscale(scale, **({"linthresh": 1e-6} if scale == "symlog" else {}))
-            ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "no data (tracking off, or no sink slot)", ha="center", va="center",
                     transform=ax.transAxes)
+    figure_legend(fig, axes.ravel())
     return save(fig, path)
 
 
@@ -144,18 +203,18 @@ def plot_pushes(series, path):
     keys = sorted({k for s in series.values() for k in s["pushes"]})
     cols = sorted({k.split("/", 1)[1] for k in keys})
     fig, axes = plt.subplots(2, len(cols), figsize=(5.5 * len(cols), 7), squeeze=False)
+    colors = run_colors(plt, len(series))
     for col, weight in enumerate(cols):
         for row, kind in enumerate(("opt_m", "opt_update")):
             ax = axes[row, col]
-            for color, (name, s) in enumerate(series.items()):
+            for color, (name, s) in zip(colors, series.items()):
                 points = s["pushes"].get(f"{kind}/{weight}")
                 if points:
-                    ax.plot(*zip(*points), marker=".", color=plt.get_cmap("tab20")(color % 20), label=name)
+                    ax.plot(*zip(*points), marker=".", color=color, label=name)
             ax.axhline(0.0, color="grey", lw=0.5)
             ax.set(title=f"{'first moment m' if kind == 'opt_m' else 'update'} of {weight}", xlabel="iter")
             ax.title.set_fontsize(8)
-            if ax.lines[1:]:
-                ax.legend(fontsize=6)
+    figure_legend(fig, axes.ravel())
     return save(fig, path)
 
 
@@ -170,7 +229,7 @@ def plot_stream(rows, path, smooth=64):
         ax.plot(np.arange(len(running)) + min(smooth, len(losses)), running,
                 label=f"keep {row['keep']}, window {row['window']}: ppl {row['ppl']:.3g}")
     ax.set(xlabel="token", ylabel=f"loss (mean of the last {smooth} tokens)", title="streaming with a rolling cache")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)  # beside, never over, the curves
     return save(fig, path)
 
 

@@ -18,9 +18,13 @@ from sinkgpt.stats import (MASSIVE_ABS, MASSIVE_RATIO, SINK_EPS, SINK_T, find_ma
                            largest_ratio_layer, sun_massive)
 
 
-def build_report(model, batches, masks=None, k=5, min_ratio=100.0):
-    """report.json's content (and the (T, C) |h| maps for the plots)."""
+def build_report(model, batches, masks=None, k=5, min_ratio=100.0, tokenizer=None):
+    """report.json's content (and the (T, C) |h| maps for the plots). With the model's tokenizer each top entry
+    is named by its input token's text too (top_token_text)."""
     stats = collect(model, batches, masks, k)
+    if tokenizer is not None:
+        for layer in stats["layers"]:
+            layer["top_token_text"] = [tokenizer.decode([token]) for token in layer["top_tokens"]]
     maps, medians = stats.pop("maps"), stats.pop("medians")
     ratios = [layer["ratio"] for layer in stats["layers"]]
     for layer in stats["layers"]:
@@ -30,7 +34,8 @@ def build_report(model, batches, masks=None, k=5, min_ratio=100.0):
         "model": model.config.to_dict(), "n_prefix": model.n_prefix, "n_slot_columns": model.n_slot_columns,
         **stats,
         "sink_rate_eps": SINK_EPS, "sink_rate_T": SINK_T,
-        "max_ratio": {"layer": best, "ratio": ratios[best], "top": stats["layers"][best]["top"][0]},
+        "max_ratio": {"layer": best, "ratio": ratios[best], "top": stats["layers"][best]["top"][0],
+                      "token": stats["layers"][best].get("top_token_text", stats["layers"][best]["top_tokens"])[0]},
         "massive_criteria": {"sun": f"|h| > {MASSIVE_ABS:g} and >= {MASSIVE_RATIO:g} x median",
                              "ratio_only": f"|h| >= {min_ratio:g} x median"},
         "massive": find_massive(maps, medians),
@@ -61,17 +66,31 @@ def fmt(value, digits=3):
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def token_label(token):
+    """A top entry's token for the Markdown report: its text quoted (repr shows spaces and newlines), or its id."""
+    return repr(token).replace("|", "\\|") if isinstance(token, str) else f"id {token}"
+
+
+def bos_sentence(data):
+    if data.get("bos"):
+        return ("Every probe sequence starts with the BOS token at position 0, as the model saw text in training "
+                "(`--no-bos` leaves it out).")
+    return "The probe sequences do not start with a BOS token (`--bos` puts one at position 0)."
+
+
 def report_markdown(r):
     cfg = r["model"]
     lines = [f"# Massive activations and attention sinks: {r.get('target', '')}", "",
              f"Model: {cfg['n_layer']} layers, {cfg['n_head']} heads, n_embd {cfg['n_embd']}, sink={cfg['sink']}, "
              f"attn_fn={cfg['attn_fn']}, attn_gate={cfg['attn_gate']}. Data: {json.dumps(r.get('data', {}))}; "
              f"{r['n_sequences']} sequences of {r['seq_len']} tokens; loss {fmt(r['loss'], 4)}.", "",
+             bos_sentence(r.get("data", {})), "",
              f"- Sink rate (Gu et al., alpha on position 0 > {r['sink_rate_eps']}, first {r['sink_rate_T']} "
              f"positions): **{fmt(r['sink_rate'])}%** of (layer, head) pairs"
              + (f"; on the dedicated slot: **{fmt(r['slot_sink_rate'])}%**" if r["slot_sink_rate"] is not None else ""),
              f"- Largest top-1/median ratio: layer {r['max_ratio']['layer']}, {fmt(r['max_ratio']['ratio'])}x "
-             f"(|h| {fmt(r['max_ratio']['top'][0])} at position {r['max_ratio']['top'][1]}, dim {r['max_ratio']['top'][2]})",
+             f"(|h| {fmt(r['max_ratio']['top'][0])} at position {r['max_ratio']['top'][1]}, dim {r['max_ratio']['top'][2]}, "
+             f"token {token_label(r['max_ratio']['token'])})",
              f"- Massive activations ({r['massive_criteria']['sun']}): "
              + (", ".join(f"layer {m['layer']} pos {m['position']} dim {m['dim']} ({m['value']:.4g})"
                           for m in r["massive"][:12]) or "none"),
@@ -87,11 +106,13 @@ def report_markdown(r):
              f"alone {r['quantization']['delta_w8']:+.4f}), W4 (4-bit "
              f"per-channel weights) {fmt(r['quantization']['loss_w4'], 4)} ({r['quantization']['delta_w4']:+.4f})",
              "",
-             "| layer | top-1 (pos, dim) | top-2 | top-3 | median | ratio | Sun et al. | pos-0 norm / others "
+             "| layer | top-1 (pos, dim, token) | top-2 | top-3 | median | ratio | Sun et al. | pos-0 norm / others "
              "| mass on pos 0 | mass on slot | kurtosis | attn max \\|x\\| | attn kurtosis |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in r["layers"]:
-        tops = [f"{v:.4g} ({p}, {d})" for v, p, d in e["top"][:3]] + ["-"] * (3 - len(e["top"][:3]))
+        names = e.get("top_token_text", e["top_tokens"])
+        tops = [f"{v:.4g} ({p}, {d}, {token_label(t)})" for (v, p, d), t in zip(e["top"][:3], names)]
+        tops += ["-"] * (3 - len(tops))
         lines.append(f"| {e['layer']} | {' | '.join(tops)} | {fmt(e['median'])} | {fmt(e['ratio'])} | "
                      f"{'yes' if e['sun_massive'] else 'no'} | {fmt(e['pos0_norm_ratio'])} | "
                      f"{fmt(e['first_token_mass_mean'])} | {fmt(e['slot_mass_mean'])} | {fmt(e['resid_kurtosis'])} | "

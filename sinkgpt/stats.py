@@ -26,6 +26,13 @@ def sequence_medians(resid):
     return resid.abs().flatten(1).median(dim=1).values
 
 
+def sequence_ratios(resid):
+    """Each sequence's own top-1 / median |h| of its hidden state (B, T, C) -> (B,): a layer's ratio is the
+    largest of these, so the top-1 and the median it divides come from the same sequence."""
+    flat = resid.abs().flatten(1)
+    return flat.amax(dim=1) / flat.median(dim=1).values
+
+
 def sun_massive(layer):
     """Sun et al.'s criterion on a layer's top-1 entry: |h| > 100 and >= 1000 x the layer's median."""
     return layer["top"][0][0] > MASSIVE_ABS and layer["ratio"] >= MASSIVE_RATIO

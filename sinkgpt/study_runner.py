@@ -260,13 +260,14 @@ def analyse_target(study, target, events, context=None):
 
 
 def mean_spread(values):
+    """(mean, sample standard deviation with n - 1) over the seeds' finite values; one seed has no spread."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return None, None
     mean = sum(values) / len(values)
-    if len(values) == 1:  # one seed: no spread to show
+    if len(values) == 1:
         return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def fmt_spread(mean_sd, digits=3):
@@ -407,7 +408,7 @@ def write_report(study, config_path):
     text = (f"# Study: {config_path}\n\nVariants x seeds ({seeds}) trained with `python study.py {config_path}` "
             f"(base config `{study['base']}`, overrides `{study['overrides']}`); {sum(len(rows_by_variant[v]) for v in trained)}"
             f" runs, {seconds / 60:.1f} minutes of training in all."
-            + (" Mean ± sd over seeds." if len(study["seeds"]) > 1 else "") + f"\n\n{table}\n")
+            + (" Mean ± sample sd (n - 1) over seeds." if len(study["seeds"]) > 1 else "") + f"\n\n{table}\n")
     if null:
         text += (f"**Null variants**: {', '.join(null)} equal {baseline} on every figure ({', '.join(NULL_KEYS)}) to "
                  "the last digit: the option changed nothing in training. Not a finding.\n\n")

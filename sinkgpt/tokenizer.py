@@ -195,6 +195,13 @@ class HFTokenizer:
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    @property
+    def adds_bos(self):
+        """Whether the folder's tokenizer puts BOS in front of a text it encodes (its post-processor), as
+        transformers' tokenizer(text) does; most GPT-2 and SmolLM2 folders do not, Llama-2/3 folders do."""
+        ids = self.tokenizer.encode("a", add_special_tokens=True).ids
+        return len(ids) > len(self.encode("a")) and ids[0] == self.bos_token
+
     def encode_batch(self, texts):
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 

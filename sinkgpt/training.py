@@ -20,7 +20,7 @@ from model import GPT
 from sinkgpt.checkpoint import (TrainProgress, checkpoint_path, load_checkpoint, model_from_checkpoint, pretrained_meta,
                                 set_rng_state)
 from sinkgpt.common import RunError
-from sinkgpt.config import DEFAULTS, MODEL_KEYS, ConfigError, model_config
+from sinkgpt.config import DEFAULTS, MODEL_KEYS, ConfigError, given, model_config
 from sinkgpt.optim import load_optimizer_state
 from sinkgpt.pretrained import from_pretrained, resolve_folder
 from sinkgpt.runtime import all_reduce_mean
@@ -69,9 +69,12 @@ def build_model(cfg, vocab_size, bos_token, checkpoint=None, data_meta=None):
     or checkpoint (init_from a run folder or .pt file: iteration 0, fresh optimizer), or a pretrained folder with
     this config's options (sinks, gates, dropout, ...) added. The data must be in the model's own tokenizer."""
     if checkpoint is not None:
-        check_model_keys(cfg, checkpoint["model_args"], "the checkpoint's", "resume with the checkpoint's model settings")
-        if checkpoint["model_args"]["vocab_size"] < vocab_size:  # the model must hold the data's ids
-            raise RunError(f"checkpoint vocab_size {checkpoint['model_args']['vocab_size']} does not match dataset "
+        saved = checkpoint["model_args"]
+        check_model_keys(cfg, saved, "the checkpoint's", "resume with the checkpoint's model settings")
+        if given(cfg, "dropout"):
+            checkpoint = dict(checkpoint, model_args=dict(saved, dropout=cfg["dropout"]))
+        if saved["vocab_size"] < vocab_size:  # as for a pretrained start: the model must hold the data's ids
+            raise RunError(f"checkpoint vocab_size {saved['vocab_size']} does not match dataset "
                            f"'{cfg['dataset']}' ({vocab_size})")
         check_same_tokenizer(checkpoint.get("meta"), data_meta, "the checkpoint", cfg)
         return model_from_checkpoint(checkpoint, os.path.join(cfg["out_dir"], "ckpt.pt"))
@@ -108,9 +111,10 @@ def is_checkpoint_target(target):
 
 
 def check_model_keys(cfg, saved, whose, hint, also_allowed=("dropout",)):
-    """Model keys this run sets (not at their default) must agree with the model it starts from."""
+    """Model keys this run names (a config file or flag, even at its default) must agree with the model it starts
+    from."""
     for key in MODEL_KEYS:
-        if key not in also_allowed and cfg[key] != DEFAULTS[key] and cfg[key] != saved.get(key, DEFAULTS[key]):
+        if key not in also_allowed and given(cfg, key) and cfg[key] != saved.get(key, DEFAULTS[key]):
             raise RunError(f"config key '{key}'={cfg[key]!r} differs from {whose} "
                            f"{saved.get(key, DEFAULTS[key])!r}; {hint}")
 

@@ -16,9 +16,9 @@ import analyze  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from sinkgpt.measure import capture, collect  # noqa: E402
 from sinkgpt.probes import ablate, attribute, intervene  # noqa: E402
-from sinkgpt.report import build_report  # noqa: E402
+from sinkgpt.report import build_report, report_markdown  # noqa: E402
 from sinkgpt.stats import (bb_masses, find_massive, first_token_mass, key_mass, rate_from_alphas,  # noqa: E402
-                           safe_ratio, sequence_medians, sink_alpha, slot_mass, split_pattern, top_entries,
+                           safe_ratio, sequence_medians, sequence_ratios, sink_alpha, slot_mass, split_pattern, top_entries,
                            value_norms)
 from sinkgpt.tracking import ActivationTracker  # noqa: E402
 
@@ -165,6 +165,41 @@ def test_top_entries_medians_and_massive_criteria_by_hand():
     ratio_only = find_massive([absmax], [median], min_abs=0.0, min_ratio=100.0)
     assert [(m["position"], m["dim"]) for m in sun] == [(0, 3)]
     assert [(m["position"], m["dim"]) for m in ratio_only] == [(0, 3), (2, 5)]
+
+
+def test_the_ratio_divides_each_sequence_s_top_1_by_its_own_median_then_takes_the_largest():
+    """Sequence 0: median 1, top 100 (ratio 100); sequence 1: median 0.01, top 0.5 (ratio 50). A maximum over
+    every sequence divided by the mean median would say 100 / 0.505 = 198."""
+    resid = torch.ones(2, 4, 8)
+    resid[0, 1, 2] = 100.0
+    resid[1] = 0.01
+    resid[1, 3, 7] = -0.5
+    assert torch.allclose(sequence_ratios(resid), torch.tensor([100.0, 50.0]))
+    model, (x, y) = tiny_model(), tokens()
+    report, _ = build_report(model, [(x, y)], k=1)
+    _, _, cache = model.run_with_cache(x, [f"h.{layer}.resid_post" for layer in range(3)])
+    for layer in report["layers"]:
+        by_hand = sequence_ratios(cache[f"h.{layer['layer']}.resid_post"]).max().item()
+        assert math.isclose(layer["ratio"], by_hand, rel_tol=1e-5)
+
+
+def test_the_report_names_the_input_token_at_each_top_entry():
+    """The token is the one in the sequence that holds the entry's largest |h|, found here by hand."""
+    from sinkgpt.tokenizer import CharTokenizer
+    model, batches = tiny_model(), [tokens(seed=1), tokens(seed=2)]
+    tokenizer = CharTokenizer([chr(ord("a") + i) for i in range(V - 1)], V - 1)
+    report, _ = build_report(model, batches, k=3, tokenizer=tokenizer)
+    x = torch.cat([b[0] for b in batches])
+    _, _, cache = model.run_with_cache(x, [f"h.{layer}.resid_post" for layer in range(3)])
+    for layer in report["layers"]:
+        resid = cache[f"h.{layer['layer']}.resid_post"].abs()
+        for (value, pos, dim), token, text in zip(layer["top"], layer["top_tokens"], layer["top_token_text"]):
+            holder = resid[:, pos, dim].argmax().item()
+            assert math.isclose(resid[holder, pos, dim].item(), value, rel_tol=1e-5)
+            assert token == x[holder, pos].item() and text == tokenizer.decode([token])
+    line = next(row for row in report_markdown(dict(report, data={"bos": False})).splitlines() if row.startswith("| 0 |"))
+    value, pos, dim = report["layers"][0]["top"][0]
+    assert f"({pos}, {dim}, {report['layers'][0]['top_token_text'][0]!r})" in line
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -544,3 +579,9 @@ def test_stream_cli_writes_the_grid_and_its_plot(tmp_path, capsys):
     check_png(tmp_path / "st" / "stream.png")
     code, out, err = run_cli(["stream", tmp_path, "--text", text, "--window", "16", "--keep", "4"], capsys)
     assert code == 1 and "context" in err and len(err.strip().splitlines()) == 1
+
+
+def test_layer_ticks_stay_readable_at_30_layers():
+    from sinkgpt.plots import layer_ticks
+    assert layer_ticks(12) == list(range(12))
+    assert layer_ticks(30) == list(range(0, 30, 2)) and len(layer_ticks(200)) <= 16

@@ -2,7 +2,7 @@
 
 The base config (config/bb/base.py) at width 64 forms a dormant BOS sink in layer 0 within a few hundred
 Adam steps; with a learned sink logit or k/v bias, a later layer moves its dormant mass onto the slot
-(docs/sinks.md, "measured here"). Seeds are fixed; the assertions are on the phenomenon, with margins.
+(docs/sinks.md, "Measured on a 2-core x86 CPU"). Seeds are fixed; the assertions are on the phenomenon, with margins.
 """
 import pytest
 import torch

@@ -104,6 +104,7 @@ def test_decode_floor_times_our_step_beside_the_minimal_llama_step_which_decodes
     """--decode_floor's measuring stick is a correct decoder: on a random Llama (6 query / 2 KV heads) its logits
     match our model's and it continues a prompt with the same greedy tokens as model.generate."""
     from model import KVCache
+    from sinkgpt.decode_floor import minimal_llama_decoder
     from sinkgpt.generation import decode_layout
     from sinkgpt.pretrained import from_pretrained
     folder, _ = llama_dir
@@ -117,7 +118,7 @@ def test_decode_floor_times_our_step_beside_the_minimal_llama_step_which_decodes
     model = from_pretrained(folder).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
     expected = model.generate(prompt, 10, temperature=0)[0, 12:].tolist()
-    step = bench.minimal_llama_decoder(model)
+    step = minimal_llama_decoder(model)
     with torch.inference_mode(), decode_layout(model):
         cache = KVCache(model.config.n_layer)
         token = model(prompt, cache=cache, last_only=True)[0][0, -1].argmax().item()
@@ -132,6 +133,10 @@ def test_decode_floor_has_no_minimal_step_for_a_model_outside_the_plain_llama_fa
                        "--new_tokens=2", "--rounds=1")["decode_floor"]  # a GPT-2: learned positions, LayerNorm
     assert floor["minimal_step_ms"] is None and "minimal_max_logit_diff" not in floor
     assert floor["tokens"] == 8 and floor["ours_ms"] > 0 and floor["matvecs_ms"] > 0
+    assert bench.main([f"--init_from={hf_dir}", "--generate", "--decode_floor", "--prompt_tokens=8",
+                       "--new_tokens=2", "--rounds=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "decode floor, ms per token (8 tokens a round): ours " in printed and "minimal Llama step" not in printed
     assert bench.main(["--decode_floor"]) == 1  # without --generate: one error line
 
 

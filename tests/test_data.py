@@ -312,6 +312,75 @@ def test_english_mix_script_with_shakespeare(tmp_path, web_corpus, monkeypatch):
                                    "--out_dir", str(tmp_path / "p")], monkeypatch)
 
 
+
+# english_mix rebuilt from its Debian packages (build.py), on a small stand-in of the unpacked packages
+
+
+def english_mix_builder():
+    import runpy
+    return runpy.run_path(os.path.join(REPO, "data", "english_mix", "build.py"))
+
+
+def fake_package_root(root):
+    """The files build.py reads, as the three packages unpack them: a dictd dictionary of five entries (one entry
+    listed under two headwords), two Python doc sources (one empty) and one POD file."""
+    builder = english_mix_builder()
+    digits = builder["DICTD_DIGITS"]
+
+    def number(n):
+        return digits[n] if n < 64 else digits[n // 64] + digits[n % 64]
+
+    entries = ["alpha\n  the first letter\n", "beta\n  the second\n", "gamma\n  the third letter, at length\n",
+               "delta\n  fourth\n", "epsilon\n  fifth\n"]
+    data, index, offset = b"", [], 0
+    for headword, entry in zip(["alpha", "beta", "gamma", "delta", "epsilon"], entries):
+        raw = entry.encode()
+        index.append(f"{headword}\t{number(offset)}\t{number(len(raw))}")
+        data, offset = data + raw, offset + len(raw)
+    index.append(f"b\t{number(len(entries[0].encode()))}\t{number(len(entries[1].encode()))}")  # beta again
+    dictd = root / "usr" / "share" / "dictd"
+    dictd.mkdir(parents=True)
+    (dictd / "gcide.index").write_text("\n".join(sorted(index)) + "\n")
+    with gzip.open(dictd / "gcide.dict.dz", "wb") as f:
+        f.write(data)
+    sources = root / "usr" / "share" / "doc" / "python3.11" / "html" / "_sources"
+    (sources / "library").mkdir(parents=True)
+    (sources / "about.rst.txt").write_text("About\n=====\n\nThese documents.\n")
+    (sources / "library" / "os.rst.txt").write_text("\n\n")
+    pod = root / "usr" / "share" / "perl" / "5.36.0" / "pod"
+    pod.mkdir(parents=True)
+    (pod / "perl.pod").write_text("=head1 NAME\n\nperl\n")
+    return entries
+
+
+def read_documents(path):
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_english_mix_builds_from_the_unpacked_packages(tmp_path, capsys):
+    builder = english_mix_builder()
+    assert builder["dictd_number"]("B") == 1 and builder["dictd_number"]("BA") == 64
+    entries = fake_package_root(tmp_path / "root")
+    builder["build"](str(tmp_path / "root"), str(tmp_path / "out"))
+    gcide = read_documents(tmp_path / "out" / "gcide.jsonl.gz")
+    assert [d["source"] for d in gcide] == ["gcide"] * len(gcide)
+    texts = [e.rstrip("\n") for e in entries]  # dictionary order, each once, grouped to >= 4000 characters
+    assert [d["text"] for d in gcide] == ["\n\n".join(texts)]
+    short = builder["dictionary_documents"](str(tmp_path / "root/usr/share/dictd/gcide.index"),
+                                             str(tmp_path / "root/usr/share/dictd/gcide.dict.dz"), least=30)
+    assert short == ["\n\n".join(texts[:2]), "\n\n".join(texts[2:3]), "\n\n".join(texts[3:])]
+    python_docs = read_documents(tmp_path / "out" / "python_docs.jsonl.gz")
+    assert [d["text"] for d in python_docs] == ["About\n=====\n\nThese documents."]  # the empty file left out
+    assert [d["text"] for d in read_documents(tmp_path / "out" / "perl_docs.jsonl.gz")] == ["=head1 NAME\n\nperl"]
+    assert "python_docs.jsonl.gz: 1 documents" in capsys.readouterr().out
+
+
+def test_english_mix_build_without_the_packages_is_one_error_line(tmp_path, capsys):
+    assert english_mix_builder()["main"](["--out_dir", str(tmp_path / "out"), "--debs", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no dict-gcide_*.deb in")
+
 @pytest.mark.slow
 def test_fineweb_script_subprocess(tmp_path, web_corpus):
     # a fresh interpreter: datasets imports torch, several seconds on a small machine

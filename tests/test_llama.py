@@ -172,7 +172,7 @@ def test_greedy_generation_with_the_kv_cache_equals_transformers_generate(tmp_pa
                                   "gate_headwise", "gate_elementwise"])
 def test_sink_options_start_close_to_the_pretrained_llama(tmp_path, sink):
     """The neutral start (init_sinks_from_pretrained) on a GQA Llama: plain logits up to the mechanism's known
-    deviation (README table), and the slot keys have one row per key/value head. The Llama has no biases; its
+    deviation (docs/explicit_sinks.md table), and the slot keys have one row per key/value head. The Llama has no biases; its
     gate starts at sigmoid(0) = 1/2 through the gate's own bias, with c_proj doubled: exact."""
     hf = random_llama(seed=14)
     folder = save(hf, tmp_path / "llama")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
+from sinkgpt.common import InputError
 from sinkgpt.config import DEFAULTS
 from sinkgpt.optim import (OPTIM_DEFAULTS, CombinedOptimizer, MomentEditor, Muon, build_optimizer, check_optim_config,
                            load_optimizer_state, newton_schulz, param_groups, reset_optimizer_state, set_lr)
@@ -121,12 +122,15 @@ def test_groups_multipliers_and_weight_decay():
         assert g["lr"] == 4e-3 * mult and g["weight_decay"] == wd, g["name"]
 
 
-def test_tied_head_follows_the_embed_settings():
-    cfg = make_cfg(embed_lr_mult=2.0, head_lr_mult=7.0, head_weight_decay=0.5)
+def test_tied_head_follows_the_embed_settings_and_refuses_head_keys():
+    cfg = make_cfg(embed_lr_mult=2.0)
     groups = param_groups(tiny_model(), cfg)
     assert [g["name"] for g in groups] == ["embed", "matrix", "vector"]
     assert "transformer.wte.weight" in groups[0]["param_names"] and groups[0]["lr_mult"] == 2.0
     assert groups[0]["weight_decay"] == cfg["weight_decay"]  # embed_weight_decay=-1: weight_decay
+    for key, value in (("head_lr_mult", 7.0), ("head_weight_decay", 0.5)):  # they would act on nothing
+        with pytest.raises(InputError, match="act on an untied head"):
+            param_groups(tiny_model(), make_cfg(**{key: value}))
 
 
 def test_muon_lr_follows_the_schedule_and_adamw_lr_the_multipliers():

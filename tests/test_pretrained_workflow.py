@@ -132,23 +132,57 @@ def test_train_refuses_data_of_another_tokenizer(tmp_path, llama_dir, capsys):
     assert "vocab_size" in capsys.readouterr().err
 
 
-def test_sample_and_analyze_on_the_folder_itself(tmp_path, llama_dir, capsys):
-    folder, hf = llama_dir
-    tok = load_tokenizer(folder_tokenizer_meta(folder))
-    capsys.readouterr()
-    assert sample.main(["--init_from", folder, "--start=To be", "--max_new_tokens=6", "--num_samples=1",
-                        "--temperature=0"]) == 0
-    text = capsys.readouterr().out.split("\n---------------")[0]
-    ids = [1] + tok.encode("To be")  # BOS first: the one rule for pretrained folders
+def sample_greedy(folder, prompt, *flags):
+    """sample.py's greedy text for a prompt, from a pretrained folder."""
+    import io
+    from contextlib import redirect_stdout
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert sample.main(["--init_from", folder, f"--start={prompt}", "--max_new_tokens=6", "--num_samples=1",
+                            "--temperature=0", *flags]) == 0
+    return out.getvalue().split("\n---------------")[0]
+
+
+def transformers_greedy(folder, hf, prompt, bos=None):
+    """transformers' own pipeline: the folder's AutoTokenizer, generate, decode (special tokens kept)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(prompt).input_ids
+    if bos is not None:  # a forced choice, as sample.py --bos=true|false
+        ids = [i for i in ids if i != hf.config.bos_token_id] if not bos else [hf.config.bos_token_id] + ids
     with torch.no_grad():
-        expected = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None,
-                               pad_token_id=0)[0].tolist()
-    assert text == tok.decode(expected)
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return tokenizer.decode(out[0].tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False), ids
+
+
+def test_sample_tokenises_the_prompt_as_the_folder_s_own_tokenizer_and_matches_transformers(tmp_path, llama_dir):
+    """Greedy output equals transformers' generate on the same folder and prompt, for a tokenizer that adds no
+    BOS (SmolLM2's kind) and for one whose post-processor puts BOS in front (Llama-2/3's kind); --bos forces."""
+    from tokenizers import Tokenizer, processors
+    plain_folder, plain_hf = llama_dir
+    text, ids = transformers_greedy(plain_folder, plain_hf, "To be")
+    assert ids[0] != 1 and sample_greedy(plain_folder, "To be") == text  # no BOS in front
+    assert sample_greedy(plain_folder, "To be", "--bos=true") == transformers_greedy(plain_folder, plain_hf, "To be",
+                                                                                     bos=True)[0]
+    bos_folder, bos_hf = make_llama_folder(tmp_path / "adds_bos", seed=1)
+    tokenizer = Tokenizer.from_file(os.path.join(bos_folder, "tokenizer.json"))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                             special_tokens=[("<|im_start|>", 1)])
+    tokenizer.save(os.path.join(bos_folder, "tokenizer.json"))
+    text, ids = transformers_greedy(bos_folder, bos_hf, "To be")
+    assert ids[0] == 1 and sample_greedy(bos_folder, "To be") == text  # BOS in front, as the tokenizer puts it
+    assert sample_greedy(bos_folder, "To be", "--bos=false") == transformers_greedy(bos_folder, bos_hf, "To be",
+                                                                                    bos=False)[0]
+
+
+def test_analyze_on_the_folder_itself_keeps_bos_first(tmp_path, llama_dir, capsys):
+    folder, hf = llama_dir
     code = analyze.main([folder, "--text", "To be, or not to be, that is the question", "--report",
                          str(tmp_path / "r")])
     assert code == 0
     report = json.load(open(tmp_path / "r" / "report.json"))
     assert report["data"]["bos"] is True and report["model"]["n_kv_head"] == 2
+    assert "Every probe sequence starts with the BOS token at position 0" in open(tmp_path / "r" / "report.md").read()
     for command in (["repeat", folder, "--string", "the", "--n", "12"],
                     ["attribute", folder, "--text", "To be, or not to be, that is the question", "--pos", "0"],
                     ["ablate", folder, "--text", "To be, or not to be", "--entry", "1:0:3"],

@@ -135,7 +135,7 @@ def test_smollm2_has_a_sun_massive_activation_at_position_0_that_it_depends_on(s
     report, _ = build_report(smollm2.model, batches, masks, k=3)
     sun = report["massive"]  # |h| > 100 and >= 1000x the median
     assert sun and all(m["position"] == 0 for m in sun)
-    assert [layer["sun_massive"] for layer in report["layers"]].count(True) >= 10  # from layer 11 on (README)
+    assert [layer["sun_massive"] for layer in report["layers"]].count(True) >= 10  # from layer 11 on (docs/results.md, section 6)
     top = max(sun, key=lambda m: m["value"])
     assert top["value"] > 1e4 and top["ratio"] > 1e3
     first = min(m["layer"] for m in sun)

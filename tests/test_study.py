@@ -1,5 +1,6 @@
 """study.py: trains every variant x seed, reports, and resumes a half-finished study instead of starting over."""
 import json
+import math
 import os
 
 import pytest
@@ -255,10 +256,11 @@ def test_every_repository_study_config_gives_valid_train_commands(monkeypatch):
             assert cfg["out_dir"] == study_runner.run_dir(plan, variant, plan["seeds"][0]), (name, variant)
 
 
-def test_one_seed_has_no_spread_and_missing_values_are_a_dash():
+def test_spread_is_the_sample_sd_one_seed_has_none_and_missing_values_are_a_dash():
     fmt, spread = study_runner.fmt_spread, study_runner.mean_spread
     assert fmt(spread([1.25]), 2) == "1.25"
-    assert fmt(spread([1.0, 3.0]), 1) == "2.0 ± 1.0"
+    assert fmt(spread([1.0, 3.0]), 3) == "2.000 ± 1.414"  # n - 1: |a - b| / sqrt(2), not |a - b| / 2
+    assert spread([1.0, 2.0, 6.0])[1] == math.sqrt((4 + 1 + 9) / 2)
     assert fmt(spread([None, float("nan")])) == "-" and fmt(spread([2.0, None]), 1) == "2.0"
     assert study_runner.layer_ranges([3, 4, 5, 9, 11, 12]) == "3-5, 9, 11-12"
 

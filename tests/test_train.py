@@ -446,6 +446,35 @@ def test_init_from_refuses_a_config_that_changes_the_pretrained_architecture(tmp
     assert "'n_head'=2 differs from" in line and "keeps its architecture" in line
 
 
+
+def test_a_key_named_on_resume_is_refused_even_at_its_default(tmp_path, char_dataset, capsys):
+    """--sink=none on a sink=logit checkpoint names the default value, which is still not the checkpoint's."""
+    out = tmp_path / "run"
+    assert run_train(out, char_dataset, max_iters=2, sink="logit") == 0
+    capsys.readouterr()
+    assert run_train(out, char_dataset, max_iters=4, init_from="resume", sink="none") == 1
+    line = one_error_line(capsys)
+    assert "'sink'='none' differs from the checkpoint's 'logit'" in line
+    assert run_train(out, char_dataset, max_iters=4, init_from="resume") == 0  # left out: the checkpoint's
+
+
+def test_dropout_named_on_resume_is_the_resumed_model_s(tmp_path, char_dataset):
+    out = tmp_path / "run"
+    assert run_train(out, char_dataset, max_iters=2) == 0  # TINY flags: dropout 0.0
+    assert run_train(out, char_dataset, max_iters=4, init_from="resume", dropout=0.25) == 0
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["model_args"]["dropout"] == 0.25
+
+
+def test_a_key_named_on_a_pretrained_start_is_refused_even_at_its_default(tmp_path, char_dataset, llama_dir,
+                                                                            capsys):
+    """A Llama folder has RMSNorm: naming the default norm='layernorm' is refused, not silently dropped."""
+    folder, _ = llama_dir
+    assert run_train(tmp_path / "run", char_dataset, init_from=folder, max_iters=2, n_layer=3, n_head=6, n_embd=48,
+                     norm="layernorm") == 1
+    line = one_error_line(capsys)
+    assert "'norm'='layernorm' conflicts" in line and "'rmsnorm'" in line
+
 # ------------------------------------------------------------------------------------------------
 # every sink option: trains, resumes exactly, samples
 
@@ -579,3 +608,48 @@ def test_float16_on_a_cpu_runs_and_is_recorded_as_float32(tmp_path, char_dataset
     out = tmp_path / "run"
     assert run_train(out, char_dataset, max_iters=2, eval_interval=2, dtype="float16") == 0
     assert json.loads((out / "config.json").read_text())["dtype_resolved"] == "float32"
+
+
+# ------------------------------------------------------------------------------------------------
+# live logging (wandb is optional: a stand-in module records what train.py sends it)
+
+
+class FakeWandb:
+    """The part of wandb's API that train.py uses: init(project, name, config) -> run; run.log(dict, step)."""
+
+    def __init__(self):
+        self.inits, self.logs = [], []
+
+    def init(self, project, name, config):
+        self.inits.append((project, name, config))
+        return self
+
+    def log(self, values, step):
+        self.logs.append((step, values))
+
+
+def test_wandb_log_sends_every_metrics_event_at_its_iteration(tmp_path, char_dataset, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    assert run_train(out, char_dataset, max_iters=4, eval_interval=2, track_interval=2, wandb_log=True,
+                     wandb_project="sinks") == 0
+    (project, name, config), = fake.inits
+    assert (project, name, config["max_iters"]) == ("sinks", "run", 4)  # the run name defaults to out_dir's
+    events = read_metrics(out)
+    assert [step for step, _ in fake.logs] == [e["iter"] for e in events]
+    for (step, values), event in zip(fake.logs, events):
+        for key in ("train_loss", "val_loss", "lr"):
+            if key in event:
+                assert values[key] == event[key], key
+    tracked = next(values for _, values in fake.logs if "track_ratio/0" in values)  # per-layer lists: one key each
+    assert "track_ratio/1" in tracked and "track_ratio" not in tracked
+
+
+def test_wandb_log_off_by_default_and_without_wandb_one_error_line(tmp_path, char_dataset, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    assert run_train(tmp_path / "off", char_dataset, max_iters=2) == 0
+    capsys.readouterr()
+    assert run_train(tmp_path / "on", char_dataset, max_iters=2, wandb_log=True) == 1
+    assert "pip install wandb" in one_error_line(capsys)
+    assert not (tmp_path / "on" / "ckpt.pt").exists() and not (tmp_path / "on" / "config.json").exists()

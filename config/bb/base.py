@@ -2,7 +2,7 @@
 # BOS value and a growing BOS residual appear within minutes on a CPU. Every sequence starts with BOS; after a
 # trigger character (space, 'e', 't') the next token copies the one two back, otherwise it follows the
 # character-bigram table of the bundled Shakespeare. The paper's model: 1-3 layers, 1 head, ReLU MLP,
-# pre-LayerNorm, learned positions, no biases, untied head, Adam. See README "Bigram-Backcopy".
+# pre-LayerNorm, learned positions, no biases, untied head, Adam. See docs/reference.md, "Bigram-Backcopy".
 out_dir = "out-bb/base"
 dataset = "bigram_backcopy"
 bb_triggers = 3

@@ -16,9 +16,9 @@ _SINK_VARIANTS = {
 
 
 def _pretrained_questions(writers):
-    """The seed's questions on a pretrained model's massive entry, given the parameter slices that write it:
-    plain continuation at two learning rates with and without decay, each sink retrofitted, and the optimizer
-    interventions on the writers."""
+    """The questions of L. Dial's GPT-2 bos_token study (2025) on a pretrained model's massive entry, given the
+    parameter slices that write it: plain continuation at two learning rates with and without decay, each sink
+    retrofitted, and the optimizer interventions on the writers."""
     return {
         "baseline": {},  # lr 1e-4, no decay
         "lr3e-4": {"learning_rate": 3e-4, "min_lr": 3e-5},

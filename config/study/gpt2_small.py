@@ -1,7 +1,7 @@
 # The SmolLM2 study (config/study/smollm2.py) for GPT-2 small, for users who have its weights (a local Hugging
-# Face folder, or the hub name where the hub is reachable) and a GPU: the seed's own model, whose massive
-# activation is dim 447 at position 0 (about 3000, from block 2 on). Not run here (GPT-2's weights cannot be
-# fetched on the project's CPU machines); the budget is sized for one GPU: 500 steps x 16 x 256 tokens a run.
+# Face folder, or the hub name where the hub is reachable) and a GPU: the bos_token study's own model, whose
+# massive activation is dim 447 at position 0 (about 3000, from block 2 on). Not in docs/results.md; the budget
+# is sized for one GPU: 500 steps x 16 x 256 tokens a run.
 # Before running, list the neurons that write the entry with
 #   python analyze.py attribute gpt2 --pos 0 --dim 447
 # and add their c_fc rows to _WRITERS (the rows of the up-projection that feed them).

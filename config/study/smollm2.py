@@ -1,4 +1,4 @@
-# The seed's questions on a real massive activation: SmolLM2-135M-Instruct (fetch it first with
+# The questions of L. Dial's GPT-2 bos_token study (2025) on a real massive activation: SmolLM2-135M-Instruct (fetch it first with
 # `python data/models/smollm2.py`) continued on the bundled Shakespeare in its own tokenizer, BOS first, every
 # run from the same pretrained weights with a fresh optimizer, the same batches and the same budget:
 #   plain continuation at two learning rates, with and without weight decay (the optimizer is always reset:
