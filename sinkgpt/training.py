@@ -85,18 +85,18 @@ def build_model(cfg, vocab_size, bos_token, checkpoint=None, data_meta=None):
         start = load_checkpoint(checkpoint_path(source), keys=("model", "model_args", "meta"))
         check_model_keys(cfg, start["model_args"], f"{source}'s", "a run started from weights keeps their model "
                          "settings (leave the key out)", also_allowed=("block_size",))
-        model, model_meta = model_from_checkpoint(start, source), start["meta"]
+        model, model_meta = model_from_checkpoint(start, source), lambda: start["meta"]
     else:
         folder = resolve_folder(source)  # a hub name: the folder it was fetched into
         model = from_pretrained(folder, **{k: cfg[k] for k in PRETRAINED_OPTIONS})
         check_model_keys(cfg, model.config.to_dict(), f"{folder}'s", "a pretrained model keeps its architecture "
                          "(leave the key out)", also_allowed=PRETRAINED_OPTIONS + ("block_size",))
-        source, model_meta = folder, pretrained_meta(folder, model)
+        source, model_meta = folder, lambda: pretrained_meta(folder, model)
     if model.config.vocab_size < vocab_size:
         raise RunError(f"{source} has vocab_size {model.config.vocab_size} but dataset '{cfg['dataset']}' has "
                        f"{vocab_size}: prepare the data with the model's tokenizer (--tokenizer {source})")
     if data_meta is not None:
-        check_same_tokenizer(model_meta, data_meta, source, cfg)
+        check_same_tokenizer(model_meta(), data_meta, source, cfg)
     if model.config.pos_offset and (cfg["prepend_bos"] or cfg["align_to_docs"]):
         raise RunError(f"{source} starts its tokens at position {model.config.pos_offset} (its BOS is a slot): "
                        "train it on windows without BOS (prepend_bos=False, align_to_docs=False)")

@@ -473,7 +473,7 @@ def test_a_key_named_on_a_pretrained_start_is_refused_even_at_its_default(tmp_pa
     assert run_train(tmp_path / "run", char_dataset, init_from=folder, max_iters=2, n_layer=3, n_head=6, n_embd=48,
                      norm="layernorm") == 1
     line = one_error_line(capsys)
-    assert "'norm'='layernorm' conflicts" in line and "'rmsnorm'" in line
+    assert "'norm'='layernorm' differs from" in line and "'rmsnorm'" in line
 
 # ------------------------------------------------------------------------------------------------
 # every sink option: trains, resumes exactly, samples
