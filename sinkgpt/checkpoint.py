@@ -203,10 +203,11 @@ def looks_like_hub_name(target):
         and target.count("/") <= 1
 
 
-def load_model(target, device="cpu"):
+def load_model(target, device="cpu", dtype=torch.float32):
     """A model with its tokenizer from a run folder (its ckpt.pt), a checkpoint file, or a pretrained folder
-    (config.json + weights; or a hub name). Pretrained models are documents-in-a-stream models: they start
-    sequences with their BOS token. RunError / PretrainedError with one line for anything else."""
+    (config.json + weights; or a hub name), its weights in `dtype` on `device`. Pretrained models are
+    documents-in-a-stream models: they start sequences with their BOS token. RunError / PretrainedError with
+    one line for anything else."""
     run_checkpoint = os.path.join(target, "ckpt.pt")
     if os.path.isfile(target) or os.path.isfile(run_checkpoint):
         path = target if os.path.isfile(target) else run_checkpoint
@@ -225,7 +226,7 @@ def load_model(target, device="cpu"):
         raise RunError(f"{target} holds neither a run (ckpt.pt) nor a pretrained model (config.json and weights)")
     else:
         raise RunError(f"no checkpoint at {target}" if target.endswith(".pt") else f"{target} does not exist")
-    loaded.model.to(device).eval()
+    loaded.model.to(device=device, dtype=dtype).eval()
     return loaded
 
 

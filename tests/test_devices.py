@@ -1,0 +1,130 @@
+"""Device and dtype discipline without a GPU: the pieces that create tensors run on the `meta` device (which
+raises on any mix with a CPU tensor, as CUDA does), and a tiny model runs in bfloat16 on the CPU through the
+analysis, streaming, quantization and tracking with its statistics in float32 or float64."""
+import json
+
+import pytest
+import torch
+
+from conftest import randomize, tiny
+from sinkgpt import stats
+from sinkgpt.measure import layer_reducer
+from sinkgpt.quantize import input_observer, ptq_losses, weight_observer
+from sinkgpt.streaming import RollingKVCache
+
+META = torch.device("meta")
+
+
+def on_meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, device=META, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the meta device: every tensor a reducer creates follows its input
+
+
+def test_moment_sums_stay_on_the_input_device():
+    sums = stats.moment_sums(on_meta(2, 5, 8, dtype=torch.bfloat16))
+    assert sums.device == META and sums.dtype == torch.float64 and sums.shape == (5,)
+
+
+def test_pattern_and_activation_reducers_stay_on_the_input_device():
+    pattern, mask = on_meta(2, 3, 6, 7), torch.zeros(2, 6, dtype=torch.bool, device=META)
+    results = [stats.first_token_mass(pattern, 1), stats.slot_mass(pattern, 1), stats.sink_alpha(pattern, 1),
+               stats.key_mass(pattern, 1), stats.sequence_medians(on_meta(2, 6, 8)),
+               stats.position_norms(on_meta(2, 6, 8), 1), *stats.bb_masses(pattern, mask, 1).values(),
+               *stats.value_norms(on_meta(2, 3, 6, 4), on_meta(12, 12))]
+    assert all(r.device == META for r in results)
+
+
+@pytest.mark.parametrize("options", [{}, {"sink": "kv_bias"}, {"n_sink_tokens": 2}])
+def test_the_collect_reducer_keeps_every_layer_figure_on_the_device(options):
+    """What collect() keeps per hook point is computed on the model's device; it reads them all at the end."""
+    model = tiny(**options).to(META)
+    P, slots = 8 + model.n_prefix, model.n_slot_columns
+    reduce = layer_reducer(model, trigger_mask=torch.zeros(2, 8, dtype=torch.bool, device=META))
+    kept = [reduce("h.0.resid_post", on_meta(2, P, 32)), reduce("h.0.attn_z", on_meta(2, P, 32)),
+            reduce("h.0.pattern", on_meta(2, 2, P, 8 + slots)), {"v": reduce("h.0.v", on_meta(2, 2, P, 16))}]
+    leaves = []
+    for figures in kept:
+        for value in figures.values():
+            leaves.extend(value.values() if isinstance(value, dict) else value if isinstance(value, tuple)
+                          else [value])
+    tensors = [t for t in leaves if t is not None]
+    assert len(tensors) >= 10 and all(t.device == META for t in tensors)
+
+
+def test_quantization_observers_keep_their_buffers_on_the_observed_device():
+    weight, inputs = on_meta(6, 32), on_meta(4, 32)
+    observer = weight_observer(8, weight.device)
+    observer(weight)  # an observer built on the CPU copies the device's min/max into CPU buffers: raises on meta
+    assert observer.min_val.device == observer.max_val.device == META and observer.min_val.shape == (6,)
+    observer = input_observer(8, inputs.device)
+    observer(inputs)
+    assert observer.min_val.device == META
+
+
+def test_rolling_cache_evicts_and_rotates_on_the_cache_device():
+    model = tiny(pos_emb="rope").to(META)
+    cache = RollingKVCache(1, keep=2, window=3, rope=(model.rope_cos, model.rope_sin))
+    for _ in range(4):  # 8 positions through a cache of 5: evictions happen
+        keys, values = cache.update(0, on_meta(1, 2, 2, 16), on_meta(1, 2, 2, 16))
+    assert keys.device == values.device == META and keys.shape == (1, 2, 5, 16) and cache.kept == 5
+
+
+# ----------------------------------------------------------------------------------------------------
+# a bfloat16 model on the CPU
+
+
+def test_collect_of_a_bfloat16_model_agrees_with_float32():
+    from sinkgpt.measure import collect
+    model = randomize(tiny(n_layer=2), seed=1).eval()
+    x = torch.randint(0, 36, (2, 12), generator=torch.Generator().manual_seed(0))
+    reference = collect(model, [(x, x)])
+    low = collect(model.to(torch.bfloat16), [(x, x)])
+    assert isinstance(low["layers"][0]["resid_kurtosis"], float)
+    for key in ("median", "first_token_mass_mean", "pos0_norm", "resid_kurtosis", "attn_max_abs"):
+        for a, b in zip(reference["layers"], low["layers"]):
+            assert b[key] == pytest.approx(a[key], rel=0.1, abs=0.02), key  # bf16 keeps ~3 significant digits
+    assert low["loss"] == pytest.approx(reference["loss"], rel=0.02)
+
+
+def test_quantization_of_a_bfloat16_model_runs_with_float32_scales():
+    model = randomize(tiny(), seed=2).eval()
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randint(0, 37, (2, 16), generator=g), torch.randint(0, 37, (2, 16), generator=g))]
+    reference = ptq_losses(model, data)
+    low = ptq_losses(model.to(torch.bfloat16), data)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # the weights come back as they were
+    for key in ("loss_float", "loss_w8", "loss_w8a8", "loss_w4"):
+        assert low[key] == pytest.approx(reference[key], rel=0.03), key
+
+
+def test_analyze_cli_runs_a_bfloat16_model(tmp_path, capsys):
+    import analyze
+    from test_analyze import planted_model, save_checkpoint
+    save_checkpoint(planted_model(), tmp_path / "ckpt.pt")
+    text = ["--text", "abcdefgabcdefgabcdefg", "--device", "cpu"]
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        assert analyze.main([str(tmp_path), *text, "--dtype", dtype, "--report", str(out / "r")]) == 0
+        assert analyze.main(["ablate", str(tmp_path), *text, "--dtype", dtype, "--report", str(out / "a")]) == 0
+        assert analyze.main(["stream", str(tmp_path), *text, "--dtype", dtype, "--window", "6", "--keep", "2",
+                             "--report", str(out / "s")]) == 0
+        results[dtype] = [json.loads((out / name).read_text()) for name in
+                          ("r/report.json", "a/ablate.json", "s/stream.json")]
+    capsys.readouterr()
+    (report, ablation, stream), (report16, ablation16, stream16) = results["float32"], results["bfloat16"]
+    assert report16["layers"][1]["top"][0][1:] == report["layers"][1]["top"][0][1:]  # the planted entry
+    assert report16["layers"][1]["top"][0][0] == pytest.approx(report["layers"][1]["top"][0][0], rel=0.02)
+    assert ablation16["loss_zero"] == pytest.approx(ablation["loss_zero"], rel=0.05)
+    assert stream16["rows"][0]["loss"] == pytest.approx(stream["rows"][0]["loss"], rel=0.05)
+
+
+def test_training_with_bfloat16_autocast_tracks_in_float(tmp_path, char_dataset):
+    from conftest import read_metrics, run_train
+    assert run_train(tmp_path / "run", char_dataset, max_iters=4, dtype="bfloat16", track_interval=2) == 0
+    tracked = [e for e in read_metrics(tmp_path / "run") if "track_kurtosis" in e]
+    assert [e["iter"] for e in tracked] == [0, 2, 4]
+    assert all(isinstance(v, float) for e in tracked for v in e["track_kurtosis"] + e["track_grad_pos0"])
