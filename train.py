@@ -61,12 +61,15 @@ def train(cfg):
         model = torch.compile(model)
     if rt.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+        # device_ids: the GPU the model is on (cuda:0 under per-rank binding); broadcast_buffers off: the only
+        # buffers are the rotary tables, the same on every rank, which DDP would otherwise re-send every forward
+        model = DDP(model, device_ids=[torch.device(rt.device).index] if rt.device_type == "cuda" else None,
+                    broadcast_buffers=False)
 
     # ---- logging, tracking and optimizer-state interventions (each free when off) ----------------------------
     tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * accum_steps * rt.world_size
     throughput = Throughput(tokens_per_iter, raw_model.flops_per_token(cfg["block_size"]) * tokens_per_iter,
-                            peak_flops(rt.device))
+                            peak_flops(rt.device), rt.world_size)
     log = open_log(cfg, rt, resumed_at) if rt.master else MetricsLog(None)
     if rt.master:
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens/iter, device {rt.device}, "

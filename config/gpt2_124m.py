@@ -1,7 +1,8 @@
 # GPT-2 124M (12 layers, 12 heads, 768 dims, context 1024) on one GPU, bf16 autocast + torch.compile.
 # Data: data/english_mix (prepare with python data/english_mix/prepare.py: ~24M GPT-2 tokens of real English
 # plus the bundled Shakespeare), windows aligned to document starts, so every window begins with BOS.
-# On 8 GPUs: torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
+# On 2, 4 or 8 GPUs: torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py (the same run: the
+# accumulation count below is global, each process runs 8 / N micro-batches of it)
 out_dir = "out-gpt2-124m"
 dataset = "english_mix"
 align_to_docs = True
@@ -9,9 +10,9 @@ eval_interval = 250
 eval_iters = 20
 log_interval = 10
 
-batch_size = 32
+batch_size = 8
 block_size = 1024
-gradient_accumulation_steps = 2  # 64 x 1024 = 65k tokens per step on one GPU
+gradient_accumulation_steps = 8  # 64 x 1024 = 65k tokens per step, on 1, 2, 4 or 8 GPUs
 n_layer = 12
 n_head = 12
 n_embd = 768

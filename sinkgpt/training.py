@@ -46,11 +46,15 @@ def prepare_out_dir(out_dir, resuming):
 
 
 def micro_steps_per_rank(cfg, world_size):
-    """gradient_accumulation_steps is global: each of the world_size processes runs its share."""
-    if cfg["gradient_accumulation_steps"] % world_size:
-        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be divisible "
-                          f"by the number of processes ({world_size})")
-    return cfg["gradient_accumulation_steps"] // world_size
+    """gradient_accumulation_steps is global (nanoGPT's convention): the micro-batches of one optimizer step over
+    all processes, so a multiple of world_size; each process runs its share."""
+    steps = cfg["gradient_accumulation_steps"]
+    if steps % world_size:
+        below, above = steps // world_size * world_size, (steps // world_size + 1) * world_size
+        nearest = f"{below} or {above}" if below else f"{above}"
+        raise ConfigError(f"gradient_accumulation_steps={steps} counts the micro-batches of all processes and must "
+                          f"be a multiple of the {world_size} processes: use --gradient_accumulation_steps={nearest}")
+    return steps // world_size
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,10 +224,13 @@ def train_step(model, optimizer, scaler, batch, fetch, accum_steps, ctx, grad_cl
 
 
 class Throughput:
-    """ms/iter, tokens/s and MFU of the training iterations since the last log line (evaluation excluded)."""
+    """ms/iter, tokens/s and MFU of the training iterations since the last log line (evaluation excluded).
+    tokens_per_iter and flops_per_iter are the whole iteration's, over every process; peak_flops is one device's,
+    so MFU is per device: the FLOPs over world_size devices' peak."""
 
-    def __init__(self, tokens_per_iter, flops_per_iter, peak_flops):
-        self.tokens_per_iter, self.flops_per_iter, self.peak = tokens_per_iter, flops_per_iter, peak_flops
+    def __init__(self, tokens_per_iter, flops_per_iter, peak_flops, world_size=1):
+        self.tokens_per_iter, self.flops_per_iter = tokens_per_iter, flops_per_iter
+        self.peak = peak_flops * world_size if peak_flops else None
         self.restart()
 
     def restart(self):

@@ -9,7 +9,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["config/train_shakespeare_char.py", "--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32",
           "--max_iters=6", "--log_interval=1", "--eval_interval=3", "--eval_iters=2", "--warmup_iters=2",
-          "--learning_rate=3e-3"]
+          "--learning_rate=3e-3", "--device=cpu", "--dtype=float32", "--compile=False"]  # CPU figures on any machine
 
 
 def run(cmd, out_dir, *flags):
