@@ -101,6 +101,18 @@ def any_rank(flag, world_size, device):
     return bool(agreed.item())
 
 
+def wrap_ddp(model, device):
+    """DistributedDataParallel on the GPU the model is on (cuda:0 under per-rank binding), without syncing
+    buffers every forward: the only buffers are the rotary tables, the same on every rank, which DDP would
+    otherwise re-broadcast each step (forward_sync_buffers from torch 2.13, broadcast_buffers before it)."""
+    import inspect
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    device = torch.device(device)
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+        "broadcast_buffers"
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
+
+
 def setup_runtime(cfg):
     """Processes, device and precision of a training run, from the config's system keys. The device is made
     current before anything touches CUDA (otherwise every rank opens a context on GPU 0)."""

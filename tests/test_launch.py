@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 
 from sinkgpt.common import RunError
 from sinkgpt.config import ConfigError, load_config
-from sinkgpt.runtime import PEAK_FLOPS, all_reduce_mean, any_rank, peak_flops_of, pick_device, pick_dtype
+from sinkgpt.runtime import (PEAK_FLOPS, all_reduce_mean, any_rank, peak_flops_of, pick_device, pick_dtype,
+                             wrap_ddp)
 from sinkgpt.training import Throughput, micro_steps_per_rank
 
 
@@ -104,7 +105,9 @@ def two_ranks(rank, store, results):
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         mean = all_reduce_mean(torch.tensor([1.0 + rank, 10.0 * rank]), 2)
-        results[rank] = (mean.tolist(), any_rank(rank == 1, 2, "cpu"), any_rank(False, 2, "cpu"))
+        model = wrap_ddp(torch.nn.Linear(2, 2), "cpu")
+        synced = getattr(model, "forward_sync_buffers", getattr(model, "broadcast_buffers", None))
+        results[rank] = (mean.tolist(), any_rank(rank == 1, 2, "cpu"), any_rank(False, 2, "cpu"), synced)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -112,5 +115,128 @@ def two_ranks(rank, store, results):
 def test_collectives_on_two_gloo_processes(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(two_ranks, args=(str(tmp_path / "store"), results), nprocs=2)
-    assert results[0] == results[1] == ([1.5, 5.0], True, False)
+    assert results[0] == results[1] == ([1.5, 5.0], True, False, False)  # DDP re-sends no buffers per forward
     assert any_rank(True, 1, "cpu") and not any_rank(False, 1, "cpu")
+
+
+# ----------------------------------------------------------------------------------------------------
+# what a checkpoint carries across processes and precisions
+
+
+def test_a_resume_on_another_number_of_processes_starts_fresh_random_states(tmp_path, char_dataset, capsys):
+    from conftest import run_train, train_losses
+    out = tmp_path / "run"
+    assert run_train(out, char_dataset, max_iters=4, dropout=0.1) == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["rng"]["ranks"] = ckpt["rng"]["ranks"] * 8  # as an 8-process run saves it
+    torch.save(ckpt, out / "ckpt.pt")
+    capsys.readouterr()
+    assert run_train(out, char_dataset, max_iters=6, dropout=0.1, init_from="resume") == 0
+    said = capsys.readouterr().out
+    assert "saved by 8 process(es) and this run has 1: each process starts a fresh random state" in said
+    assert sorted(train_losses(out)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoint_with_every_gpus_state_resumes_bit_for_bit(tmp_path, char_dataset, monkeypatch):
+    """Checkpoints once held torch.cuda.get_rng_state_all(): a list with one state per visible GPU, which
+    set_rng_state_all could not restore with fewer GPUs (IndexError). Its CPU state still resumes exactly, on a
+    machine with CUDA too (a CPU run leaves the GPUs' states alone)."""
+    from conftest import run_train, train_losses
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert run_train(straight, char_dataset, max_iters=6, dropout=0.1, lr_decay_iters=6) == 0
+    assert run_train(out, char_dataset, max_iters=3, dropout=0.1, lr_decay_iters=6) == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    cpu_state = ckpt["rng"]["ranks"][0]["torch"]
+    ckpt["rng"] = {"torch": cpu_state, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 8}
+    torch.save(ckpt, out / "ckpt.pt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run_train(out, char_dataset, max_iters=6, dropout=0.1, lr_decay_iters=6, init_from="resume") == 0
+    assert train_losses(out) == train_losses(straight)
+
+
+class Positions:
+    """A data position for restore_progress (the loader's part of a checkpoint)."""
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_the_float16_gradient_scaler_is_checkpointed(tmp_path):
+    from types import SimpleNamespace
+    from conftest import tiny
+    from sinkgpt.checkpoint import TrainProgress, load_checkpoint, save_checkpoint
+    from sinkgpt.training import restore_progress
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaler.scale(torch.ones(()))
+    scaler.update(2.0 ** 11)  # where overflowing steps have brought it
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model, optimizer, {}, TrainProgress(iter_num=7), {}, [], scaler)
+    resumed = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    cfg = {"reset_optimizer": True, "dataset": "x", "seed": 0}
+    rt = SimpleNamespace(rank=0, world_size=1, device="cpu", master=True)
+    restore_progress(cfg, load_checkpoint(str(tmp_path / "ckpt.pt")), optimizer, resumed, Positions(), rt)
+    assert resumed.get_scale() == 2.0 ** 11
+
+
+def test_non_finite_figures_are_written_as_strict_json(tmp_path):
+    import json
+    from sinkgpt.checkpoint import MetricsLog
+    log = MetricsLog(str(tmp_path / "metrics.jsonl"))
+    log.write(iter=3, grad_norm=float("inf"), train_loss=2.5)
+
+    def refuse(name):
+        raise ValueError(name)
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=refuse) == {"iter": 3, "grad_norm": None, "train_loss": 2.5}
+
+
+class RankLoader:
+    """Two Bigram-Backcopy-like batches whose metrics differ by rank."""
+
+    def __init__(self, rank):
+        self.rank = rank
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def next_batch(self):
+        x = torch.full((1, 4), self.rank)
+        return x, x
+
+    def eval_metrics(self, logits, x, y):
+        return {"backcopy_loss": 1.0 + 2 * self.rank, "bigram_loss": 4.0 * self.rank}
+
+
+def evaluate_on_rank(rank, store, results):
+    import contextlib
+    from conftest import tiny
+    from sinkgpt.training import FixedBatches, evaluate
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        model = tiny()
+        out = evaluate(model, {"val": FixedBatches(RankLoader(rank))}, 2, contextlib.nullcontext(), 2)
+        results[rank] = (out["val_backcopy_loss"], out["val_bigram_loss"])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_bigram_backcopy_metrics_are_averaged_over_the_ranks(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(evaluate_on_rank, args=(str(tmp_path / "store"), results), nprocs=2)
+    assert results[0] == results[1] == (2.0, 2.0)
+
+
+def test_each_rank_draws_its_own_dropout_masks():
+    from sinkgpt.training import seed_rank
+    masks = []
+    for rank in (0, 1, 0):
+        seed_rank({"seed": 1337}, rank)
+        masks.append(torch.nn.functional.dropout(torch.ones(64), 0.5))
+    assert not torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
