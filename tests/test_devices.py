@@ -128,3 +128,53 @@ def test_training_with_bfloat16_autocast_tracks_in_float(tmp_path, char_dataset)
     tracked = [e for e in read_metrics(tmp_path / "run") if "track_kurtosis" in e]
     assert [e["iter"] for e in tracked] == [0, 2, 4]
     assert all(isinstance(v, float) for e in tracked for v in e["track_kurtosis"] + e["track_grad_pos0"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA's kernel and autocast rules, with the CPU standing in
+
+
+def test_qk_norm_keeps_the_cache_in_the_autocast_dtype(monkeypatch):
+    """CUDA autocast runs rms_norm in float32 (the CPU's does not): with that rule in place, the KV cache still
+    holds bfloat16 keys and values, as it does without qk_norm."""
+    import torch.nn.functional as F
+    import model as model_module
+    from model import KVCache
+    monkeypatch.setattr(model_module.RMSNorm, "forward",
+                        lambda self, x: F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps))
+    gpt = randomize(tiny(qk_norm=True, pos_emb="rope")).eval()
+    cache = KVCache(gpt.config.n_layer)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        gpt(torch.arange(6)[None], cache=cache)
+    keys, values = cache.buffers[0]
+    assert keys.dtype == values.dtype == torch.bfloat16
+
+
+def test_gqa_stays_in_the_kernel_only_where_cuda_has_one():
+    from types import SimpleNamespace
+    from model import gqa_in_kernel
+
+    def cuda(dtype):
+        return SimpleNamespace(is_cuda=True, dtype=dtype)
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    assert gqa_in_kernel(cuda(torch.bfloat16), None) and gqa_in_kernel(cuda(torch.float16), None)
+    assert not gqa_in_kernel(cuda(torch.float32), None) and not gqa_in_kernel(cuda(torch.bfloat16), mask)
+    assert gqa_in_kernel(torch.empty(1), mask)  # the CPU keeps enable_gqa
+
+
+@pytest.mark.parametrize("sink", ["none", "kv_bias"])
+def test_repeated_kv_heads_give_the_same_attention_as_the_gqa_kernel(sink, monkeypatch):
+    import model as model_module
+    from model import KVCache
+    gpt = randomize(tiny(n_head=4, n_kv_head=2, sink=sink, pos_emb="rope")).eval()
+    idx = torch.randint(0, 36, (2, 10), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        cache = KVCache(gpt.config.n_layer)
+        with torch.no_grad():
+            first, _ = gpt(idx[:, :6], cache=cache)
+            rest, _ = gpt(idx[:, 6:], cache=cache)  # 4 queries on 10 keys: the masked call
+        return torch.cat([first, rest], dim=1)
+    fused = run()
+    monkeypatch.setattr(model_module, "gqa_in_kernel", lambda q, mask: False)  # CUDA's float32 rule
+    torch.testing.assert_close(run(), fused, rtol=1e-5, atol=1e-5)
