@@ -26,8 +26,8 @@ from sinkgpt.common import InputError, RunError
 from sinkgpt.config import load_config
 from sinkgpt.loader import loader_for_run
 from sinkgpt.optim import MomentEditor, build_optimizer, set_lr
-from sinkgpt.runtime import (all_reduce_mean, any_rank, peak_flops, setup_runtime, synchronize, teardown_distributed,
-                             use_compile, wrap_ddp)
+from sinkgpt.runtime import (all_reduce_mean, any_rank, check_fits, peak_flops, setup_runtime, synchronize,
+                             teardown_distributed, use_compile, wrap_ddp)
 from sinkgpt.training import (FixedBatches, StopSignal, Throughput, build_model, evaluate, lr_at,
                               micro_steps_per_rank, prepare_out_dir, restore_progress, seed_rank, train_step)
 
@@ -50,7 +50,11 @@ def train(cfg):
                     for split in ("train", "val")}
 
     # ---- restore or init: the model, the optimizer and where the run stands ---------------------------------
-    model = build_model(cfg, train_loader.vocab_size, train_loader.bos_token, checkpoint, train_loader.meta).to(rt.device)
+    model = build_model(cfg, train_loader.vocab_size, train_loader.bos_token, checkpoint, train_loader.meta)
+    n_params = sum(p.numel() for p in model.parameters())
+    check_fits(16 * n_params, rt.device, f"training {n_params / 1e6:.0f}M parameters (float32 weights, gradients "
+                                         "and two AdamW moments, activations not counted)")
+    model = model.to(rt.device)
     optimizer = build_optimizer(model, cfg, rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == "float16"))
     progress = restore_progress(cfg, checkpoint, optimizer, scaler, train_loader, rt)

@@ -231,6 +231,16 @@ def peak_flops_of(name):
     return PEAK_FLOPS[max(found, key=len)] if found else None
 
 
+def check_fits(n_bytes, device, what):
+    """RunError naming the sizes when `what` (n_bytes) cannot fit in the GPU's free memory; nothing on a CPU."""
+    if not str(device).startswith("cuda"):
+        return
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    if n_bytes > free:
+        raise RunError(f"{what} needs {n_bytes / 2**30:.1f} GiB, but {device} has {free / 2**30:.1f} GiB free of "
+                       f"{total / 2**30:.1f} GiB: use a smaller model or a GPU with more memory")
+
+
 def synchronize(device):
     """Wait for the device's queued work (timing needs it on CUDA; CPU work is already done)."""
     if str(device).startswith("cuda"):

@@ -240,3 +240,14 @@ def test_each_rank_draws_its_own_dropout_masks():
         seed_rank({"seed": 1337}, rank)
         masks.append(torch.nn.functional.dropout(torch.ones(64), 0.5))
     assert not torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
+
+
+def test_a_model_too_large_for_the_gpu_is_one_line_naming_the_sizes(monkeypatch):
+    from sinkgpt.runtime import check_fits
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * 2**30, 80 * 2**30))
+    check_fits(2 * 2**30, "cuda:0", "training")
+    check_fits(10 * 2**40, "cpu", "training")  # a CPU has no such check
+    with pytest.raises(RunError) as info:
+        check_fits(int(7.5 * 2**30), "cuda:0", "training 470M parameters")
+    assert str(info.value) == ("training 470M parameters needs 7.5 GiB, but cuda:0 has 3.0 GiB free of 80.0 GiB: "
+                               "use a smaller model or a GPU with more memory")
