@@ -249,7 +249,7 @@ def load_model(target, device="cpu", dtype=torch.float32):
         loaded = LoadedModel(model, meta, cfg, "checkpoint", trained_with_bos(cfg))
     elif is_pretrained_folder(target) or looks_like_hub_name(target):
         folder = resolve_folder(target)  # a hub name: the folder it was fetched into
-        model = from_pretrained(folder)
+        model = from_pretrained(folder, dtype, device)  # straight onto the device, in its dtype
         loaded = LoadedModel(model, pretrained_meta(folder, model), {}, "pretrained", True)
     elif os.path.isdir(target):
         raise RunError(f"{target} holds neither a run (ckpt.pt) nor a pretrained model (config.json and weights)")

@@ -2,6 +2,7 @@
 raises on any mix with a CPU tensor, as CUDA does), and a tiny model runs in bfloat16 on the CPU through the
 analysis, streaming, quantization and tracking with its statistics in float32 or float64."""
 import json
+import os
 
 import pytest
 import torch
@@ -178,3 +179,88 @@ def test_repeated_kv_heads_give_the_same_attention_as_the_gqa_kernel(sink, monke
     fused = run()
     monkeypatch.setattr(model_module, "gqa_in_kernel", lambda q, mask: False)  # CUDA's float32 rule
     torch.testing.assert_close(run(), fused, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# pretrained folders loaded straight into their dtype, one tensor (one shard) at a time
+
+
+@pytest.fixture(scope="module")
+def sharded_llama(tmp_path_factory, llama_dir):
+    """The tiny Llama saved again in shards of about 40 kB (a dozen files and an index)."""
+    import shutil
+    folder, hf_model = llama_dir
+    sharded = tmp_path_factory.mktemp("sharded") / "llama"
+    hf_model.save_pretrained(str(sharded), max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{folder}/{name}", sharded / name)
+    return str(sharded)
+
+
+def test_a_sharded_folder_loads_the_same_weights_and_releases_each_shard(llama_dir, sharded_llama):
+    import glob
+    from sinkgpt.pretrained import from_pretrained, read_hf_weights
+    assert len(glob.glob(f"{sharded_llama}/*.safetensors")) >= 4
+    whole, sharded = from_pretrained(llama_dir[0]), from_pretrained(sharded_llama)
+    for (name, a), b in zip(whole.state_dict().items(), sharded.state_dict().values()):
+        assert torch.equal(a, b), name
+    weights = read_hf_weights(sharded_llama)
+    for name in weights:
+        weights[name]
+    assert weights.open == {}  # every shard closed once all its tensors were read
+
+
+def test_a_pretrained_folder_loads_in_bfloat16_within_bfloat16_rounding_of_float32(sharded_llama):
+    from sinkgpt.pretrained import from_pretrained
+    reference, low = from_pretrained(sharded_llama), from_pretrained(sharded_llama, dtype=torch.bfloat16)
+    assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32  # the loading's default dtype does not leak
+    for a, b in zip(reference.parameters(), low.parameters()):
+        assert torch.equal(a.bfloat16(), b)  # each weight is its float32 value rounded once
+    idx = torch.randint(0, reference.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, low_logits = reference(idx)[0], low(idx)[0].float()
+    # three layers in bfloat16 (8 significant bits): logits within 5% of the largest one
+    assert (low_logits - logits).abs().max() <= 0.05 * logits.abs().max()
+
+
+PEAK_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+from sinkgpt.pretrained import from_pretrained
+def rss(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+torch.zeros(1)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) starts again from here
+before = rss("VmRSS:")
+model = from_pretrained({folder!r}, dtype=torch.bfloat16)
+print(rss("VmHWM:") - before, sum(p.numel() for p in model.parameters()))
+"""
+
+
+@pytest.mark.slow
+def test_loading_a_sharded_folder_in_bfloat16_peaks_at_the_model_one_shard_and_one_tensor(tmp_path):
+    """Measured: the process's peak resident memory over the load. Reading every shard into memory and copying
+    into a float32 model peaked at about twice the float32 size (four times the bfloat16 model); built in
+    bfloat16 and read one tensor at a time, the load holds the bfloat16 model, the memory map of one shard and
+    one float32 tensor, with 32 MB for the allocator's own."""
+    import glob
+    import subprocess
+    import sys
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from conftest import REPO
+    torch.manual_seed(0)
+    hf_model = GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=768, n_head=12, vocab_size=2000, n_positions=256))
+    hf_model.save_pretrained(str(tmp_path / "gpt2"), max_shard_size="20MB")
+    largest_tensor = max(4 * p.numel() for p in hf_model.parameters())
+    del hf_model
+    largest_shard = max(os.path.getsize(f) for f in glob.glob(str(tmp_path / "gpt2" / "*.safetensors")))
+    script = PEAK_SCRIPT.format(repo=REPO, folder=str(tmp_path / "gpt2"))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    peak, n_params = (int(v) for v in out.stdout.split())
+    bound = 2 * n_params + largest_shard + largest_tensor + 32 * 2**20
+    assert n_params > 40e6 and peak <= bound < 4 * n_params, (peak / 2**20, bound / 2**20, 4 * n_params / 2**20)
