@@ -251,3 +251,23 @@ def test_a_model_too_large_for_the_gpu_is_one_line_naming_the_sizes(monkeypatch)
         check_fits(int(7.5 * 2**30), "cuda:0", "training 470M parameters")
     assert str(info.value) == ("training 470M parameters needs 7.5 GiB, but cuda:0 has 3.0 GiB free of 80.0 GiB: "
                                "use a smaller model or a GPU with more memory")
+
+
+def test_a_gpu_process_sets_its_device_first_and_starts_nccl(gpus, monkeypatch):
+    """torch.cuda.is_bf16_supported() before set_device opens a context on GPU 0 from every rank; and a named
+    GPU (cuda:N) under torchrun was given gloo."""
+    import torch.distributed as dist
+    from sinkgpt.runtime import setup_runtime
+    gpus(2)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: calls.append(("is_bf16_supported",)) or True)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    rt = setup_runtime({"device": "cuda:1", "dtype": "auto", "backend": "nccl", "ddp_timeout": 60})
+    assert calls[:3] == [("set_device", "cuda:1"), ("init", "nccl"), ("is_bf16_supported",)]  # (autocast asks again)
+    assert (rt.device, rt.dtype) == ("cuda:1", "bfloat16")
