@@ -6,12 +6,17 @@ writes one JSON. Needs no prepared data (the benchmarks step on random tokens; t
     python gpu_check.py --out=FILE.json --batch_size=16
     python gpu_check.py --cpu_dry_run          # the same steps on a tiny model on the CPU: checks the script
 
-Steps, each in a process of its own:
-1. tests/test_cuda.py: every sink option trained with compile, bf16 and tracking, then resumed, sampled and
-   analysed; a two-variant study; quantization and streaming; torchrun; bench.py.
+Steps, each in processes of its own:
+1. Side by side (compilation, most of the time, runs on the CPU's cores; the GPU work is small):
+   - tests/test_cuda.py in TEST_SHARDS pytest processes: every sink option trained with compile, bf16 and
+     tracking, then resumed, sampled and analysed; a two-variant study; quantization and streaming; torchrun;
+     bench.py;
+   - one short bench.py per variant of step 2, WARM at a time: each compiles its model once, which fills
+     torch.compile's on-disk caches (Inductor's FX graph cache, AOTAutograd's cache) for step 2.
 2. bench.py on config/gpt2_124m.py (12 layers, 768 dims, T=1024, bf16, compiled), one optimizer step per
    micro-batch of --batch_size sequences: the baseline and every sink option in one process, interleaved, then
    the attention gates; ms/iter, tokens/s, MFU, each variant's ratio to the baseline and its own peak memory.
+   Nothing else runs meanwhile.
 3. bench.py --generate: GPT-2 124M KV-cache generation (512-token prompt, 64 new tokens), bf16.
 
 The JSON holds every figure, the goals (MFU >= 50% as llm.c reaches; every sink option within 5% of the
@@ -30,6 +35,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 SINKS = "sink=none,token,logit,softmax1,kv_bias,k_bias,bos_override"
 GATES = "attn_gate=none,headwise,elementwise"
 MFU_GOAL, RATIO_GOAL = 0.5, 1.05
+TEST_SHARDS, WARM = 4, 3  # pytest processes for the tests; warm-up benchmarks at once (~10 GB of GPU memory each)
 GPU_BENCH = ["config/gpt2_124m.py", "--gradient_accumulation_steps=1", "--steps=10", "--warmup=3", "--rounds=3"]
 GPU_GENERATE = ["--generate", "--device=cuda"]
 # the dry run: the same calls on a one-layer model on the CPU, float32, eager
@@ -56,22 +62,58 @@ def parse_args(argv):
     return args
 
 
-def run_tests():
-    """tests/test_cuda.py in a pytest process: {passed, failed, skipped, seconds}."""
-    with tempfile.TemporaryDirectory() as tmp:
-        report = os.path.join(tmp, "junit.xml")
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",
-                        f"--junitxml={report}"], cwd=REPO)
-        seconds = time.perf_counter() - t0
+def test_ids():
+    """The node ids of tests/test_cuda.py's tests."""
+    listed = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                             "tests/test_cuda.py"], cwd=REPO, capture_output=True, text=True)
+    return [line for line in listed.stdout.splitlines() if line.startswith("tests/test_cuda.py::")]
+
+
+def start_tests(tmp):
+    """tests/test_cuda.py in TEST_SHARDS pytest processes (round robin over its tests): [(process, report)]."""
+    ids = test_ids()
+    started = []
+    for shard in range(min(TEST_SHARDS, len(ids))):
+        report = os.path.join(tmp, f"junit{shard}.xml")
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+                   *ids[shard::TEST_SHARDS]]
+        started.append((subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL), report))
+    return started
+
+
+def test_counts(started, seconds):
+    """{passed, failed, skipped, seconds} over the pytest processes' reports, once they have ended (a process
+    that wrote no report, or no test collected at all, counts as one failure)."""
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    unreported = 0 if started else 1
+    for process, report in started:
+        process.wait()
         if not os.path.exists(report):
-            return {"passed": 0, "failed": 1, "skipped": 0, "seconds": seconds, "error": "pytest did not run"}
+            unreported += 1
+            continue
         suite = ElementTree.parse(report).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-        counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+        for key in counts:
+            counts[key] += int(suite.get(key, 0))
     failed = counts["failures"] + counts["errors"]
-    return {"passed": counts["tests"] - failed - counts["skipped"], "failed": failed, "skipped": counts["skipped"],
-            "seconds": seconds}
+    return {"passed": counts["tests"] - failed - counts["skipped"], "failed": failed + unreported,
+            "skipped": counts["skipped"], "seconds": seconds}
+
+
+def warm_compile_caches(bench_flags):
+    """One short bench.py per variant of the timed comparisons, WARM at a time; returns the error lines."""
+    variants = [f"--compare={key}={value}" for key, values in (v.split("=") for v in (SINKS, GATES))
+                for value in values.split(",")]
+    errors = []
+    for start in range(0, len(variants), WARM):
+        running = [(v, subprocess.Popen([sys.executable, "bench.py", *bench_flags, v, "--steps=1", "--warmup=1",
+                                         "--rounds=1", "--json"], cwd=REPO, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)) for v in variants[start:start + WARM]]
+        for variant, process in running:
+            _, stderr = process.communicate()
+            if process.returncode != 0:
+                errors.append(f"bench.py {variant} (compile warm-up): " + (stderr.strip().splitlines() or ["?"])[-1])
+    return errors
 
 
 def run_bench(flags):
@@ -139,8 +181,11 @@ def check(args):
     dry = args["cpu_dry_run"]
     report = {"device": "cpu (dry run)" if dry else torch.cuda.get_device_name(0), "torch": torch.__version__,
               "dry_run": dry, "errors": []}
-    report["tests"] = run_tests()
     bench_flags = DRY_BENCH if dry else GPU_BENCH + [f"--batch_size={args['batch_size']}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        started = start_tests(tmp)
+        report["errors"] += warm_compile_caches(bench_flags)
+        report["tests"] = test_counts(started, time.perf_counter() - t0)
     compared = []
     for variants in (SINKS, GATES):
         result, error = run_bench(bench_flags + [f"--compare={variants}"])

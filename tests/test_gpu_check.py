@@ -53,3 +53,22 @@ def test_a_dry_run_on_the_cpu_writes_every_figure(tmp_path, capsys):
     assert variants["sink=none"]["ratio"] == 1.0 and report["training"]["mfu"] is None  # no CPU peak
     assert report["generation"]["tokens_per_s"] > 0 and report["errors"] == []
     assert "wrote" in capsys.readouterr().out
+
+
+class Ended:
+    """A pytest process that has ended."""
+
+    def wait(self):
+        return 0
+
+
+def test_test_counts_add_up_the_shards_and_count_a_missing_report_as_a_failure(tmp_path):
+    first, second = tmp_path / "a.xml", tmp_path / "b.xml"
+    first.write_text('<testsuites><testsuite name="pytest" tests="5" failures="1" errors="0" skipped="1">'
+                     '</testsuite></testsuites>')
+    second.write_text('<testsuite name="pytest" tests="4" failures="0" errors="1" skipped="0"></testsuite>')
+    counts = gpu_check.test_counts([(Ended(), str(first)), (Ended(), str(second))], 12.0)
+    assert counts == {"passed": 6, "failed": 2, "skipped": 1, "seconds": 12.0}
+    counts = gpu_check.test_counts([(Ended(), str(first)), (Ended(), str(tmp_path / "none.xml"))], 1.0)
+    assert counts["failed"] == 2 and counts["passed"] == 3
+    assert gpu_check.test_counts([], 0.0)["failed"] == 1  # nothing collected
