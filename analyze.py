@@ -62,6 +62,8 @@ def add_target_args(p, data=True):
                             "Bigram-Backcopy)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="the model's weights (statistics are computed in float32 or float64 whatever it is)")
     p.add_argument("--report", help="folder for the JSON (and PNG) output")
 
 
@@ -377,7 +379,7 @@ def run(argv):
     device = pick_device(args.device)
     if args.command == "report" and not args.report:
         raise AnalyzeError("give --report DIR for the report files")
-    target = load_model(args.target, device)
+    target = load_model(args.target, device, getattr(torch, args.dtype))
     model = target.model
     if args.command == "repeat":
         return cmd_repeat(args, model, target.meta)

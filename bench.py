@@ -138,6 +138,13 @@ class StepRunner:
         train_step(self.step_model, self.optimizer, self.scaler, self.batch, lambda: self.batch,
                    self.cfg["gradient_accumulation_steps"], self.ctx, self.cfg["grad_clip"], self.model.parameters())
 
+    def resident_mb(self):
+        """What this runner holds between steps: its parameters, optimizer state and batch (gradients are
+        freed by zero_grad)."""
+        tensors = [*self.model.parameters(), *self.batch]
+        tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
     def time_steps(self, n):
         synchronize(self.device)
         t0 = time.perf_counter()
@@ -162,6 +169,7 @@ def make_runners(cfg, flags, device, only=None):
                   "transformers": lambda: transformers_runner(cfg, device, flags["compile_transformers"])}
         return [(name, make()) for name, make in makers.items() if only in (None, name)]
     variants = parse_compare(flags["compare"]) if flags["compare"] else [(None, None)]
+    allow_recompiles(len(variants))
     runners = []
     for key, value in variants:
         variant_cfg = dict(cfg, **({key: value} if key else {}))
@@ -169,6 +177,25 @@ def make_runners(cfg, flags, device, only=None):
         runners.append((f"{key}={value}" if key else "base", StepRunner(variant_cfg, bench_model(variant_cfg, vocab_size),
                                                                        device)))
     return runners
+
+
+def allow_recompiles(n_models):
+    """torch.compile of n models that share their classes compiles the same code objects n times over; past
+    dynamo's limit per code object (8) the rest would silently run eager."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 8 * n_models))
+
+
+def own_step_peak_mb(runner, steps):
+    """One runner's peak device memory when it runs alone: what it holds (resident_mb) plus the most its steps
+    allocate above what every runner holds together. CUDA only (None elsewhere: a CPU process has one peak)."""
+    if not runner.device.startswith("cuda"):
+        return None
+    held = torch.cuda.memory_allocated(runner.device)
+    torch.cuda.reset_peak_memory_stats(runner.device)
+    runner.time_steps(steps)
+    return runner.resident_mb() + (torch.cuda.max_memory_allocated(runner.device) - held) / 2**20
 
 
 def peak_rss_of(cfg, flags, which):
@@ -196,11 +223,12 @@ def bench_training(cfg, flags):
     for r in range(flags["rounds"]):  # interleave variants, rotating who goes first, so noise hits all alike
         for i in [(r + j) % len(runners) for j in range(len(runners))]:
             times[i].append(runners[i].time_steps(flags["steps"]))
+    own_peaks = [own_step_peak_mb(runner, 1) for runner in runners]
     profiled = profile_steps(runners[0], flags["steps"]) if flags["profile"] else None
     peak = peak_flops(device)
     results = []
     ours = runners[0].model  # transformers' model does the same FLOPs as ours (--vs_transformers)
-    for name, runner, ms in zip(names, runners, times):
+    for name, runner, ms, own_peak in zip(names, runners, times, own_peaks):
         ms_per_iter = statistics.median(ms)
         model = runner.model if hasattr(runner.model, "flops_per_token") else ours
         flops = model.flops_per_token(runner.cfg["block_size"]) * runner.tokens_per_step
@@ -208,7 +236,7 @@ def bench_training(cfg, flags):
                             tokens_per_s=runner.tokens_per_step / ms_per_iter * 1000,
                             mfu=flops / (ms_per_iter / 1000) / peak if peak else None,
                             ratio=ms_per_iter / statistics.median(times[0]),
-                            params=runner.model.num_params()))
+                            params=runner.model.num_params(), peak_mem_mb=own_peak))
     if flags["vs_transformers"] and device == "cpu":
         for result in results:
             result["peak_rss_mb"] = peak_rss_of(cfg, flags, result["variant"])
@@ -281,12 +309,16 @@ def bench_generation(cfg, flags):
     generators = [OurGenerator(model)]
     if flags["vs_transformers"]:
         generators.append(TransformersGenerator(cfg["init_from"], device))
-    outputs = {g.name: g(prompt[:, :16], 4) for g in generators}  # warm-up
+    device_type = device.split(":")[0]
+    precision = autocast_context(device_type, pick_dtype(cfg["dtype"], device_type))  # as sample.py runs
+    with precision:
+        outputs = {g.name: g(prompt[:, :16], 4) for g in generators}  # warm-up
 
     def seconds(generate, n):
         synchronize(device)
         t0 = time.perf_counter()
-        outputs[generate.name] = generate(prompt, n)
+        with precision:
+            outputs[generate.name] = generate(prompt, n)
         synchronize(device)
         return time.perf_counter() - t0
 
@@ -313,8 +345,11 @@ def bench_generation(cfg, flags):
             at_minimal = results[0]["prefill_s"] + (n_new - 1) * floor["minimal_step_ms"] / 1e3
             floor["speedup_at_minimal_step"] = results[1]["total_s"] / at_minimal
     if flags["no_cache_steps"]:  # the recompute-everything baseline, extrapolated from a few steps
+        synchronize(device)
         t0 = time.perf_counter()
-        model.generate(prompt, flags["no_cache_steps"], temperature=0, use_cache=False)
+        with precision:
+            model.generate(prompt, flags["no_cache_steps"], temperature=0, use_cache=False)
+        synchronize(device)
         result["no_cache_tokens_per_s"] = flags["no_cache_steps"] / (time.perf_counter() - t0)
     return result
 

@@ -184,6 +184,14 @@ def causal_mask(n_queries, n_keys, device):
     return torch.arange(n_keys, device=device)[None, :] <= q_pos
 
 
+def gqa_in_kernel(q, mask):
+    """Whether the fused kernel reads grouped key/value heads itself (enable_gqa). On CUDA only flash and cuDNN
+    do, for float16/bfloat16 without a mask; float32 or masked calls with enable_gqa fall back to the math
+    kernel, which materialises the scores (pytorch#159469), so there the heads are repeated instead and the
+    memory-efficient kernel runs. CPU kernels keep enable_gqa."""
+    return not q.is_cuda or (mask is None and q.dtype in (torch.float16, torch.bfloat16))
+
+
 # Analysis hook points and the shape of the tensor each one sees. B batch; P residual positions of this forward
 # pass (the T real tokens, after the n_sink_tokens prefix when sink='token'; with a KV cache only the new ones);
 # C n_embd; H query heads; Hkv key/value heads (n_kv_head); D head size; K keys each query can see (cached
@@ -296,8 +304,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split([C, Hkv * D, Hkv * D], dim=2)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k, v = (t.view(B, T, Hkv, D).transpose(1, 2) for t in (k, v))  # (B, Hkv, T, D)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
+        if hasattr(self, "q_norm"):  # back to v's dtype: CUDA autocast runs rms_norm in float32, and the KV
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # cache would keep float32 keys
         if rope is not None:
             q = apply_rope(q, *rope)
             if cache is None or not cache.rotates_keys:  # a rolling cache rotates its keys to their cache places
@@ -322,11 +330,14 @@ class CausalSelfAttention(nn.Module):
         have fewer heads than q (GQA, which the kernel reads without repeating them)."""
         Tq, Tk = q.size(2), k.size(2)
         dropout_p = self.dropout if self.training else 0.0
+        mask = None if Tq == Tk or Tq == 1 else causal_mask(Tq, Tk, q.device)
         gqa = k.size(1) != q.size(1)
+        if gqa and not gqa_in_kernel(q, mask):
+            group = q.size(1) // k.size(1)
+            k, v, gqa = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), False
         if Tq == Tk:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale,
                                                   enable_gqa=gqa)
-        mask = None if Tq == 1 else causal_mask(Tq, Tk, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                               enable_gqa=gqa)
 

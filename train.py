@@ -21,22 +21,24 @@ import sys
 
 import torch
 
-from sinkgpt.checkpoint import CHECKPOINT_KEYS, MetricsLog, checkpoint_path, load_checkpoint, save_checkpoint
+from sinkgpt.checkpoint import (CHECKPOINT_KEYS, MetricsLog, checkpoint_path, load_checkpoint, rank_rng_states,
+                                save_checkpoint)
 from sinkgpt.common import InputError, RunError
 from sinkgpt.config import load_config
 from sinkgpt.live_log import wandb_sender
 from sinkgpt.loader import loader_for_run
 from sinkgpt.optim import MomentEditor, build_optimizer, set_lr
-from sinkgpt.runtime import all_reduce_mean, peak_flops, setup_runtime, synchronize, teardown_distributed, use_compile
+from sinkgpt.runtime import (all_reduce_mean, any_rank, check_fits, peak_flops, setup_runtime, synchronize,
+                             teardown_distributed, use_compile, wrap_ddp)
 from sinkgpt.training import (FixedBatches, StopSignal, Throughput, build_model, evaluate, lr_at,
-                              micro_steps_per_rank, prepare_out_dir, restore_progress, train_step)
+                              micro_steps_per_rank, prepare_out_dir, restore_progress, seed_rank, train_step)
 
 
 def train(cfg):
     # ---- set-up: processes, device and precision, the run's folder ----------------------------------------
     rt = setup_runtime(cfg)
     accum_steps = micro_steps_per_rank(cfg, rt.world_size)
-    torch.manual_seed(cfg["seed"])
+    seed_rank(cfg, rt.rank)
     out_dir = cfg["out_dir"]
     resuming = cfg["init_from"] == "resume"
     prepare_out_dir(out_dir, resuming or cfg["eval_only"])
@@ -50,10 +52,14 @@ def train(cfg):
                     for split in ("train", "val")}
 
     # ---- restore or init: the model, the optimizer and where the run stands ---------------------------------
-    model = build_model(cfg, train_loader.vocab_size, train_loader.bos_token, checkpoint, train_loader.meta).to(rt.device)
+    model = build_model(cfg, train_loader.vocab_size, train_loader.bos_token, checkpoint, train_loader.meta)
+    n_params = sum(p.numel() for p in model.parameters())
+    check_fits(16 * n_params, rt.device, f"training {n_params / 1e6:.0f}M parameters (float32 weights, gradients "
+                                         "and two AdamW moments, activations not counted)")
+    model = model.to(rt.device)
     optimizer = build_optimizer(model, cfg, rt.device_type)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=(rt.dtype == "float16"))
-    progress = restore_progress(cfg, checkpoint, optimizer, train_loader)
+    progress = restore_progress(cfg, checkpoint, optimizer, scaler, train_loader, rt)
     checkpoint = None  # free memory
     resumed_at = progress.iter_num if resuming else None
 
@@ -62,13 +68,12 @@ def train(cfg):
     if use_compile(cfg["compile"], rt.device_type):
         model = torch.compile(model)
     if rt.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+        model = wrap_ddp(model, rt.device)
 
     # ---- logging, tracking and optimizer-state interventions (each free when off) ----------------------------
     tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * accum_steps * rt.world_size
     throughput = Throughput(tokens_per_iter, raw_model.flops_per_token(cfg["block_size"]) * tokens_per_iter,
-                            peak_flops(rt.device))
+                            peak_flops(rt.device), rt.world_size)
     log = open_log(cfg, rt, resumed_at) if rt.master else MetricsLog(None)
     if rt.master:
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens/iter, device {rt.device}, "
@@ -90,8 +95,11 @@ def train(cfg):
     if tracker is not None and log.kept == 0:  # a new log: its curves start where the run starts (a retrofit's
         log.write(iter=progress.iter_num, tokens=progress.tokens, **tracker.start_record())  # step 0, a continuation)
 
-    def save(name="ckpt.pt"):
-        save_checkpoint(os.path.join(out_dir, name), raw_model, optimizer, cfg, progress, train_loader.meta)
+    def save(name="ckpt.pt"):  # every rank calls it (each one's RNG state goes in); rank 0 writes
+        rng_states = rank_rng_states(rt.device, rt.world_size)
+        if rt.master:
+            save_checkpoint(os.path.join(out_dir, name), raw_model, optimizer, cfg, progress, train_loader.meta,
+                            rng_states, scaler)
 
     def fetch():  # the next batch, remembering the loader state that reproduces it (what a checkpoint stores)
         progress.loader = train_loader.state_dict()
@@ -119,8 +127,8 @@ def train(cfg):
             if rt.master:
                 print(f"step {it}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}")
                 log.write(iter=it, tokens=progress.tokens, lr=lr, best_val_loss=progress.best_val_loss, **losses)
-                if it > 0 and (improved or cfg["always_save_checkpoint"]) and not cfg["eval_only"]:
-                    save()
+            if it > 0 and (improved or cfg["always_save_checkpoint"]) and not cfg["eval_only"]:
+                save()  # the losses are averaged over the ranks: every rank takes this branch
             throughput.restart()  # evaluation time is not training time
         if it >= cfg["max_iters"] or cfg["eval_only"]:  # >=: a checkpoint may be past a lowered max_iters
             break
@@ -139,7 +147,8 @@ def train(cfg):
             log.write(iter=progress.iter_num, tokens=progress.tokens, **record)
 
         # the log line: one host sync every log_interval iterations
-        if progress.iter_num % cfg["log_interval"] == 0 or progress.iter_num == cfg["max_iters"]:
+        logged = progress.iter_num % cfg["log_interval"] == 0 or progress.iter_num == cfg["max_iters"]
+        if logged:
             loss = all_reduce_mean(step.loss, rt.world_size).item()
             if not math.isfinite(loss):
                 raise RunError(f"loss is {loss} at iter {progress.iter_num}; stopping, {kept_checkpoint(out_dir)}")
@@ -153,10 +162,11 @@ def train(cfg):
                           ms_per_iter=ms_per_iter, tokens_per_s=tokens_per_s, mfu=mfu,
                           grad_norm=None if step.grad_norm is None else step.grad_norm.item())
 
-        # Ctrl-C / SIGTERM: save where the run stands and stop
-        if stop.received:
-            if rt.master:
-                save_on_stop(stop.received, progress.iter_num, cfg, raw_model, save)
+        # Ctrl-C / SIGTERM: save where the run stands and stop. A signal may reach the ranks at different
+        # iterations, so under DDP they agree on the stop, at log iterations (a host sync there already)
+        if (rt.world_size == 1 or logged) and any_rank(stop.received, rt.world_size, rt.device):
+            save_on_stop(stop.received or "a signal to another process", progress.iter_num, cfg, raw_model, save,
+                         rt.master)
             return 130
     return 0
 
@@ -178,18 +188,21 @@ def kept_checkpoint(out_dir):
     return "no checkpoint was written"
 
 
-def save_on_stop(signal_name, iter_num, cfg, raw_model, save):
-    """The stop signal's checkpoint: ckpt.pt, or with always_save_checkpoint=False ckpt_stop.pt beside the
-    best-val ckpt.pt (which keeps what it promises)."""
+def save_on_stop(signal_name, iter_num, cfg, raw_model, save, master):
+    """The stop signal's checkpoint (every rank calls it, rank 0 writes and reports): ckpt.pt, or with
+    always_save_checkpoint=False ckpt_stop.pt beside the best-val ckpt.pt (which keeps what it promises)."""
     out_dir = cfg["out_dir"]
-    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):  # the same replicas: every rank agrees
         raise RunError(f"{signal_name}: parameters are not finite, checkpoint not written")
-    if cfg["always_save_checkpoint"]:
-        save()
+    name = "ckpt.pt" if cfg["always_save_checkpoint"] else "ckpt_stop.pt"
+    best = " (ckpt.pt keeps the best val loss)" if name != "ckpt.pt" and os.path.exists(
+        os.path.join(out_dir, "ckpt.pt")) else ""
+    save(name)
+    if not master:
+        return
+    if name == "ckpt.pt":
         print(f"{signal_name} at iter {iter_num}: checkpoint saved to {out_dir}/ckpt.pt")
         return
-    save("ckpt_stop.pt")
-    best = " (ckpt.pt keeps the best val loss)" if os.path.exists(os.path.join(out_dir, "ckpt.pt")) else ""
     print(f"{signal_name} at iter {iter_num}: checkpoint saved to {out_dir}/ckpt_stop.pt{best}; "
           f"continue with --init_from=resume --resume_from={out_dir}/ckpt_stop.pt")
 

@@ -3,7 +3,7 @@ What a run leaves on disk and how it is read back: checkpoints (atomic save, loa
 training progress they carry, metrics.jsonl (the log and its one reader), and the one way to load a model
 with its tokenizer from a run folder, a checkpoint file or a pretrained folder.
 
-    save_checkpoint(path, raw_model, optimizer, cfg, progress, meta)   # temp file, fsync, rename
+    save_checkpoint(path, raw_model, optimizer, cfg, progress, meta, rng_states)   # temp file, fsync, rename
     ckpt = load_checkpoint(path)                                        # weights_only=True, one-line errors
     target = load_model("out-bb/base", device)                          # model, tokenizer, config, bos rule
     events = read_metrics("out-bb/base")                                # a cut-off last line is skipped
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import GPT, GPTConfig
-from sinkgpt.common import InputError, RunError
+from sinkgpt.common import InputError, RunError, plain
 from sinkgpt.pretrained import WEIGHT_FILES, PretrainedError, from_pretrained, resolve_folder
 from sinkgpt.tokenizer import GPT2_VOCAB, describe_tokenizer, folder_tokenizer_meta, is_gpt2_bpe
 
@@ -44,17 +44,41 @@ class TrainProgress:
         return cls(checkpoint["iter_num"], checkpoint["best_val_loss"], checkpoint["tokens"], checkpoint["loader"])
 
 
-def rng_state():
+def rng_state(device):
+    """This process's random state: the CPU generator's and, on a GPU, that device's (the only one it uses)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if str(device).startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
+def rank_rng_states(device, world_size):
+    """Every process's rng_state, in rank order (a collective under DDP: every rank calls it): each rank draws
+    its own dropout masks, so a bit-for-bit resume restores each rank's own state."""
+    if world_size == 1:
+        return [rng_state(device)]
+    import torch.distributed as dist
+    states = [None] * world_size
+    dist.all_gather_object(states, rng_state(device))
+    return states
+
+
+def saved_rng_states(checkpoint):
+    """The per-rank states of a checkpoint; one written before they were kept per rank holds the CPU state and
+    a list with every visible GPU's state, of which a single process used the first."""
+    rng = checkpoint["rng"]
+    if "ranks" in rng:
+        return rng["ranks"]
+    state = {"torch": rng["torch"]}
+    if rng.get("cuda"):
+        state["cuda"] = rng["cuda"][0]
+    return [state]
+
+
+def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and str(device).startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_atomic(obj, path):
@@ -68,12 +92,15 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def save_checkpoint(path, model, optimizer, cfg, progress, meta):
-    """Everything a bit-for-bit resume needs, as tensors and plain types (loads with weights_only=True)."""
+def save_checkpoint(path, model, optimizer, cfg, progress, meta, rng_states, scaler=None):
+    """Everything a bit-for-bit resume needs, as tensors and plain types (loads with weights_only=True):
+    rng_states holds every rank's (rank_rng_states), `scaler` the float16 gradient scaler (its scale and growth
+    tracker; without them a resumed run skips steps while the scale finds its level again)."""
     save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "model_args": model.config.to_dict(), "config": dict(cfg), "iter_num": progress.iter_num,
-                 "best_val_loss": progress.best_val_loss, "tokens": progress.tokens, "rng": rng_state(),
-                 "loader": progress.loader, "meta": meta}, path)
+                 "best_val_loss": progress.best_val_loss, "tokens": progress.tokens, "rng": {"ranks": rng_states},
+                 "scaler": scaler.state_dict() if scaler is not None else {}, "loader": progress.loader,
+                 "meta": meta}, path)
 
 
 def checkpoint_path(target):
@@ -166,10 +193,12 @@ class MetricsLog:
         os.replace(path + ".tmp", path)
 
     def write(self, **event):
+        """One event; non-finite figures (an overflowing float16 step's gradient norm) are written as null, so
+        the file stays strict JSON."""
         if self.path is None:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(event) + "\n")
+            f.write(json.dumps(plain(event), allow_nan=False) + "\n")
         if self.send is not None:
             self.send(event)
 
@@ -205,10 +234,11 @@ def looks_like_hub_name(target):
         and target.count("/") <= 1
 
 
-def load_model(target, device="cpu"):
+def load_model(target, device="cpu", dtype=torch.float32):
     """A model with its tokenizer from a run folder (its ckpt.pt), a checkpoint file, or a pretrained folder
-    (config.json + weights; or a hub name). Pretrained models are documents-in-a-stream models: they start
-    sequences with their BOS token. RunError / PretrainedError with one line for anything else."""
+    (config.json + weights; or a hub name), its weights in `dtype` on `device`. Pretrained models are
+    documents-in-a-stream models: they start sequences with their BOS token. RunError / PretrainedError with
+    one line for anything else."""
     run_checkpoint = os.path.join(target, "ckpt.pt")
     if os.path.isfile(target) or os.path.isfile(run_checkpoint):
         path = target if os.path.isfile(target) else run_checkpoint
@@ -221,13 +251,13 @@ def load_model(target, device="cpu"):
         loaded = LoadedModel(model, meta, cfg, "checkpoint", trained_with_bos(cfg))
     elif is_pretrained_folder(target) or looks_like_hub_name(target):
         folder = resolve_folder(target)  # a hub name: the folder it was fetched into
-        model = from_pretrained(folder)
+        model = from_pretrained(folder, dtype, device)  # straight onto the device, in its dtype
         loaded = LoadedModel(model, pretrained_meta(folder, model), {}, "pretrained", True)
     elif os.path.isdir(target):
         raise RunError(f"{target} holds neither a run (ckpt.pt) nor a pretrained model (config.json and weights)")
     else:
         raise RunError(f"no checkpoint at {target}" if target.endswith(".pt") else f"{target} does not exist")
-    loaded.model.to(device).eval()
+    loaded.model.to(device=device, dtype=dtype).eval()
     return loaded
 
 

@@ -79,7 +79,7 @@ def layer_reducer(model, trigger_mask=None):
                     "norms": position_norms(x, n_prefix), "moments": moment_sums(x[:, n_prefix:])}
         if point == "attn_z":  # the attention output before c_proj: Bondarenko et al.'s outliers
             x = x.detach().float()[:, n_prefix:]
-            return {"max_abs": x.abs().max().item(), "moments": moment_sums(x)}
+            return {"max_abs": x.abs().amax(), "moments": moment_sums(x)}
         if point == "pattern":
             x = x.detach().float()
             out = {"first": first_token_mass(x, n_slot), "slot": slot_mass(x, n_slot),
@@ -117,7 +117,7 @@ def collect(model, batches, trigger_masks=None, k=3, patches=None):
         attn_z = [run[f"h.{layer}.attn_z"] for run in runs]
         absmax, holder_batch = torch.stack([r["absmax"] for r in resid]).max(0)
         median = torch.cat([r["medians"] for r in resid]).mean().item()
-        pos0_norm, other_norm = (sum(r["norms"][j] for r in resid) / len(resid) for j in (0, 1))
+        pos0_norm, other_norm = torch.stack([r["norms"] for r in resid]).mean(0).tolist()
         top = top_entries(absmax[n_prefix:], k)
         top_tokens = []  # the input token at each top entry, in the sequence that holds it
         for _, pos, dim in top:
@@ -138,7 +138,7 @@ def collect(model, batches, trigger_masks=None, k=3, patches=None):
             "slot_mass_mean": None if slot is None else slot.mean().item(),
             # outliers (Bondarenko et al.): max |x| and excess kurtosis over every entry, all probe sequences
             "resid_kurtosis": excess_kurtosis(sum(r["moments"] for r in resid)),
-            "attn_max_abs": max(a["max_abs"] for a in attn_z),
+            "attn_max_abs": torch.stack([a["max_abs"] for a in attn_z]).amax().item(),
             "attn_kurtosis": excess_kurtosis(sum(a["moments"] for a in attn_z)),
             "alpha_first": alphas_first[-1].mean(0).tolist(),
             "alpha_slot": alphas_slot[-1].mean(0).tolist() if n_slot else None,

@@ -14,8 +14,10 @@ use_cache, token ids, ...) are read or passed over.
 May import: model, sinkgpt.common, sinkgpt.tokenizer.
 """
 
+import contextlib
 import json
 import os
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -70,24 +72,52 @@ def read_hf_config(path):
         raise PretrainedError(f"{config_path} is not JSON ({e})") from None
 
 
+class LazyWeights(Mapping):
+    """A folder's safetensors weights by name, each read from its file when asked for: loading holds one
+    tensor at a time instead of a float32 copy of the whole model, and a shard's file is closed (its memory map
+    released) once every tensor it holds has been read, so a sharded folder loads shard by shard."""
+
+    def __init__(self, files):
+        self.files = files  # name -> the .safetensors file that holds it
+        self.unread = {}  # file -> names not read yet
+        for name, file in files.items():
+            self.unread.setdefault(file, set()).add(name)
+        self.open = {}
+
+    def __getitem__(self, name):
+        from safetensors import safe_open
+        file = self.files[name]
+        if file not in self.open:
+            self.open[file] = safe_open(file, framework="pt", device="cpu")
+        tensor = self.open[file].get_tensor(name)
+        self.unread[file].discard(name)
+        if not self.unread[file]:
+            del self.open[file]
+        return tensor
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self):
+        return len(self.files)
+
+
 def read_hf_weights(path):
-    """The state dict of a folder: model.safetensors, shards listed by model.safetensors.index.json, or the
-    legacy pytorch_model.bin."""
-    from safetensors.torch import load_file
+    """The weights of a folder by name: model.safetensors or the shards listed by model.safetensors.index.json
+    (read lazily, LazyWeights), or the legacy pytorch_model.bin (read whole)."""
+    from safetensors import safe_open
     safetensors_file = os.path.join(path, WEIGHT_FILES[0])
     if os.path.exists(safetensors_file):
-        return load_file(safetensors_file)
+        with safe_open(safetensors_file, framework="pt") as f:
+            return LazyWeights(dict.fromkeys(f.keys(), safetensors_file))
     index_file = os.path.join(path, WEIGHT_FILES[1])
     if os.path.exists(index_file):
         with open(index_file) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        missing = [s for s in shards if not os.path.exists(os.path.join(path, s))]
+            weight_map = json.load(f)["weight_map"]
+        missing = sorted({s for s in weight_map.values() if not os.path.exists(os.path.join(path, s))})
         if missing:
             raise PretrainedError(f"{path}: shard {missing[0]} (listed in model.safetensors.index.json) is missing")
-        weights = {}
-        for shard in shards:
-            weights.update(load_file(os.path.join(path, shard)))
-        return weights
+        return LazyWeights({name: os.path.join(path, shard) for name, shard in weight_map.items()})
     bin_file = os.path.join(path, WEIGHT_FILES[2])
     if os.path.exists(bin_file):
         return torch.load(bin_file, map_location="cpu", weights_only=True)
@@ -107,10 +137,11 @@ def refuse_unimplemented(hf, path, checks):
                                   f"(only {implemented!r})")
 
 
-def from_pretrained(name_or_dir, **overrides):
-    """A GPT with the weights of a Hugging Face folder (or hub name). `overrides` set options such as sink or
-    dropout; new parameters start as close to the pretrained model as their mechanism allows
-    (GPT.init_sinks_from_pretrained)."""
+def from_pretrained(name_or_dir, dtype=torch.float32, device="cpu", **overrides):
+    """A GPT with the weights of a Hugging Face folder (or hub name), built straight on `device` in `dtype`
+    (no float32 copy of the model on the CPU first; the weights are read one tensor at a time). `overrides` set
+    options such as sink or dropout; new parameters start as close to the pretrained model as their mechanism
+    allows (GPT.init_sinks_from_pretrained)."""
     path = resolve_folder(name_or_dir)
     hf = read_hf_config(path)
     model_type = hf.get("model_type", "gpt2")
@@ -125,11 +156,23 @@ def from_pretrained(name_or_dir, **overrides):
         config.__post_init__()
     except ValueError as e:
         raise PretrainedError(str(e)) from None
-    model = GPT(config)
+    with torch.device(device), default_dtype(dtype):
+        model = GPT(config)
     with torch.no_grad():
         load_state_dict(model, read_hf_weights(path))
     model.init_sinks_from_pretrained()
     return model
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """New floating-point tensors in `dtype` inside the block (a model's parameters are made in it at once)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def copy_weight(target, src, key):
@@ -166,17 +209,17 @@ def gpt2_config(hf, path):
 
 def load_gpt2_state_dict(model, hf_sd):
     """Copy a GPT2LMHeadModel state dict in; its Conv1D weights are (in, out), so they are transposed."""
-    hf_sd = {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
+    names = {k.removeprefix("transformer."): k for k in hf_sd}  # names only: the weights are read one at a time
     V = model.config.vocab_size
     for name, target in model.state_dict().items():
         key = name.removeprefix("transformer.")
         if name == "lm_head.weight" and model.config.tie_embeddings:
             continue
-        if key not in hf_sd:
+        if key not in names:
             if is_new_parameter(name):
                 continue
             raise PretrainedError(f"weight {key!r} is missing from the GPT-2 checkpoint")
-        src = hf_sd[key]
+        src = hf_sd[names[key]]
         if key.endswith(GPT2_CONV1D):
             src = src.t()
         if name in ("transformer.wte.weight", "lm_head.weight"):

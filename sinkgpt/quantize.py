@@ -25,14 +25,27 @@ def block_linears(model):
     return [m for m in model.transformer.h.modules() if isinstance(m, nn.Linear)]
 
 
+def weight_observer(bits, device):
+    """Per-output-channel symmetric `bits`-bit observer of a (out, in) weight, its buffers on `device` (an
+    observer starts on the CPU, and copying a CUDA min/max into CPU buffers gives a CPU scale for a CUDA weight)."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                    quant_min=qmin, quant_max=qmax).to(device)
+
+
+def input_observer(bits, device):
+    """Per-tensor asymmetric `bits`-bit observer (quant range 0..2^bits - 1), its buffers on `device`."""
+    return MinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0,
+                          quant_max=2 ** bits - 1).to(device)
+
+
 def quantize_weight(weight, bits):
     """Per-output-channel symmetric fake quantization of a (out, in) weight to `bits` bits."""
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
-                                        quant_min=qmin, quant_max=qmax)
+    observer = weight_observer(bits, weight.device)
     observer(weight)
     scale, zero_point = observer.calculate_qparams()
-    return torch.fake_quantize_per_channel_affine(weight, scale.float(), zero_point.int(), 0, qmin, qmax)
+    return torch.fake_quantize_per_channel_affine(weight, scale.float(), zero_point.int(), 0, observer.quant_min,
+                                                  observer.quant_max)
 
 
 @contextlib.contextmanager
@@ -64,8 +77,7 @@ def forward_pre_hooks(modules, fn):
 def calibrate_inputs(model, batches, bits=8):
     """One observer per block Linear, fed with its inputs over the calibration batches: {Linear: (scale, zero
     point)} of a per-tensor asymmetric `bits`-bit quantization (quant range 0..2^bits - 1)."""
-    observers = {layer: MinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0,
-                                       quant_max=2 ** bits - 1) for layer in block_linears(model)}
+    observers = {layer: input_observer(bits, layer.weight.device) for layer in block_linears(model)}
 
     def observe(module, inputs):
         observers[module](inputs[0].detach().float())
@@ -79,9 +91,9 @@ def calibrate_inputs(model, batches, bits=8):
 @contextlib.contextmanager
 def quantized_inputs(model, qparams, bits=8):
     """Inside the block, every block Linear sees its input fake-quantized per tensor with the calibrated scales."""
-    def quantize(module, inputs):
+    def quantize(module, inputs):  # tensor scale and zero point: on the input's device, no host sync per call
         scale, zero_point = qparams[module]
-        x = torch.fake_quantize_per_tensor_affine(inputs[0], float(scale), int(zero_point), 0, 2 ** bits - 1)
+        x = torch.fake_quantize_per_tensor_affine(inputs[0], scale.float(), zero_point.int(), 0, 2 ** bits - 1)
         return (x,) + tuple(inputs[1:])
 
     with forward_pre_hooks(qparams, quantize):

@@ -139,10 +139,11 @@ def value_norms(v, c_proj_weight, n_prefix=0):
 
 
 def position_norms(resid, n_prefix=0):
-    """(mean |h| at real position 0, mean over the other real positions) of the vector norms of a (B, P, C)
-    tensor: the residual peak for block outputs, the gradient sink for their gradients."""
+    """(2,) on resid's device: mean |h| at real position 0 and mean over the other real positions, of the vector
+    norms of a (B, P, C) tensor: the residual peak for block outputs, the gradient sink for their gradients.
+    A tensor, so that callers read all layers' figures in one host sync."""
     norms = resid[:, n_prefix:].norm(dim=-1)
-    return norms[:, 0].mean().item(), norms[:, 1:].mean().item()
+    return torch.stack([norms[:, 0].mean(), norms[:, 1:].mean()])
 
 
 def find_massive(maps, medians, min_abs=MASSIVE_ABS, min_ratio=MASSIVE_RATIO, per_layer=10):
@@ -183,14 +184,14 @@ def moment_sums(x):
     """(count, sum x, sum x^2, sum x^3, sum x^4) over every entry of x, in float64: the sums of several batches
     add up, so the kurtosis of all of them together is exact."""
     x = x.detach().double().flatten()
-    return torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(), x.pow(2).sum(),
-                        x.pow(3).sum(), x.pow(4).sum()])
+    count = x.new_full((), x.numel())  # on x's device: stacking a CPU count with CUDA sums raises
+    return torch.stack([count, x.sum(), x.pow(2).sum(), x.pow(3).sum(), x.pow(4).sum()])
 
 
 def excess_kurtosis(sums):
     """E[(x - mean)^4] / Var(x)^2 - 3 from moment_sums (0 for a Gaussian; large when a few entries dwarf the
     rest: one entry of size a among n small ones gives about n - 3)."""
-    n, s1, s2, s3, s4 = (float(v) for v in sums)
+    n, s1, s2, s3, s4 = sums.tolist()  # one host sync
     mean = s1 / n
     m2 = s2 / n - mean ** 2
     m4 = s4 / n - 4 * mean * s3 / n + 6 * mean ** 2 * s2 / n - 3 * mean ** 4

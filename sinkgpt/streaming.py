@@ -16,7 +16,7 @@ Routes, by how the model encodes positions:
 A dedicated sink (a slot of sink=logit/softmax1/kv_bias/k_bias, or sink tokens) is always kept and does not
 count against `keep`.
 
-May import: model, sinkgpt.generation.
+May import: model, sinkgpt.generation, sinkgpt.runtime.
 """
 
 import time
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from model import KVCache, apply_rope, rotation
 from sinkgpt.generation import decode_layout
+from sinkgpt.runtime import synchronize
 
 
 class RollingKVCache(KVCache):
@@ -85,12 +86,15 @@ def stream_losses(model, ids, keep, window):
                          f"({model.config.block_size})")
     if window < 1 or keep < 0:
         raise ValueError(f"window must be >= 1 and keep >= 0, got {window} and {keep}")
-    ids = torch.as_tensor(ids, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(ids, device=device)
+    synchronize(device)
     t0 = time.perf_counter()
     if model.config.pos_emb == "learned":
         losses, largest = recomputed_window_losses(model, ids, keep, window), None
     else:
         losses, largest = cached_losses(model, ids, keep, window)
+    synchronize(device)  # the device's queued work belongs to the time
     seconds = time.perf_counter() - t0
     return {"losses": losses, "route": route(model), "largest_cache": largest,
             "tokens_per_s": len(losses) / seconds if seconds > 0 else float("inf")}

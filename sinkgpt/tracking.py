@@ -112,7 +112,7 @@ def tracking_record(stats, grads, n_prefix):
     if layers[0]["sink_token_top"] is not None:
         record["track_sink_token_top1"] = [e["sink_token_top"][0][0] for e in layers]
     if grads is not None:  # gradient sinks: the gradient on position 0 against the other positions
-        norms = [position_norms(g.float(), n_prefix) for g in grads]
+        norms = torch.stack([position_norms(g.float(), n_prefix) for g in grads]).tolist()  # one host sync
         record["track_grad_pos0"] = [n[0] for n in norms]
         record["track_grad_other"] = [n[1] for n in norms]
         record["track_grad_pos0_ratio"] = [safe_ratio(*n) for n in norms]

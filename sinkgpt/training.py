@@ -18,7 +18,7 @@ import torch
 
 from model import GPT
 from sinkgpt.checkpoint import (TrainProgress, checkpoint_path, load_checkpoint, model_from_checkpoint, pretrained_meta,
-                                set_rng_state)
+                                saved_rng_states, set_rng_state)
 from sinkgpt.common import RunError
 from sinkgpt.config import DEFAULTS, MODEL_KEYS, ConfigError, given, model_config
 from sinkgpt.optim import load_optimizer_state
@@ -47,11 +47,15 @@ def prepare_out_dir(out_dir, resuming):
 
 
 def micro_steps_per_rank(cfg, world_size):
-    """gradient_accumulation_steps is global: each of the world_size processes runs its share."""
-    if cfg["gradient_accumulation_steps"] % world_size:
-        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be divisible "
-                          f"by the number of processes ({world_size})")
-    return cfg["gradient_accumulation_steps"] // world_size
+    """gradient_accumulation_steps is global (nanoGPT's convention): the micro-batches of one optimizer step over
+    all processes, so a multiple of world_size; each process runs its share."""
+    steps = cfg["gradient_accumulation_steps"]
+    if steps % world_size:
+        below, above = steps // world_size * world_size, (steps // world_size + 1) * world_size
+        nearest = f"{below} or {above}" if below else f"{above}"
+        raise ConfigError(f"gradient_accumulation_steps={steps} counts the micro-batches of all processes and must "
+                          f"be a multiple of the {world_size} processes: use --gradient_accumulation_steps={nearest}")
+    return steps // world_size
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,9 +135,10 @@ def check_same_tokenizer(model_meta, data_meta, what, cfg):
                    f"{describe_tokenizer(model_meta)}{hint}")
 
 
-def restore_progress(cfg, checkpoint, optimizer, train_loader):
+def restore_progress(cfg, checkpoint, optimizer, scaler, train_loader, rt):
     """The progress to start from: zero for a new run; for a resume the checkpoint's iteration, best val loss,
-    token count, data position, RNG state and (unless reset_optimizer) optimizer state."""
+    token count, data position, each rank's RNG state, the gradient scaler and (unless reset_optimizer) the
+    optimizer state."""
     if checkpoint is None:
         return TrainProgress(loader=train_loader.state_dict())
     if not cfg["reset_optimizer"]:  # reset_optimizer: fresh moments (also lets a resume switch optimizer)
@@ -141,14 +146,35 @@ def restore_progress(cfg, checkpoint, optimizer, train_loader):
             load_optimizer_state(optimizer, checkpoint["optimizer"])
         except ValueError as e:
             raise RunError(str(e)) from None
+    if scaler.is_enabled() and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
     progress = TrainProgress.from_checkpoint(checkpoint)
     try:
         train_loader.load_state_dict(progress.loader)
     except (ValueError, KeyError) as e:
         raise RunError(f"the checkpoint's data position does not fit dataset '{cfg['dataset']}' ({e}): "
                        f"resume on the dataset it was trained on") from None
-    set_rng_state(checkpoint["rng"])
+    restore_rng(cfg, saved_rng_states(checkpoint), rt)
     return progress
+
+
+def seed_rank(cfg, rank):
+    """Each rank its own seed (nanoGPT's seed + rank), so DDP ranks draw different dropout masks; DDP itself
+    starts every replica from rank 0's weights."""
+    torch.manual_seed(cfg["seed"] + rank)
+
+
+def restore_rng(cfg, states, rt):
+    """Each rank's own saved state; a checkpoint from a different number of processes has none to match, so the
+    ranks start fresh random states (and rank 0 says so)."""
+    if len(states) == rt.world_size:
+        set_rng_state(states[rt.rank], rt.device)
+        return
+    seed_rank(cfg, rt.rank)
+    if rt.master:
+        print(f"the checkpoint was saved by {len(states)} process(es) and this run has {rt.world_size}: each "
+              f"process starts a fresh random state (seed {cfg['seed']} + rank), so dropout masks differ from an "
+              "uninterrupted run")
 
 
 def lr_at(it, cfg):
@@ -182,27 +208,23 @@ class FixedBatches:
 
 @torch.no_grad()
 def evaluate(model, eval_batches, eval_iters, ctx, world_size):
-    """{split}_loss: mean loss over eval_iters batches per split (and a Bigram-Backcopy val split's own metrics),
-    averaged over the ranks."""
+    """{split}_loss: mean loss over eval_iters batches per split (and a Bigram-Backcopy val split's own metrics,
+    {split}_backcopy_loss and {split}_bigram_loss), every figure averaged over the ranks in one all-reduce."""
     model.eval()
     out = {}
     for split, batches in eval_batches.items():
         loader = batches.restart()
-        losses = torch.zeros(eval_iters)
-        extra = {}
-        for i in range(eval_iters):
+        figures = {"loss": []}  # name -> one value per batch, on the device (read once, after the batches)
+        for _ in range(eval_iters):
             x, y = loader.next_batch()
             with ctx:
                 logits, loss = model(x, y)
-            losses[i] = loss.item()
+            figures["loss"].append(loss.float())
             if split == "val" and hasattr(loader, "eval_metrics"):
                 for key, value in loader.eval_metrics(logits, x, y).items():
-                    extra[key] = extra.get(key, 0.0) + value / eval_iters
-        mean = losses.mean()
-        if world_size > 1:
-            mean = all_reduce_mean(mean.to(next(model.parameters()).device), world_size)
-        out[f"{split}_loss"] = mean.item()
-        out.update({f"{split}_{k}": v for k, v in extra.items()})
+                    figures.setdefault(key, []).append(loss.new_tensor(value, dtype=torch.float32))
+        means = all_reduce_mean(torch.stack([torch.stack(values).mean() for values in figures.values()]), world_size)
+        out.update({f"{split}_{key}": value for key, value in zip(figures, means.tolist())})
     model.train()
     return out
 
@@ -243,10 +265,13 @@ def train_step(model, optimizer, scaler, batch, fetch, accum_steps, ctx, grad_cl
 
 
 class Throughput:
-    """ms/iter, tokens/s and MFU of the training iterations since the last log line (evaluation excluded)."""
+    """ms/iter, tokens/s and MFU of the training iterations since the last log line (evaluation excluded).
+    tokens_per_iter and flops_per_iter are the whole iteration's, over every process; peak_flops is one device's,
+    so MFU is per device: the FLOPs over world_size devices' peak."""
 
-    def __init__(self, tokens_per_iter, flops_per_iter, peak_flops):
-        self.tokens_per_iter, self.flops_per_iter, self.peak = tokens_per_iter, flops_per_iter, peak_flops
+    def __init__(self, tokens_per_iter, flops_per_iter, peak_flops, world_size=1):
+        self.tokens_per_iter, self.flops_per_iter = tokens_per_iter, flops_per_iter
+        self.peak = peak_flops * world_size if peak_flops else None
         self.restart()
 
     def restart(self):
@@ -270,8 +295,8 @@ class Throughput:
 
 
 class StopSignal:
-    """Ctrl-C / SIGTERM ask the loop to save a checkpoint and stop after the current iteration; a second one
-    stops at once (KeyboardInterrupt)."""
+    """Ctrl-C / SIGTERM ask the loop to save a checkpoint and stop after the current iteration (under DDP after
+    the next log iteration, where the ranks agree on it); a second one stops at once (KeyboardInterrupt)."""
 
     def __init__(self):
         self.received = None

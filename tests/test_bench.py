@@ -181,3 +181,44 @@ def test_no_warm_up_steps_is_allowed(capsys):
     result = bench_json(capsys, "--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16",
                         "--batch_size=2", "--vocab_size=50", "--steps=1", "--rounds=1", "--warmup=0")
     assert result["ms_per_iter"] > 0
+
+
+def test_each_variant_reports_what_it_holds_and_ten_compiled_variants_stay_compiled(capsys, monkeypatch):
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(config, name, 8)  # dynamo's default, put back after the test
+    tiny = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2",
+            "--vocab_size=50", "--steps=1", "--warmup=1", "--rounds=1"]
+    result = bench_json(capsys, *tiny, "--compare=n_layer=" + ",".join(str(n) for n in range(1, 11)))
+    assert getattr(config, name) >= 80  # 10 models' forwards: more compiled entries per code object than 8
+    assert [v["peak_mem_mb"] for v in result["variants"]] == [None] * 10  # a CPU process has one peak only
+    flags, cfg = bench.parse_args(tiny)
+    (_, runner), = bench.make_runners(cfg, flags, "cpu")
+    runner.step()
+    params = sum(p.numel() for p in runner.model.parameters())
+    # float32 parameters, AdamW's two moments and its step counts, and two (2, 16) int64 batches
+    expected = 4 * 3 * params + 4 * len(runner.optimizer.state) + 2 * 2 * 16 * 8
+    assert runner.resident_mb() == pytest.approx(expected / 2**20)
+
+
+def test_generation_runs_in_the_precision_sample_py_uses(capsys, monkeypatch, hf_dir):
+    seen = []
+    real = bench.OurGenerator.__call__
+
+    def recording(self, prompt, n_new):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(self, prompt, n_new)
+    monkeypatch.setattr(bench.OurGenerator, "__call__", recording)
+    result = bench_json(capsys, "--generate", f"--init_from={hf_dir}", "--device=cpu", "--dtype=bfloat16",
+                        "--prompt_tokens=8", "--new_tokens=4", "--rounds=1", "--no_cache_steps=2")
+    assert seen and all(entry == (True, torch.bfloat16) for entry in seen)
+    assert result["no_cache_tokens_per_s"] > 0
+
+
+def test_streaming_time_waits_for_the_device(monkeypatch):
+    from conftest import tiny
+    from sinkgpt import streaming
+    waited = []
+    monkeypatch.setattr(streaming, "synchronize", lambda device: waited.append(str(device)))
+    streaming.stream_losses(tiny(pos_emb="rope").eval(), torch.arange(20) % 30, keep=2, window=6)
+    assert waited == ["cpu", "cpu"]  # before the clock starts and before it stops

@@ -16,7 +16,7 @@ def write_study(tmp_path, max_iters=12):
     path.write_text(
         'base = "config/bb/base.py"\n'
         f'overrides = {{"max_iters": {max_iters}, "eval_interval": 6, "eval_iters": 2, "track_interval": 6,'
-        ' "log_interval": 6, "n_layer": 2, "n_embd": 32, "batch_size": 8, "block_size": 32}\n'
+        ' "log_interval": 6, "n_layer": 2, "n_embd": 32, "batch_size": 8, "block_size": 32, "device": "cpu"}\n'
         'variants = {"baseline": {}, "kv_bias": {"sink": "kv_bias"}}\n'
         'seeds = [1, 2]\n'
         f'out_root = "{tmp_path / "runs"}"\n'
