@@ -47,6 +47,12 @@ def layer_outliers(model, batch, first_real):
     return layers, loss, got
 
 
+def massive_real(got, x, threshold=1000.0):
+    """Where a real token still carries |h| > threshold in some block: [(window, position, token, largest |h|)]."""
+    largest = torch.stack([h.float().abs().amax(-1) for h in got.values()]).amax(0)  # (N, T)
+    return [[int(w), int(p), int(x[w, p]), largest[w, p].item()] for w, p in (largest > threshold).nonzero().tolist()]
+
+
 def neuron_ablation(model, batch, neurons, first_real):
     """The loss with MLP neurons [(layer, neuron)] set to zero at the real positions (from first_real on)."""
     by_layer = {}
@@ -81,7 +87,7 @@ def compare_explicit(original, converted, windows, bos_token, writers, stream_id
         model.eval()
     with_bos, without = paired_batches(windows, bos_token)
     orig_layers, orig_loss, orig_got = layer_outliers(original, with_bos, 1)
-    conv_layers, conv_loss, _ = layer_outliers(converted, without, 0)
+    conv_layers, conv_loss, conv_got = layer_outliers(converted, without, 0)
     logits_orig, _ = original(with_bos[0])
     logits_conv, _ = converted(without[0])
     bos_max = max(orig_got[f"h.{layer}.resid_post"][:, 0].float().abs().max().item()
@@ -105,7 +111,7 @@ def compare_explicit(original, converted, windows, bos_token, writers, stream_id
               "original_bos_first": repeat_magnitudes(original, [bos_token] + repeats[:-1])[1:],
               "converted": repeat_magnitudes(converted, repeats)}
     return {
-        "tokens": list(without[0].shape), "writers": writers,
+        "tokens": list(without[0].shape), "writers": writers, "massive_real": massive_real(conv_got, without[0]),
         "max_abs_logit_diff": (logits_orig[:, 1:] - logits_conv).abs().max().item(),
         "loss": {"original": orig_loss, "converted": conv_loss},
         "layers": {"original": orig_layers, "converted": conv_layers}, "bos_max_abs": bos_max,
@@ -140,6 +146,11 @@ def explicit_markdown(result):
               f"| streaming perplexity, window {s['window']} + the first token kept | {s['original_keep_first']:.2f} | - |",
               f"| streaming perplexity, window {s['window']} only (the slot is always there) | "
               f"{s['original_window_only']:.2f} | {s['converted_window_only']:.2f} |"]
+    hits = result["massive_real"]
+    lines += ["", f"Real tokens of the converted model with \\|h\\| > 1,000 in some block: {len(hits)} of "
+              f"{result['tokens'][0] * result['tokens'][1]}" + (" (window, position, token id, largest \\|h\\|: "
+              + "; ".join(f"{w}, {p}, {t}, {v:,.0f}" for w, p, t, v in hits) + "); the original computes the same values there (the "
+              "conversion is exact): these are the model's own, not BOS's" if hits else "") + "."]
     r = result["repeat"]
     lines += ["", f"Repeated token {r['token']} x {r['n']}, the largest \\|h\\| at a position over every block: "
               f"original without BOS: positions over 1,000: {sum(v > 1000 for v in r['original_no_bos'])} of "
