@@ -7,7 +7,7 @@ import re
 
 from conftest import REPO
 
-ENTRY_POINTS = ("train", "sample", "analyze", "bench", "study")
+ENTRY_POINTS = ("train", "sample", "analyze", "bench", "study", "convert", "gpu_check")
 
 
 def our_modules():
