@@ -11,7 +11,7 @@ import analyze
 import convert
 import sample
 from conftest import flags, randomize, run_train, tiny
-from model import GPT, KVCache, bos_as_slot
+from model import KVCache, bos_as_slot
 from sinkgpt.streaming import stream_losses
 
 TOL = 1e-10
@@ -277,13 +277,15 @@ def test_smollm2_converts_within_float32_rounding_and_loses_its_massive_activati
     ids = load_tokenizer(meta).encode(open(HAMLET, encoding="utf-8").read()[20000:30000])
     windows = torch.tensor([ids[i * 65:(i + 1) * 65] for i in range(2)])
     original = from_pretrained(folder).eval()
-    converted = GPT.__new__(GPT)  # loaded the way every script loads it
     from sinkgpt.checkpoint import load_model
-    converted = load_model(str(out)).model
+    converted = load_model(str(out)).model  # loaded the way every script loads it
     with_bos, without = paired_batches(windows, meta["bos_token"])
     orig_layers, _, got = layer_outliers(original, with_bos, 1)
     conv_layers, _, _ = layer_outliers(converted, without, 0)
-    assert max(e["max_abs"] for e in conv_layers) <= 1000  # every real token, every block
+    # no real token meets Sun et al.'s criterion in any block; below the last block none reaches 1,000 (the last
+    # block's output reaches about 1,100 at 75x its median, in the original as well)
+    assert not any(e["sun"] for e in conv_layers)
+    assert max(e["max_abs"] for e in conv_layers[:-1]) <= 1000
     assert got["h.11.resid_post"][:, 0].abs().max() >= 20000  # the original's BOS carries it
     assert max(e["max_abs"] for e in orig_layers) == pytest.approx(max(e["max_abs"] for e in conv_layers), rel=1e-3)
 
