@@ -221,6 +221,7 @@ def test_training_continues_from_the_converted_model_and_its_position_start_hold
     assert moved > 1e-4  # the slot is a parameter that trains
     capsys.readouterr()
     refusals = [(dict(init_from="resume", pos_offset=2, max_iters=22), "'pos_offset'=2 differs"),
+                (dict(init_from="resume", pos_offset=0, max_iters=22), "'pos_offset'=0 differs"),  # named: refused
                 (dict(init_from=converted_run, prepend_bos=True), "train it on windows without BOS")]
     for overrides, message in refusals:
         out = run if overrides["init_from"] == "resume" else tmp_path / "other"
