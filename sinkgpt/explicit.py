@@ -90,8 +90,8 @@ def compare_explicit(original, converted, windows, bos_token, writers, stream_id
     conv_layers, conv_loss, conv_got = layer_outliers(converted, without, 0)
     logits_orig, _ = original(with_bos[0])
     logits_conv, _ = converted(without[0])
-    bos_max = max(orig_got[f"h.{layer}.resid_post"][:, 0].float().abs().max().item()
-                  for layer in range(original.config.n_layer))
+    bos_by_layer = [orig_got[f"h.{layer}.resid_post"][:, 0].float().abs().max().item()
+                    for layer in range(original.config.n_layer)]
     quant = {"original": ptq_losses(original, [with_bos]), "converted": ptq_losses(converted, [without])}
     zeroed = {"original": neuron_ablation(original, with_bos, writers, 1) - orig_loss,
               "converted": neuron_ablation(converted, without, writers, 0) - conv_loss}
@@ -114,7 +114,8 @@ def compare_explicit(original, converted, windows, bos_token, writers, stream_id
         "tokens": list(without[0].shape), "writers": writers, "massive_real": massive_real(conv_got, without[0]),
         "max_abs_logit_diff": (logits_orig[:, 1:] - logits_conv).abs().max().item(),
         "loss": {"original": orig_loss, "converted": conv_loss},
-        "layers": {"original": orig_layers, "converted": conv_layers}, "bos_max_abs": bos_max,
+        "layers": {"original": orig_layers, "converted": conv_layers}, "bos_max_abs": max(bos_by_layer),
+        "bos_max_abs_by_layer": bos_by_layer,
         "quantization": quant, "writers_zeroed": zeroed, "streaming": streaming, "repeat": repeat,
     }
 

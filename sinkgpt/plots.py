@@ -240,17 +240,19 @@ def plot_explicit(result, path):
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     layers = result["layers"]
     x = [e["layer"] for e in layers["original"]]
-    left.plot(x, [e["max_abs"] for e in layers["original"]], marker="o", label="original, real tokens")
-    left.plot(x, [e["max_abs"] for e in layers["converted"]], marker="s", label="converted (slot), real tokens")
+    left.plot(x, result["bos_max_abs_by_layer"], color="red", marker="^", label="original, at BOS")
+    left.plot(x, [e["max_abs"] for e in layers["original"]], marker="o", markersize=8, label="original, real tokens")
+    left.plot(x, [e["max_abs"] for e in layers["converted"]], marker="s", markersize=4, linestyle="--",
+              label="converted (slot), real tokens: the same")
     left.plot(x, [e["median"] for e in layers["converted"]], color="gray", label="converted, median")
-    left.axhline(result["bos_max_abs"], color="red", linestyle="--", label="original, at BOS (largest)")
     left.set(yscale="log", xlabel="block", ylabel="largest |h|", title="massive activations on real tokens")
     left.set_xticks(x[::max(1, len(x) // 15)])
     left.legend(fontsize=8)
     repeat = result["repeat"]
-    for key, label in (("original_no_bos", "original, no BOS"), ("original_bos_first", "original, BOS first"),
-                       ("converted", "converted (slot)")):
-        right.plot(range(len(repeat[key])), repeat[key], label=label)
+    for key, label, style in (("original_no_bos", "original, no BOS", "-"),
+                              ("original_bos_first", "original, BOS first (BOS not shown)", "-"),
+                              ("converted", "converted (slot), no BOS", "--")):
+        right.plot(range(len(repeat[key])), repeat[key], style, label=label)
     right.set(yscale="log", xlabel="position of the repeated token", ylabel="largest |h| over blocks",
               title=f"token {repeat['token']} repeated {repeat['n']} times")
     right.legend(fontsize=8)
