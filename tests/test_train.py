@@ -596,7 +596,7 @@ def test_train_from_a_gpt2_directory_on_a_bpe_dataset(tmp_path, capsys):
     assert run_train(out2, data, init_from=str(tmp_path / "gpt2"), max_iters=15, eval_interval=15, n_embd=16,
                      block_size=32, eval_iters=3, sink="logit", learning_rate=1e-2, lr_decay_iters=15) == 0
     vals = val_losses(out2)
-    assert vals[0][1] == pytest.approx(val0, abs=1e-3)
+    assert vals[0][1] == pytest.approx(val0, abs=1e-2)  # the logit starts at 0 (softmax1): a small, stated cost
     assert vals[-1][1] < vals[0][1] - 0.5
     ckpt = torch.load(out2 / "ckpt.pt", weights_only=True)
     assert ckpt["model_args"]["sink"] == "logit" and ckpt["model_args"]["block_size"] == 32
