@@ -1,11 +1,12 @@
-"""bench.py: the training and generation benchmarks run and report what they promise (no timing is asserted:
-times are the benchmark's output, never a test threshold)."""
+"""bench.py and sinkgpt.benchmark: the training and generation benchmarks run and report what they promise (no
+timing is asserted: times are the benchmark's output, never a test threshold)."""
 import json
 
 import pytest
 import torch
 
 import bench
+from sinkgpt import benchmark
 from sinkgpt.config import load_config
 
 
@@ -41,7 +42,7 @@ def test_generation_benchmark_reports_prefill_and_decode(capsys):
 
 def test_benchmarked_vocabulary_follows_the_dataset():
     def vocab(dataset, override=0):
-        return bench.dataset_vocab(load_config([f"--dataset={dataset}"]), override)
+        return benchmark.dataset_vocab(load_config([f"--dataset={dataset}"]), override)
 
     assert vocab("bigram_backcopy") == 85  # 84 characters + BOS
     assert vocab("no_such_dataset") == 50257  # unknown: GPT-2's
@@ -158,7 +159,7 @@ def test_compile_transformers_compiles_their_model_and_compile_still_decides_our
     def compiled(*argv):
         flags, cfg = bench.parse_args([f"--init_from={folder}", "--vs_transformers", "--batch_size=2",
                                        "--block_size=16", *argv])
-        runners = dict(bench.make_runners(cfg, flags, "cpu"))
+        runners = dict(benchmark.make_runners(cfg, flags, "cpu"))
         return {name: isinstance(r.step_model, torch._dynamo.eval_frame.OptimizedModule) for name, r in runners.items()}
 
     assert compiled() == {"ours": False, "transformers": False}  # CPU: compile='auto' is off; theirs as they run it
@@ -193,7 +194,7 @@ def test_each_variant_reports_what_it_holds_and_ten_compiled_variants_stay_compi
     assert getattr(config, name) >= 80  # 10 models' forwards: more compiled entries per code object than 8
     assert [v["peak_mem_mb"] for v in result["variants"]] == [None] * 10  # a CPU process has one peak only
     flags, cfg = bench.parse_args(tiny)
-    (_, runner), = bench.make_runners(cfg, flags, "cpu")
+    (_, runner), = benchmark.make_runners(cfg, flags, "cpu")
     runner.step()
     params = sum(p.numel() for p in runner.model.parameters())
     # float32 parameters, AdamW's two moments and its step counts, and two (2, 16) int64 batches

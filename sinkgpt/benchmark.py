@@ -1,0 +1,163 @@
+"""
+The machinery bench.py times with: train.py's training step on random batches, one StepRunner per --compare
+variant (or ours beside transformers', --vs_transformers), and each runner's own peak memory.
+
+    runners = make_runners(cfg, flags, device)      # [(variant name, StepRunner)], flags as bench.py parses them
+    ms_per_iter = runners[0][1].time_steps(10)
+
+May import: model, sinkgpt.common, sinkgpt.config, sinkgpt.loader, sinkgpt.optim, sinkgpt.runtime,
+sinkgpt.training, sinkgpt.vs_transformers.
+"""
+
+import contextlib
+import os
+import resource
+import sys
+import time
+
+import torch
+
+from model import GPT
+from sinkgpt.common import InputError
+from sinkgpt.config import ConfigError, check_ranges, check_value, model_config, parse_flag_value
+from sinkgpt.loader import loader_for_run
+from sinkgpt.optim import build_optimizer
+from sinkgpt.runtime import autocast_context, keep_freed_memory, pick_dtype, synchronize, use_compile
+from sinkgpt.training import build_model, train_step
+from sinkgpt.vs_transformers import TransformersModel, peak_rss_in_own_process, transformers_optimizer
+
+
+def parse_compare(text):
+    """--compare=KEY=V1,V2,...: [(key, value), ...], each value checked as the config key's."""
+    key, sep, values = text.partition("=")
+    if not sep or not values:
+        raise ConfigError(f"--compare={text} needs the form KEY=V1,V2,... (e.g. --compare=sink=none,logit)")
+    return [(key, check_value(key, parse_flag_value(v, key), "--compare")) for v in values.split(",")]
+
+
+def peak_memory_mb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def dataset_vocab(cfg, override):
+    """The dataset's vocabulary size (the bundled ones are prepared if needed, saying so on stderr: stdout may be
+    --json's); GPT-2's when it is unknown."""
+    if override:
+        return override
+    try:  # the loader train.py would use, on the smallest windows
+        with contextlib.redirect_stdout(sys.stderr):
+            return loader_for_run(dict(cfg, batch_size=1, block_size=1), "val", "cpu").vocab_size
+    except InputError:
+        return 50257
+
+
+def bench_model(cfg, vocab_size):
+    """The model to time, as train.py builds it: a pretrained folder's (--init_from=DIR, with the variant's sink
+    options, cropped to block_size), else a fresh one."""
+    torch.manual_seed(cfg["seed"])
+    if cfg["init_from"] in ("scratch", "resume"):
+        return GPT(model_config(cfg, vocab_size, bos_token=vocab_size - 1))
+    model = build_model(cfg, vocab_size, bos_token=vocab_size - 1)
+    if cfg["block_size"] > model.config.block_size:
+        raise ConfigError(f"block_size={cfg['block_size']} is longer than {cfg['init_from']}'s context "
+                          f"({model.config.block_size})")
+    return model
+
+
+class StepRunner:
+    """One model + optimizer, stepped on random batches by train.py's own training step; compiled as the config's
+    compile key says, unless compile_model says otherwise."""
+
+    def __init__(self, cfg, model, device, optimizer=None, name="ours", compile_model=None):
+        self.device, self.cfg, self.name = device, cfg, name
+        device_type = device.split(":")[0]
+        self.model = model.to(device)
+        self.optimizer = optimizer or build_optimizer(self.model, cfg, device_type)
+        dtype = pick_dtype(cfg["dtype"], device_type)
+        self.ctx = autocast_context(device_type, dtype)
+        self.scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+        compiled = use_compile(cfg["compile"], device_type) if compile_model is None else compile_model
+        self.step_model = torch.compile(self.model) if compiled else self.model
+        shape = (cfg["batch_size"], cfg["block_size"])
+        vocab_size = self.model.config.vocab_size
+        generator = torch.Generator().manual_seed(cfg["seed"])
+        self.batch = tuple(torch.randint(0, vocab_size, shape, generator=generator).to(device) for _ in range(2))
+        self.tokens_per_step = shape[0] * shape[1] * cfg["gradient_accumulation_steps"]
+
+    def step(self):
+        train_step(self.step_model, self.optimizer, self.scaler, self.batch, lambda: self.batch,
+                   self.cfg["gradient_accumulation_steps"], self.ctx, self.cfg["grad_clip"], self.model.parameters())
+
+    def resident_mb(self):
+        """What this runner holds between steps: its parameters, optimizer state and batch (gradients are
+        freed by zero_grad)."""
+        tensors = [*self.model.parameters(), *self.batch]
+        tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+    def time_steps(self, n):
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.step()
+        synchronize(self.device)
+        return 1000 * (time.perf_counter() - t0) / n
+
+
+def transformers_runner(cfg, device, compiled):
+    model = TransformersModel(cfg["init_from"]).train()
+    return StepRunner(cfg, model, device, optimizer=transformers_optimizer(model, cfg), name="transformers",
+                      compile_model=compiled)
+
+
+def make_runners(cfg, flags, device, only=None):
+    """[(variant name, StepRunner)]: the --compare variants, or ours and transformers' (--vs_transformers; `only`
+    builds just one of the two)."""
+    # a pretrained folder brings its vocabulary (the steps draw random ids of it): no dataset is read for it
+    vocab_size = 0 if os.path.isdir(cfg["init_from"]) else dataset_vocab(cfg, flags["vocab_size"])
+    if flags["vs_transformers"]:
+        makers = {"ours": lambda: StepRunner(cfg, bench_model(cfg, vocab_size), device),
+                  "transformers": lambda: transformers_runner(cfg, device, flags["compile_transformers"])}
+        return [(name, make()) for name, make in makers.items() if only in (None, name)]
+    variants = parse_compare(flags["compare"]) if flags["compare"] else [(None, None)]
+    allow_recompiles(len(variants))
+    runners = []
+    for key, value in variants:
+        variant_cfg = dict(cfg, **({key: value} if key else {}))
+        check_ranges(variant_cfg)  # the variant's whole config must still be valid (e.g. n_embd % n_head)
+        name = f"{key}={value}" if key else "base"
+        runners.append((name, StepRunner(variant_cfg, bench_model(variant_cfg, vocab_size), device)))
+    return runners
+
+
+def allow_recompiles(n_models):
+    """torch.compile of n models that share their classes compiles the same code objects n times over; past
+    dynamo's limit per code object (8) the rest would silently run eager."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 8 * n_models))
+
+
+def own_step_peak_mb(runner, steps):
+    """One runner's peak device memory when it runs alone: what it holds (resident_mb) plus the most its steps
+    allocate above what every runner holds together. CUDA only (None elsewhere: a CPU process has one peak)."""
+    if not runner.device.startswith("cuda"):
+        return None
+    held = torch.cuda.memory_allocated(runner.device)
+    torch.cuda.reset_peak_memory_stats(runner.device)
+    runner.time_steps(steps)
+    return runner.resident_mb() + (torch.cuda.max_memory_allocated(runner.device) - held) / 2**20
+
+
+def peak_rss_of(cfg, flags, which):
+    """Peak RSS (MB) of a fresh process that builds one runner (ours or transformers') and takes warm-up + 2 steps."""
+    return peak_rss_in_own_process(_warm_up_runner, (cfg, flags, which), which)
+
+
+def _warm_up_runner(cfg, flags, which):
+    torch.set_num_threads(1)
+    keep_freed_memory()
+    runner = dict(make_runners(cfg, flags, "cpu", only=which))[which]
+    runner.time_steps(max(1, flags["warmup"]) + 2)
