@@ -25,7 +25,7 @@ import time
 import torch
 
 from model import GPT, GPTConfig
-from sinkgpt.benchmark import make_runners, own_step_peak_mb, peak_memory_mb, peak_rss_of
+from sinkgpt.benchmark import make_runners, own_step_peak_mb, peak_memory_mb, peak_rss_of, profile_steps
 from sinkgpt.common import InputError
 from sinkgpt.config import ConfigError, load_config
 from sinkgpt.decode_floor import decode_floor, floor_lines
@@ -38,15 +38,6 @@ from sinkgpt.vs_transformers import TransformersGenerator
 BENCH_FLAGS = {"json": False, "generate": False, "profile": False, "steps": 10, "warmup": 3, "rounds": 3,
                "compare": "", "vocab_size": 0, "no_cache_steps": 0, "vs_transformers": False, "prompt_tokens": 512,
                "new_tokens": 64, "decode_floor": False, "compile_transformers": False}
-
-# op families for --profile: an op belongs to the first family one of whose name fragments it contains
-OP_FAMILIES = [
-    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")),
-    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")),
-    ("activation", ("gelu", "relu", "silu", "sigmoid", "tanh", "glu")),
-    ("norm", ("layer_norm", "rms_norm")),
-    ("loss", ("log_softmax", "nll_loss")),
-]
 
 
 def parse_args(argv):
@@ -103,39 +94,6 @@ def bench_training(cfg, flags):
     return dict(device=device_name(device), peak_mem_mb=peak_memory_mb(device), variants=results,
                 **{k: results[0][k] for k in ("ms_per_iter", "tokens_per_s", "mfu", "params")},
                 **({"profile": profiled} if profiled else {}))
-
-
-def op_family(event):
-    """The --profile family of one profiled op: anything inside the optimizer's step, zero_grad or the gradient
-    clipping counts as optimizer, whatever the op; otherwise the first family one of whose name fragments the op's
-    name holds."""
-    parent = event
-    while parent is not None:
-        if parent.name.startswith(("Optimizer.", "clip_grad_norm")):
-            return "optimizer"
-        parent = parent.cpu_parent
-    for family, fragments in OP_FAMILIES:
-        if any(f == event.name if f.startswith("aten::") else f in event.name for f in fragments):
-            return family
-    return "other ops"
-
-
-def profile_steps(runner, steps):
-    """Run `steps` training steps under torch.profiler; ms per step by op family, from each op's self time (device
-    time on CUDA)."""
-    from torch.profiler import ProfilerActivity, profile
-    on_cuda = runner.device.startswith("cuda")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    with profile(activities=activities) as prof:
-        ms_per_step = runner.time_steps(steps)
-    families = dict.fromkeys([f for f, _ in OP_FAMILIES] + ["optimizer", "other ops"], 0.0)
-    for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CPU:
-            continue  # a CUDA kernel: its time is already its launching op's self device time
-        self_us = event.self_device_time_total if on_cuda else event.self_cpu_time_total
-        families[op_family(event)] += self_us / 1000 / steps
-    families["unattributed"] = max(0.0, ms_per_step - sum(families.values()))  # Python and framework time
-    return dict(steps=steps, ms_per_step=ms_per_step, ms_by_family=families)
 
 
 class OurGenerator:

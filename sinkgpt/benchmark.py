@@ -1,9 +1,11 @@
 """
 The machinery bench.py times with: train.py's training step on random batches, one StepRunner per --compare
-variant (or ours beside transformers', --vs_transformers), and each runner's own peak memory.
+variant (or ours beside transformers', --vs_transformers), each runner's own peak memory, and the split of a
+step's time by op family (--profile).
 
     runners = make_runners(cfg, flags, device)      # [(variant name, StepRunner)], flags as bench.py parses them
     ms_per_iter = runners[0][1].time_steps(10)
+    profile = profile_steps(runners[0][1], 10)      # {steps, ms_per_step, ms_by_family}
 
 May import: model, sinkgpt.common, sinkgpt.config, sinkgpt.loader, sinkgpt.optim, sinkgpt.runtime,
 sinkgpt.training, sinkgpt.vs_transformers.
@@ -25,6 +27,15 @@ from sinkgpt.optim import build_optimizer
 from sinkgpt.runtime import autocast_context, keep_freed_memory, pick_dtype, synchronize, use_compile
 from sinkgpt.training import build_model, train_step
 from sinkgpt.vs_transformers import TransformersModel, peak_rss_in_own_process, transformers_optimizer
+
+# op families for --profile: an op belongs to the first family one of whose name fragments it contains
+OP_FAMILIES = [
+    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")),
+    ("activation", ("gelu", "relu", "silu", "sigmoid", "tanh", "glu")),
+    ("norm", ("layer_norm", "rms_norm")),
+    ("loss", ("log_softmax", "nll_loss")),
+]
 
 
 def parse_compare(text):
@@ -161,3 +172,36 @@ def _warm_up_runner(cfg, flags, which):
     keep_freed_memory()
     runner = dict(make_runners(cfg, flags, "cpu", only=which))[which]
     runner.time_steps(max(1, flags["warmup"]) + 2)
+
+
+def op_family(event):
+    """The --profile family of one profiled op: anything inside the optimizer's step, zero_grad or the gradient
+    clipping counts as optimizer, whatever the op; otherwise the first family one of whose name fragments the op's
+    name holds."""
+    parent = event
+    while parent is not None:
+        if parent.name.startswith(("Optimizer.", "clip_grad_norm")):
+            return "optimizer"
+        parent = parent.cpu_parent
+    for family, fragments in OP_FAMILIES:
+        if any(f == event.name if f.startswith("aten::") else f in event.name for f in fragments):
+            return family
+    return "other ops"
+
+
+def profile_steps(runner, steps):
+    """Run `steps` training steps under torch.profiler; ms per step by op family, from each op's self time (device
+    time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+    on_cuda = runner.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        ms_per_step = runner.time_steps(steps)
+    families = dict.fromkeys([f for f, _ in OP_FAMILIES] + ["optimizer", "other ops"], 0.0)
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue  # a CUDA kernel: its time is already its launching op's self device time
+        self_us = event.self_device_time_total if on_cuda else event.self_cpu_time_total
+        families[op_family(event)] += self_us / 1000 / steps
+    families["unattributed"] = max(0.0, ms_per_step - sum(families.values()))  # Python and framework time
+    return dict(steps=steps, ms_per_step=ms_per_step, ms_by_family=families)

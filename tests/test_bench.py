@@ -68,16 +68,16 @@ def test_op_family_names_the_kernel_family_and_counts_optimizer_work_as_optimize
     def event(name, parent=None):
         return SimpleNamespace(name=name, cpu_parent=parent)
 
-    assert bench.op_family(event("aten::mm")) == "matmul"
-    assert bench.op_family(event("aten::mm_backward_extra")) == "other ops"  # matmul names match exactly
-    assert bench.op_family(event("aten::_scaled_dot_product_flash_attention_for_cpu_backward")) == "attention"
-    assert bench.op_family(event("aten::gelu_backward")) == "activation"
-    assert bench.op_family(event("aten::native_layer_norm_backward")) == "norm"
-    assert bench.op_family(event("aten::_log_softmax")) == "loss"
-    assert bench.op_family(event("aten::add_")) == "other ops"
+    assert benchmark.op_family(event("aten::mm")) == "matmul"
+    assert benchmark.op_family(event("aten::mm_backward_extra")) == "other ops"  # matmul names match exactly
+    assert benchmark.op_family(event("aten::_scaled_dot_product_flash_attention_for_cpu_backward")) == "attention"
+    assert benchmark.op_family(event("aten::gelu_backward")) == "activation"
+    assert benchmark.op_family(event("aten::native_layer_norm_backward")) == "norm"
+    assert benchmark.op_family(event("aten::_log_softmax")) == "loss"
+    assert benchmark.op_family(event("aten::add_")) == "other ops"
     step = event("Optimizer.step#Muon.step")
-    assert bench.op_family(event("aten::mm", event("aten::matmul", step))) == "optimizer"  # Muon's own matmuls
-    assert bench.op_family(event("aten::linalg_vector_norm", event("clip_grad_norm"))) == "optimizer"
+    assert benchmark.op_family(event("aten::mm", event("aten::matmul", step))) == "optimizer"  # Muon's own matmuls
+    assert benchmark.op_family(event("aten::linalg_vector_norm", event("clip_grad_norm"))) == "optimizer"
 
 
 @pytest.mark.parametrize("flag,words", [("--steps=abc", "--steps"), ("--steps=0", "--steps"),
