@@ -20,19 +20,15 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
-from model import GPT, GPTConfig
-from sinkgpt.benchmark import make_runners, own_step_peak_mb, peak_memory_mb, peak_rss_of, profile_steps
+from sinkgpt.benchmark import (OurGenerator, generation_model, make_runners, no_cache_tokens_per_s, own_step_peak_mb,
+                               peak_memory_mb, peak_rss_of, profile_steps, random_prompt, time_generation)
 from sinkgpt.common import InputError
 from sinkgpt.config import ConfigError, load_config
 from sinkgpt.decode_floor import decode_floor, floor_lines
-from sinkgpt.generation import decode_layout
-from sinkgpt.pretrained import from_pretrained
-from sinkgpt.runtime import (autocast_context, device_name, keep_freed_memory, peak_flops, pick_device, pick_dtype,
-                             synchronize)
+from sinkgpt.runtime import autocast_context, device_name, keep_freed_memory, peak_flops, pick_device, pick_dtype
 from sinkgpt.vs_transformers import TransformersGenerator
 
 BENCH_FLAGS = {"json": False, "generate": False, "profile": False, "steps": 10, "warmup": 3, "rounds": 3,
@@ -96,18 +92,6 @@ def bench_training(cfg, flags):
                 **({"profile": profiled} if profiled else {}))
 
 
-class OurGenerator:
-    """Our greedy KV-cache generation, as sample.py runs it (the CPU decode layout on)."""
-    name = "ours"
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, prompt, n_new):
-        with decode_layout(self.model):
-            return self.model.generate(prompt, n_new, temperature=0)
-
-
 @torch.no_grad()
 def bench_generation(cfg, flags):
     """Greedy KV-cache generation: --prompt_tokens of prompt, then --new_tokens. The model is --init_from's
@@ -116,41 +100,17 @@ def bench_generation(cfg, flags):
     device = pick_device(cfg["device"])
     if device == "cpu":
         keep_freed_memory()
-    torch.manual_seed(0)
-    pretrained = os.path.isdir(cfg["init_from"])
-    model = (from_pretrained(cfg["init_from"]) if pretrained else GPT(GPTConfig())).to(device).eval()
+    model = generation_model(cfg["init_from"], device)
     n_prompt, n_new = flags["prompt_tokens"], flags["new_tokens"]
     if n_prompt + n_new > model.config.block_size:
         raise ConfigError(f"--prompt_tokens + --new_tokens must fit the context ({model.config.block_size})")
-    prompt = torch.randint(0, model.config.vocab_size, (1, n_prompt), generator=torch.Generator().manual_seed(0))
-    prompt = prompt.to(device)
+    prompt = random_prompt(model.config.vocab_size, n_prompt, device)
     generators = [OurGenerator(model)]
     if flags["vs_transformers"]:
         generators.append(TransformersGenerator(cfg["init_from"], device))
     device_type = device.split(":")[0]
     precision = autocast_context(device_type, pick_dtype(cfg["dtype"], device_type))  # as sample.py runs
-    with precision:
-        outputs = {g.name: g(prompt[:, :16], 4) for g in generators}  # warm-up
-
-    def seconds(generate, n):
-        synchronize(device)
-        t0 = time.perf_counter()
-        with precision:
-            outputs[generate.name] = generate(prompt, n)
-        synchronize(device)
-        return time.perf_counter() - t0
-
-    prefills, totals = {g.name: [] for g in generators}, {g.name: [] for g in generators}
-    for r in range(flags["rounds"]):  # median of interleaved rounds: single runs swing by 20% on a shared machine
-        for generate in generators[r % len(generators):] + generators[:r % len(generators)]:
-            prefills[generate.name].append(seconds(generate, 1))
-            totals[generate.name].append(seconds(generate, n_new))
-    results = []
-    for generate in generators:
-        prefill_s, total_s = statistics.median(prefills[generate.name]), statistics.median(totals[generate.name])
-        results.append(dict(variant=generate.name, total_s=total_s, total_s_rounds=totals[generate.name],
-                            tokens_per_s=n_new / total_s, prefill_s=prefill_s,
-                            decode_tokens_per_s=(n_new - 1) / max(total_s - prefill_s, 1e-9)))
+    results, outputs = time_generation(generators, prompt, n_new, flags["rounds"], precision, device)
     result = dict(device=device_name(device), params=model.num_params(), prompt_tokens=n_prompt, new_tokens=n_new,
                   rounds=flags["rounds"], peak_mem_mb=peak_memory_mb(device), variants=results,
                   **{k: results[0][k] for k in ("total_s", "tokens_per_s", "prefill_s", "decode_tokens_per_s")})
@@ -163,12 +123,8 @@ def bench_generation(cfg, flags):
             at_minimal = results[0]["prefill_s"] + (n_new - 1) * floor["minimal_step_ms"] / 1e3
             floor["speedup_at_minimal_step"] = results[1]["total_s"] / at_minimal
     if flags["no_cache_steps"]:  # the recompute-everything baseline, extrapolated from a few steps
-        synchronize(device)
-        t0 = time.perf_counter()
-        with precision:
-            model.generate(prompt, flags["no_cache_steps"], temperature=0, use_cache=False)
-        synchronize(device)
-        result["no_cache_tokens_per_s"] = flags["no_cache_steps"] / (time.perf_counter() - t0)
+        result["no_cache_tokens_per_s"] = no_cache_tokens_per_s(model, prompt, flags["no_cache_steps"], precision,
+                                                                device)
     return result
 
 

@@ -1,29 +1,33 @@
 """
 The machinery bench.py times with: train.py's training step on random batches, one StepRunner per --compare
-variant (or ours beside transformers', --vs_transformers), each runner's own peak memory, and the split of a
-step's time by op family (--profile).
+variant (or ours beside transformers', --vs_transformers), each runner's own peak memory, the split of a step's
+time by op family (--profile), and greedy KV-cache generation timed in interleaved rounds (--generate).
 
     runners = make_runners(cfg, flags, device)      # [(variant name, StepRunner)], flags as bench.py parses them
     ms_per_iter = runners[0][1].time_steps(10)
     profile = profile_steps(runners[0][1], 10)      # {steps, ms_per_step, ms_by_family}
+    results, outputs = time_generation([OurGenerator(model)], prompt, 64, 3, precision, device)
 
-May import: model, sinkgpt.common, sinkgpt.config, sinkgpt.loader, sinkgpt.optim, sinkgpt.runtime,
-sinkgpt.training, sinkgpt.vs_transformers.
+May import: model, sinkgpt.common, sinkgpt.config, sinkgpt.generation, sinkgpt.loader, sinkgpt.optim,
+sinkgpt.pretrained, sinkgpt.runtime, sinkgpt.training, sinkgpt.vs_transformers.
 """
 
 import contextlib
 import os
 import resource
+import statistics
 import sys
 import time
 
 import torch
 
-from model import GPT
+from model import GPT, GPTConfig
 from sinkgpt.common import InputError
 from sinkgpt.config import ConfigError, check_ranges, check_value, model_config, parse_flag_value
+from sinkgpt.generation import decode_layout
 from sinkgpt.loader import loader_for_run
 from sinkgpt.optim import build_optimizer
+from sinkgpt.pretrained import from_pretrained
 from sinkgpt.runtime import autocast_context, keep_freed_memory, pick_dtype, synchronize, use_compile
 from sinkgpt.training import build_model, train_step
 from sinkgpt.vs_transformers import TransformersModel, peak_rss_in_own_process, transformers_optimizer
@@ -205,3 +209,69 @@ def profile_steps(runner, steps):
         families[op_family(event)] += self_us / 1000 / steps
     families["unattributed"] = max(0.0, ms_per_step - sum(families.values()))  # Python and framework time
     return dict(steps=steps, ms_per_step=ms_per_step, ms_by_family=families)
+
+
+class OurGenerator:
+    """Our greedy KV-cache generation, as sample.py runs it (the CPU decode layout on)."""
+    name = "ours"
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, prompt, n_new):
+        with decode_layout(self.model):
+            return self.model.generate(prompt, n_new, temperature=0)
+
+
+def generation_model(init_from, device):
+    """The model --generate times, in eval mode: a pretrained folder's, or GPT-2 124M with random weights."""
+    torch.manual_seed(0)
+    pretrained = os.path.isdir(init_from)
+    return (from_pretrained(init_from) if pretrained else GPT(GPTConfig())).to(device).eval()
+
+
+def random_prompt(vocab_size, n_prompt, device):
+    """(1, n_prompt) random token ids, the same in every run."""
+    prompt = torch.randint(0, vocab_size, (1, n_prompt), generator=torch.Generator().manual_seed(0))
+    return prompt.to(device)
+
+
+@torch.no_grad()
+def time_generation(generators, prompt, n_new, rounds, precision, device):
+    """Each generator warmed up, then timed in `rounds` interleaved rounds, the order rotated: the prefill (one new
+    token) and the whole generation of n_new tokens, under `precision`. ([per generator: variant, median seconds,
+    tokens/s], {generator name: its last output})."""
+    with precision:
+        outputs = {g.name: g(prompt[:, :16], 4) for g in generators}  # warm-up
+
+    def seconds(generate, n):
+        synchronize(device)
+        t0 = time.perf_counter()
+        with precision:
+            outputs[generate.name] = generate(prompt, n)
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    prefills, totals = {g.name: [] for g in generators}, {g.name: [] for g in generators}
+    for r in range(rounds):  # median of interleaved rounds: single runs swing by 20% on a shared machine
+        for generate in generators[r % len(generators):] + generators[:r % len(generators)]:
+            prefills[generate.name].append(seconds(generate, 1))
+            totals[generate.name].append(seconds(generate, n_new))
+    results = []
+    for generate in generators:
+        prefill_s, total_s = statistics.median(prefills[generate.name]), statistics.median(totals[generate.name])
+        results.append(dict(variant=generate.name, total_s=total_s, total_s_rounds=totals[generate.name],
+                            tokens_per_s=n_new / total_s, prefill_s=prefill_s,
+                            decode_tokens_per_s=(n_new - 1) / max(total_s - prefill_s, 1e-9)))
+    return results, outputs
+
+
+@torch.no_grad()
+def no_cache_tokens_per_s(model, prompt, n_new, precision, device):
+    """Tokens/s of greedy generation that recomputes the whole sequence for every new token (no KV cache)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    with precision:
+        model.generate(prompt, n_new, temperature=0, use_cache=False)
+    synchronize(device)
+    return n_new / (time.perf_counter() - t0)

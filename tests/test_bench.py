@@ -204,12 +204,12 @@ def test_each_variant_reports_what_it_holds_and_ten_compiled_variants_stay_compi
 
 def test_generation_runs_in_the_precision_sample_py_uses(capsys, monkeypatch, hf_dir):
     seen = []
-    real = bench.OurGenerator.__call__
+    real = benchmark.OurGenerator.__call__
 
     def recording(self, prompt, n_new):
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         return real(self, prompt, n_new)
-    monkeypatch.setattr(bench.OurGenerator, "__call__", recording)
+    monkeypatch.setattr(benchmark.OurGenerator, "__call__", recording)
     result = bench_json(capsys, "--generate", f"--init_from={hf_dir}", "--device=cpu", "--dtype=bfloat16",
                         "--prompt_tokens=8", "--new_tokens=4", "--rounds=1", "--no_cache_steps=2")
     assert seen and all(entry == (True, torch.bfloat16) for entry in seen)
