@@ -24,7 +24,8 @@ import sys
 import torch
 
 from sinkgpt.benchmark import (OurGenerator, generation_model, make_runners, no_cache_tokens_per_s, own_step_peak_mb,
-                               peak_memory_mb, peak_rss_of, profile_steps, random_prompt, time_generation)
+                               peak_memory_mb, peak_rss_of, profile_steps, random_prompt, time_generation,
+                               time_in_rounds)
 from sinkgpt.common import InputError
 from sinkgpt.config import ConfigError, load_config
 from sinkgpt.decode_floor import decode_floor, floor_lines
@@ -58,18 +59,14 @@ def parse_args(argv):
 
 
 def bench_training(cfg, flags):
+    """The training step of every variant, timed in interleaved rounds; then each one's own peak memory, the first
+    one's --profile split and, for --vs_transformers on a CPU, each one's peak RSS in a process of its own."""
     device = pick_device(cfg["device"])
     if device == "cpu":
         keep_freed_memory()  # as train.py does
     named = make_runners(cfg, flags, device)
     names, runners = [n for n, _ in named], [r for _, r in named]
-    for runner in runners:
-        if flags["warmup"]:
-            runner.time_steps(flags["warmup"])
-    times = [[] for _ in runners]
-    for r in range(flags["rounds"]):  # interleave variants, rotating who goes first, so noise hits all alike
-        for i in [(r + j) % len(runners) for j in range(len(runners))]:
-            times[i].append(runners[i].time_steps(flags["steps"]))
+    times = time_in_rounds(runners, flags["warmup"], flags["steps"], flags["rounds"])
     own_peaks = [own_step_peak_mb(runner, 1) for runner in runners]
     profiled = profile_steps(runners[0], flags["steps"]) if flags["profile"] else None
     peak = peak_flops(device)

@@ -155,6 +155,18 @@ def allow_recompiles(n_models):
     setattr(config, name, max(getattr(config, name), 8 * n_models))
 
 
+def time_in_rounds(runners, warmup, steps, rounds):
+    """Each runner's ms per step after `warmup` steps, one figure per round: [[ms, ...] per runner]."""
+    for runner in runners:
+        if warmup:
+            runner.time_steps(warmup)
+    times = [[] for _ in runners]
+    for r in range(rounds):  # interleave variants, rotating who goes first, so noise hits all alike
+        for i in [(r + j) % len(runners) for j in range(len(runners))]:
+            times[i].append(runners[i].time_steps(steps))
+    return times
+
+
 def own_step_peak_mb(runner, steps):
     """One runner's peak device memory when it runs alone: what it holds (resident_mb) plus the most its steps
     allocate above what every runner holds together. CUDA only (None elsewhere: a CPU process has one peak)."""
