@@ -125,6 +125,35 @@ def bench_generation(cfg, flags):
     return result
 
 
+def print_generation(result):
+    for r in result["variants"]:
+        print(f"{r['variant']:>12} on {result['device']}: {r['tokens_per_s']:.1f} tokens/s for "
+              f"{result['new_tokens']} new tokens after a {result['prompt_tokens']}-token prompt (prefill "
+              f"{r['prefill_s']:.2f} s, decode {r['decode_tokens_per_s']:.1f} tokens/s)")
+    if "no_cache_tokens_per_s" in result:
+        print(f"ours without the KV cache: {result['no_cache_tokens_per_s']:.2f} tokens/s")
+    if "speedup" in result:
+        print(f"ours / transformers: x{result['speedup']:.2f} end to end; same tokens: {result['same_tokens']}")
+    if "decode_floor" in result:
+        print("\n".join(floor_lines(result["decode_floor"])))
+
+
+def print_training(result):
+    print(f"device {result['device']}, {result['params'] / 1e6:.2f}M params, peak memory "
+          f"{result['peak_mem_mb']:.0f} MB")
+    for r in result["variants"]:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        memory = f"  peak RSS {r['peak_rss_mb']:.0f} MB (own process)" if "peak_rss_mb" in r else ""
+        print(f"{r['variant']:>24}: {r['ms_per_iter']:8.2f} ms/iter  {r['tokens_per_s']:10,.0f} tok/s  "
+              f"MFU {mfu:>6}  x{r['ratio']:.3f}{memory}")
+    if "profile" in result:
+        p = result["profile"]
+        print(f"where {result['variants'][0]['variant']}'s time goes ({p['steps']} steps under torch.profiler, "
+              f"{p['ms_per_step']:.2f} ms/step with its overhead):")
+        for family, ms in sorted(p["ms_by_family"].items(), key=lambda kv: -kv[1]):
+            print(f"{family:>24}: {ms:8.2f} ms/step  {100 * ms / p['ms_per_step']:5.1f}%")
+
+
 def main(argv):
     try:
         flags, cfg = parse_args(argv)
@@ -135,30 +164,9 @@ def main(argv):
     if flags["json"]:
         print(json.dumps(result))
     elif flags["generate"]:
-        for r in result["variants"]:
-            print(f"{r['variant']:>12} on {result['device']}: {r['tokens_per_s']:.1f} tokens/s for "
-                  f"{result['new_tokens']} new tokens after a {result['prompt_tokens']}-token prompt (prefill "
-                  f"{r['prefill_s']:.2f} s, decode {r['decode_tokens_per_s']:.1f} tokens/s)")
-        if "no_cache_tokens_per_s" in result:
-            print(f"ours without the KV cache: {result['no_cache_tokens_per_s']:.2f} tokens/s")
-        if "speedup" in result:
-            print(f"ours / transformers: x{result['speedup']:.2f} end to end; same tokens: {result['same_tokens']}")
-        if "decode_floor" in result:
-            print("\n".join(floor_lines(result["decode_floor"])))
+        print_generation(result)
     else:
-        print(f"device {result['device']}, {result['params'] / 1e6:.2f}M params, peak memory "
-              f"{result['peak_mem_mb']:.0f} MB")
-        for r in result["variants"]:
-            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-            memory = f"  peak RSS {r['peak_rss_mb']:.0f} MB (own process)" if "peak_rss_mb" in r else ""
-            print(f"{r['variant']:>24}: {r['ms_per_iter']:8.2f} ms/iter  {r['tokens_per_s']:10,.0f} tok/s  "
-                  f"MFU {mfu:>6}  x{r['ratio']:.3f}{memory}")
-        if "profile" in result:
-            p = result["profile"]
-            print(f"where {result['variants'][0]['variant']}'s time goes ({p['steps']} steps under torch.profiler, "
-                  f"{p['ms_per_step']:.2f} ms/step with its overhead):")
-            for family, ms in sorted(p["ms_by_family"].items(), key=lambda kv: -kv[1]):
-                print(f"{family:>24}: {ms:8.2f} ms/step  {100 * ms / p['ms_per_step']:5.1f}%")
+        print_training(result)
     return 0
 
 
