@@ -9,11 +9,11 @@ Benchmark training steps (and, with --generate, KV-cache generation) on this mac
     python bench.py --init_from=data/models/SmolLM2-135M-Instruct --generate --prompt_tokens=256 --vs_transformers
 
 Steps run on random tokens (the dataset only sets the vocabulary; a pretrained folder brings its own) through
-train.py's own training step. --compare=KEY=V1,V2,... times every variant in one process, interleaved in rounds,
-and reports each one's median ms/iter and its ratio to the first (compare ratios, not absolute times). --profile
-splits a step's time by op family. --vs_transformers (sinkgpt.vs_transformers) puts transformers' own model of
-an --init_from folder beside ours; --generate --decode_floor (sinkgpt.decode_floor) times what a token costs at
-least. docs/performance.md has the measurements; docs/reference.md every flag.
+train.py's own training step, timed by sinkgpt.benchmark. --compare=KEY=V1,V2,... times every variant in one
+process, interleaved in rounds, and reports each one's median ms/iter and its ratio to the first (compare ratios,
+not absolute times). --profile splits a step's time by op family. --vs_transformers (sinkgpt.vs_transformers)
+puts transformers' own model of an --init_from folder beside ours; --generate --decode_floor (sinkgpt.decode_floor)
+times what a token costs at least. docs/performance.md has the measurements; docs/reference.md every flag.
 """
 
 import json
