@@ -69,6 +69,18 @@ def bench_training(cfg, flags):
     times = time_in_rounds(runners, flags["warmup"], flags["steps"], flags["rounds"])
     own_peaks = [own_step_peak_mb(runner, 1) for runner in runners]
     profiled = profile_steps(runners[0], flags["steps"]) if flags["profile"] else None
+    results = variant_results(names, runners, times, own_peaks, device)
+    if flags["vs_transformers"] and device == "cpu":
+        for result in results:
+            result["peak_rss_mb"] = peak_rss_of(cfg, flags, result["variant"])
+    return dict(device=device_name(device), peak_mem_mb=peak_memory_mb(device), variants=results,
+                **{k: results[0][k] for k in ("ms_per_iter", "tokens_per_s", "mfu", "params")},
+                **({"profile": profiled} if profiled else {}))
+
+
+def variant_results(names, runners, times, own_peaks, device):
+    """Each variant's figures: the median of its rounds' ms/iter, tokens/s, MFU (None where the device's peak is
+    unknown), its ratio to the first variant, its parameters and its own peak memory."""
     peak = peak_flops(device)
     results = []
     ours = runners[0].model  # transformers' model does the same FLOPs as ours (--vs_transformers)
@@ -81,12 +93,7 @@ def bench_training(cfg, flags):
                             mfu=flops / (ms_per_iter / 1000) / peak if peak else None,
                             ratio=ms_per_iter / statistics.median(times[0]),
                             params=runner.model.num_params(), peak_mem_mb=own_peak))
-    if flags["vs_transformers"] and device == "cpu":
-        for result in results:
-            result["peak_rss_mb"] = peak_rss_of(cfg, flags, result["variant"])
-    return dict(device=device_name(device), peak_mem_mb=peak_memory_mb(device), variants=results,
-                **{k: results[0][k] for k in ("ms_per_iter", "tokens_per_s", "mfu", "params")},
-                **({"profile": profiled} if profiled else {}))
+    return results
 
 
 @torch.no_grad()
