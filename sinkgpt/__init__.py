@@ -17,6 +17,7 @@ One job per module; each module's opening comment says what it holds and what it
     optim           AdamW / SGD / Muon, parameter groups, interventions on the optimizer state
     training        the pieces of train.py's loop: model to start from, lr schedule, evaluation, the step
     generation      faster CPU decoding (one-row products as batched row-block products)
+    benchmark       what bench.py times with: step runners, peak memory, --profile, timed generation
     decode_floor    what a generated token costs at least (bench.py --generate --decode_floor)
     vs_transformers transformers' own model of a folder beside ours (bench.py --vs_transformers)
     quantize        simulated post-training quantization (PyTorch fake-quant): W8A8 and W4 losses

@@ -1,11 +1,12 @@
-"""bench.py: the training and generation benchmarks run and report what they promise (no timing is asserted:
-times are the benchmark's output, never a test threshold)."""
+"""bench.py and sinkgpt.benchmark: the training and generation benchmarks run and report what they promise (no
+timing is asserted: times are the benchmark's output, never a test threshold)."""
 import json
 
 import pytest
 import torch
 
 import bench
+from sinkgpt import benchmark
 from sinkgpt.config import load_config
 
 
@@ -41,7 +42,7 @@ def test_generation_benchmark_reports_prefill_and_decode(capsys):
 
 def test_benchmarked_vocabulary_follows_the_dataset():
     def vocab(dataset, override=0):
-        return bench.dataset_vocab(load_config([f"--dataset={dataset}"]), override)
+        return benchmark.dataset_vocab(load_config([f"--dataset={dataset}"]), override)
 
     assert vocab("bigram_backcopy") == 85  # 84 characters + BOS
     assert vocab("no_such_dataset") == 50257  # unknown: GPT-2's
@@ -67,16 +68,16 @@ def test_op_family_names_the_kernel_family_and_counts_optimizer_work_as_optimize
     def event(name, parent=None):
         return SimpleNamespace(name=name, cpu_parent=parent)
 
-    assert bench.op_family(event("aten::mm")) == "matmul"
-    assert bench.op_family(event("aten::mm_backward_extra")) == "other ops"  # matmul names match exactly
-    assert bench.op_family(event("aten::_scaled_dot_product_flash_attention_for_cpu_backward")) == "attention"
-    assert bench.op_family(event("aten::gelu_backward")) == "activation"
-    assert bench.op_family(event("aten::native_layer_norm_backward")) == "norm"
-    assert bench.op_family(event("aten::_log_softmax")) == "loss"
-    assert bench.op_family(event("aten::add_")) == "other ops"
+    assert benchmark.op_family(event("aten::mm")) == "matmul"
+    assert benchmark.op_family(event("aten::mm_backward_extra")) == "other ops"  # matmul names match exactly
+    assert benchmark.op_family(event("aten::_scaled_dot_product_flash_attention_for_cpu_backward")) == "attention"
+    assert benchmark.op_family(event("aten::gelu_backward")) == "activation"
+    assert benchmark.op_family(event("aten::native_layer_norm_backward")) == "norm"
+    assert benchmark.op_family(event("aten::_log_softmax")) == "loss"
+    assert benchmark.op_family(event("aten::add_")) == "other ops"
     step = event("Optimizer.step#Muon.step")
-    assert bench.op_family(event("aten::mm", event("aten::matmul", step))) == "optimizer"  # Muon's own matmuls
-    assert bench.op_family(event("aten::linalg_vector_norm", event("clip_grad_norm"))) == "optimizer"
+    assert benchmark.op_family(event("aten::mm", event("aten::matmul", step))) == "optimizer"  # Muon's own matmuls
+    assert benchmark.op_family(event("aten::linalg_vector_norm", event("clip_grad_norm"))) == "optimizer"
 
 
 @pytest.mark.parametrize("flag,words", [("--steps=abc", "--steps"), ("--steps=0", "--steps"),
@@ -158,7 +159,7 @@ def test_compile_transformers_compiles_their_model_and_compile_still_decides_our
     def compiled(*argv):
         flags, cfg = bench.parse_args([f"--init_from={folder}", "--vs_transformers", "--batch_size=2",
                                        "--block_size=16", *argv])
-        runners = dict(bench.make_runners(cfg, flags, "cpu"))
+        runners = dict(benchmark.make_runners(cfg, flags, "cpu"))
         return {name: isinstance(r.step_model, torch._dynamo.eval_frame.OptimizedModule) for name, r in runners.items()}
 
     assert compiled() == {"ours": False, "transformers": False}  # CPU: compile='auto' is off; theirs as they run it
@@ -193,7 +194,7 @@ def test_each_variant_reports_what_it_holds_and_ten_compiled_variants_stay_compi
     assert getattr(config, name) >= 80  # 10 models' forwards: more compiled entries per code object than 8
     assert [v["peak_mem_mb"] for v in result["variants"]] == [None] * 10  # a CPU process has one peak only
     flags, cfg = bench.parse_args(tiny)
-    (_, runner), = bench.make_runners(cfg, flags, "cpu")
+    (_, runner), = benchmark.make_runners(cfg, flags, "cpu")
     runner.step()
     params = sum(p.numel() for p in runner.model.parameters())
     # float32 parameters, AdamW's two moments and its step counts, and two (2, 16) int64 batches
@@ -203,12 +204,12 @@ def test_each_variant_reports_what_it_holds_and_ten_compiled_variants_stay_compi
 
 def test_generation_runs_in_the_precision_sample_py_uses(capsys, monkeypatch, hf_dir):
     seen = []
-    real = bench.OurGenerator.__call__
+    real = benchmark.OurGenerator.__call__
 
     def recording(self, prompt, n_new):
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         return real(self, prompt, n_new)
-    monkeypatch.setattr(bench.OurGenerator, "__call__", recording)
+    monkeypatch.setattr(benchmark.OurGenerator, "__call__", recording)
     result = bench_json(capsys, "--generate", f"--init_from={hf_dir}", "--device=cpu", "--dtype=bfloat16",
                         "--prompt_tokens=8", "--new_tokens=4", "--rounds=1", "--no_cache_steps=2")
     assert seen and all(entry == (True, torch.bfloat16) for entry in seen)
