@@ -29,7 +29,7 @@ import torch
 
 from sinkgpt.checkpoint import load_model
 from sinkgpt.common import InputError, plain
-from sinkgpt.explicit import compare_explicit, explicit_markdown, paired_batches, retrofit_start_costs
+from sinkgpt.explicit import compare_explicit, explicit_markdown, paired_batches, parse_neurons, retrofit_start_costs
 from sinkgpt.pretrained import from_pretrained
 from sinkgpt.measure import AnalyzeError
 from sinkgpt.plots import plot_delta, plot_explicit, plot_repeat, plot_stream
@@ -269,19 +269,6 @@ def cmd_attribute(args, model, batches, masks, source):
     write_json(args.report, "attribute.json", {"target": args.target, "data": source, **result})
 
 
-def parse_writers(text, model):
-    writers = []
-    for item in filter(None, text.split(",")):
-        try:
-            layer, neuron = (int(part) for part in item.split(":"))
-        except ValueError:
-            raise AnalyzeError(f"--writers {item!r} is not LAYER:NEURON") from None
-        if not (0 <= layer < model.config.n_layer and 0 <= neuron < model.config.hidden_size):
-            raise AnalyzeError(f"--writers {item}: layer or neuron out of range")
-        writers.append((layer, neuron))
-    return writers
-
-
 def bos_writers(model, batches, top=2):
     """The MLP neurons that write BOS's largest block-output entry: in the first block where the entry reaches
     half its largest value, the `top` neurons with the largest activation x output weight at position 0."""
@@ -309,7 +296,11 @@ def cmd_explicit(args, target, device):
     windows = real_windows(target, batches)[:, :converted.model.config.block_size + 1]
     bos_token = target.meta["bos_token"]
     source["windows_without_bos"] = len(windows)
-    writers = parse_writers(args.writers, original) or bos_writers(original, [paired_batches(windows, bos_token)[0]])
+    try:
+        writers = parse_neurons(args.writers, original.config, "--writers")
+    except ValueError as e:
+        raise AnalyzeError(str(e)) from None
+    writers = writers or bos_writers(original, [paired_batches(windows, bos_token)[0]])
     ids, _ = stream_tokens(target, device, data=args.data, text=args.text, n_tokens=args.tokens, seed=args.seed)
     if args.window + 1 > min(original.config.block_size, converted.model.config.block_size):
         raise AnalyzeError(f"--window {args.window} does not fit the models' context")

@@ -32,6 +32,7 @@ import torch
 from model import bos_as_slot
 from sinkgpt.checkpoint import load_model, save_atomic
 from sinkgpt.common import REPO_ROOT, InputError, RunError, plain
+from sinkgpt.explicit import parse_neurons
 from sinkgpt.tokenizer import load_tokenizer
 
 VERIFY_TEXT = os.path.join(REPO_ROOT, "data", "shakespeare", "corpus", "hamlet_gut.txt")
@@ -51,20 +52,6 @@ def parse_args(argv):
     p.add_argument("--windows", type=int, default=8, help="text windows the check runs on")
     p.add_argument("--window_tokens", type=int, default=128)
     return p.parse_args(argv)
-
-
-def parse_neurons(text, model):
-    neurons = []
-    for item in filter(None, text.split(",")):
-        try:
-            layer, neuron = (int(part) for part in item.split(":"))
-        except ValueError:
-            raise RunError(f"--remove_neurons {item!r} is not LAYER:NEURON") from None
-        if not (0 <= layer < model.config.n_layer and 0 <= neuron < model.config.hidden_size):
-            raise RunError(f"--remove_neurons {item}: layer or neuron out of range ({model.config.n_layer} layers, "
-                           f"{model.config.hidden_size} neurons)")
-        neurons.append((layer, neuron))
-    return neurons
 
 
 @torch.no_grad()
@@ -124,7 +111,10 @@ def convert(args):
     if meta.get("bos_token") is None or not target.bos:
         raise RunError(f"{args.target} was not trained with a BOS token at position 0: there is no BOS sink to "
                        "convert")
-    neurons = parse_neurons(args.remove_neurons, original)
+    try:
+        neurons = parse_neurons(args.remove_neurons, original.config, "--remove_neurons")
+    except ValueError as e:
+        raise RunError(str(e)) from None
     windows = check_windows(meta, original, args.windows, args.window_tokens)
     check = verify(original, converted, windows, meta["bos_token"])
     tolerance = VERIFY_TOLERANCE.get(original.lm_head.weight.dtype, 1e-2)

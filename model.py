@@ -709,7 +709,7 @@ def bos_as_slot(model):
         model.train(was_training)
     converted = GPT(GPTConfig(**dict(cfg.to_dict(), sink="kv_bias", pos_offset=1, block_size=cfg.block_size - 1)))
     converted.to(device=device, dtype=model.lm_head.weight.dtype)
-    state = {name: t for name, t in model.state_dict().items()}
+    state = dict(model.state_dict())
     for layer in range(cfg.n_layer):  # the keys and values of BOS: (1, Hkv, 1, D) -> (Hkv, D)
         state[f"transformer.h.{layer}.attn.k_slot"] = seen[f"h.{layer}.k"][0, :, 0]
         state[f"transformer.h.{layer}.attn.v_slot"] = seen[f"h.{layer}.v"][0, :, 0]

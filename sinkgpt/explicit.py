@@ -20,6 +20,22 @@ from sinkgpt.stats import MASSIVE_ABS, MASSIVE_RATIO, excess_kurtosis, moment_su
 from sinkgpt.streaming import stream_losses
 
 
+def parse_neurons(text, config, flag):
+    """MLP neurons [(layer, neuron)] from 'LAYER:NEURON,...' (a command's `flag`); ValueError naming the item for one
+    that is malformed or outside the model."""
+    neurons = []
+    for item in filter(None, text.split(",")):
+        try:
+            layer, neuron = (int(part) for part in item.split(":"))
+        except ValueError:
+            raise ValueError(f"{flag} {item!r} is not LAYER:NEURON") from None
+        if not (0 <= layer < config.n_layer and 0 <= neuron < config.hidden_size):
+            raise ValueError(f"{flag} {item}: layer or neuron out of range ({config.n_layer} layers, "
+                             f"{config.hidden_size} neurons)")
+        neurons.append((layer, neuron))
+    return neurons
+
+
 def paired_batches(windows, bos_token):
     """The original's and the converted model's (x, y) on (N, T + 1) real-token windows: [BOS] + w[:T] with the
     target at BOS ignored (-1), and w[:T]; both predict w[1:]."""

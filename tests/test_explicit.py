@@ -205,6 +205,8 @@ def test_analyze_explicit_compares_original_and_converted_on_the_same_tokens(tmp
     for a, b in zip(result["layers"]["original"], result["layers"]["converted"]):
         assert a["max_abs"] == pytest.approx(b["max_abs"], rel=1e-4)  # the same real tokens, the same residuals
     assert (report / "explicit.png").stat().st_size > 0 and (report / "explicit.md").exists()
+    assert analyze.main(["explicit", bos_run, converted_run, "--block_size", "24", "--writers", "9:1"]) == 1
+    assert "--writers 9:1: layer or neuron out of range" in one_error(capsys)
     assert analyze.main(["explicit", converted_run, bos_run]) == 1  # the wrong way round
     assert "is not a model whose BOS became a slot" in one_error(capsys)
 
