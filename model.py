@@ -209,7 +209,10 @@ HOOK_POINTS = {  # per block: "h.<layer>.<point>"
     "scores": "(B, H, P, K)  q.k / sqrt(D), -inf where not visible; slot sinks: column 0 is the slot",
     "pattern": "(B, H, P, K)  softmax(scores); sigmoid(scores) for attn_fn=sigmoid; relu(scores) / visible "
                "keys (the slot counted) for attn_fn=relu",
+    "z": "(B, P, H, D)  each head's output (pattern @ values, after the gate)",
     "attn_z": "(B, P, C)  the heads' outputs (pattern @ values, after the gate), concatenated: c_proj's input",
+    "head_out": "(B, P, H, C)  each head's share of attention's output: its D columns of c_proj applied to its "
+                "output; computed only when hooked (attn_out = the sum over heads + c_proj's bias, no head's)",
     "attn_out": "(B, P, C)  attention's output, after c_proj",
     "resid_mid": "(B, P, C)  after the attention residual add",
     "ln_2": "(B, P, C)  the MLP's normed input (norm_pos='post': the norm after the second residual add)",
@@ -322,7 +325,11 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2)  # (B, T, H, D)
         if self.attn_gate != "none":
             y = y * torch.sigmoid(self.c_gate(x)).view(B, T, H, -1)
-        y = hook(self.hook_fns, "attn_z", y.reshape(B, T, C))
+        y = hook(self.hook_fns, "attn_z", hook(self.hook_fns, "z", y).reshape(B, T, C))
+        if "head_out" in self.hook_fns:  # c_proj as a sum of per-head shares (H times its output's memory)
+            shares = torch.einsum("bthd,chd->bthc", y.reshape(B, T, H, D), self.c_proj.weight.view(C, H, D))
+            y = hook(self.hook_fns, "head_out", shares).sum(2)
+            return self.resid_dropout(y if self.c_proj.bias is None else y + self.c_proj.bias)
         return self.resid_dropout(self.c_proj(y))
 
     def sdpa(self, q, k, v, scale=None):

@@ -165,6 +165,7 @@ def expected_hook_shapes(model, B, T):
         shapes.update({f"h.{layer}.{p}": (B, Tn, C) for p in ("resid_pre", "ln_1", "attn_z", "attn_out", "resid_mid",
                                                                "ln_2", "mlp_out", "resid_post")})
         shapes[f"h.{layer}.q"] = (B, H, Tn, D)
+        shapes[f"h.{layer}.z"], shapes[f"h.{layer}.head_out"] = (B, Tn, H, D), (B, Tn, H, C)
         shapes.update({f"h.{layer}.{p}": (B, cfg.kv_heads, Tn, D) for p in ("k", "v")})
         cols = Tn + (1 if cfg.sink in ("logit", "softmax1", "kv_bias", "k_bias") else 0)
         shapes.update({f"h.{layer}.{p}": (B, H, Tn, cols) for p in ("scores", "pattern")})
