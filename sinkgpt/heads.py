@@ -1,0 +1,268 @@
+"""
+Which heads build the sink: head ablation (zero, or the mean over the probe sequences) and activation patching
+(Meng et al. 2022's causal tracing with clean activations restored; Wang et al. 2023; Heimersheim & Nanda 2024,
+"How to use and interpret activation patching").
+
+    result = patch_map(model, clean_ids, corrupt_ids, "heads", Metric("entry", layer=11, positions=None, dim=507),
+                       align=1)
+
+A site is one head's output (hook point z, every position), or one position of a layer's residual stream (resid_pre),
+attention output (attn_out) or MLP output (mlp_out). Each site's activation from the clean run replaces the corrupt
+run's, one site at a time, and the metric's recovery (patched - corrupt) / (clean - corrupt) fills a (layer x head)
+or (layer x position) map: 1 where the site alone carries the difference, 0 where it carries none. The corrupt run
+is copied once per site in one batch, each copy with its own site patched.
+
+Prompts of different lengths (a BOS-first clean prompt against the same text without BOS) are paired by `align`:
+clean position i + align stands for corrupt position i (clean positions before `align` are never patched in).
+
+May import: sinkgpt.common, sinkgpt.measure.
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch.nn import functional as F
+
+from sinkgpt.measure import AnalyzeError, capture
+
+SITE_POINTS = {"heads": "z", "resid": "resid_pre", "attn": "attn_out", "mlp": "mlp_out"}
+METRICS = ("loss", "logit_diff", "entry")
+
+
+class StopForward(Exception):
+    """Raised by the hook that has read what the metric needs: the layers after it are never computed."""
+
+
+@dataclass
+class Metric:
+    """loss: the mean next-token loss over the prompt, of `targets` (1, T - 1) when given (patch_map: the clean
+    prompt's, so that recovery 1 is the clean run's loss), else of the run's own next tokens; logit_diff:
+    logit[good] - logit[bad] at the last position; entry: block `layer`'s output at `dim`, at `positions`
+    (corrupt positions; None = every one), their mean."""
+    kind: str
+    targets: torch.Tensor = None
+    good: int = 0
+    bad: int = 0
+    layer: int = 0
+    positions: tuple = None
+    dim: int = 0
+
+    def name(self):
+        if self.kind == "entry":
+            where = "all" if self.positions is None else ",".join(map(str, self.positions))
+            return f"entry h.{self.layer}.resid_post[pos {where}, dim {self.dim}]"
+        return f"logit[{self.good}] - logit[{self.bad}]" if self.kind == "logit_diff" else "loss"
+
+
+# ----------------------------------------------------------------------------------------------------
+# parsing and checks
+
+
+def parse_heads(text, config, flag="--heads"):
+    """'L.H,L.H' -> [(layer, head)], every one inside the model."""
+    heads = []
+    for item in text.split(","):
+        try:
+            layer, head = (int(part) for part in item.split("."))
+        except ValueError:
+            raise AnalyzeError(f"{flag} {item!r} is not LAYER.HEAD") from None
+        if not 0 <= layer < config.n_layer:
+            raise AnalyzeError(f"{flag} {item}: layer {layer} is outside the model's layers 0-{config.n_layer - 1}")
+        if not 0 <= head < config.n_head:
+            raise AnalyzeError(f"{flag} {item}: head {head} is outside the model's heads 0-{config.n_head - 1}")
+        heads.append((layer, head))
+    return heads
+
+
+def parse_positions(text, length):
+    """'all' -> None, 'P' or 'A-B' (inclusive) -> a tuple of positions inside a prompt of `length` tokens."""
+    if text == "all":
+        return None
+    try:
+        first, _, last = text.partition("-")
+        positions = tuple(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise AnalyzeError(f"--entry position {text!r} is not P, A-B or all") from None
+    if not positions or positions[0] < 0 or positions[-1] >= length:
+        raise AnalyzeError(f"--entry position {text} is outside the corrupt prompt's positions 0-{length - 1}")
+    return positions
+
+
+def entry_metric(text, config, length):
+    """'LAYER:POS:DIM' (POS: P, A-B or all, corrupt positions) -> an entry Metric inside the model."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise AnalyzeError(f"--entry {text!r} is not LAYER:POS:DIM")
+    try:
+        layer, dim = int(parts[0]), int(parts[2])
+    except ValueError:
+        raise AnalyzeError(f"--entry {text!r} is not LAYER:POS:DIM") from None
+    if not 0 <= layer < config.n_layer:
+        raise AnalyzeError(f"--entry {text}: layer {layer} is outside the model's layers 0-{config.n_layer - 1}")
+    if not 0 <= dim < config.n_embd:
+        raise AnalyzeError(f"--entry {text}: dim {dim} is outside the model's width 0-{config.n_embd - 1}")
+    return Metric("entry", layer=layer, positions=parse_positions(parts[1], length), dim=dim)
+
+
+def check_alignment(clean_len, corrupt_len, align):
+    if align < 0 or clean_len - align != corrupt_len:
+        hint = (f"; give --align {clean_len - corrupt_len} to pair clean position i+{clean_len - corrupt_len} with "
+                "corrupt position i (a prompt with BOS against the same one without)" if clean_len > corrupt_len
+                else "; give prompts of equal length")
+        raise AnalyzeError(f"the clean prompt has {clean_len} tokens and the corrupt one {corrupt_len}: patching needs "
+                           f"position-aligned prompts (clean length = corrupt length + --align, now {align})" + hint)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the metric on a batch of runs
+
+
+def metric_values(model, ids, metric, patches=None, offset=0):
+    """The metric of each row of ids (N, T) under `patches` ({hook name: fn}); `offset` leading positions are
+    left out (the clean run's unaligned start). An entry metric stops the forward pass after its layer."""
+    if metric.kind == "entry":
+        name, seen = f"h.{metric.layer}.resid_post", {}
+
+        def read_and_stop(x):
+            seen["x"] = x
+            raise StopForward
+
+        with torch.no_grad(), model.hooks({**(patches or {}), name: read_and_stop}):
+            try:
+                model(ids)
+            except StopForward:
+                pass
+        x = seen["x"][:, model.n_prefix + offset:, metric.dim].double()
+        return (x if metric.positions is None else x[:, list(metric.positions)]).mean(1)
+    with torch.no_grad(), model.hooks(patches or {}):
+        logits, _ = model(ids, last_only=metric.kind == "logit_diff")
+    if metric.kind == "logit_diff":
+        last = logits[:, -1].double()
+        return last[:, metric.good] - last[:, metric.bad]
+    logits = logits[:, offset:-1].double()
+    targets = (ids[:, offset + 1:] if metric.targets is None else metric.targets).expand(len(ids), -1)
+    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    return losses.view(len(ids), -1).mean(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# activation patching
+
+
+def site_list(model, kind, length, metric):
+    """[(layer, index)]: heads (index = head) or positions (index = corrupt position). Layers after an entry
+    metric's layer cannot move it and are left out."""
+    layers = range(metric.layer + 1 if metric.kind == "entry" else model.config.n_layer)
+    width = model.config.n_head if kind == "heads" else length
+    return [(layer, index) for layer in layers for index in range(width)]
+
+
+def clean_sources(model, clean_ids, kind, align):
+    """{layer: the clean run's tensor at the site's hook point, batch dim dropped, positions aligned to the
+    corrupt prompt's (the sink-token prefix kept)}."""
+    names = [f"h.{layer}.{SITE_POINTS[kind]}" for layer in range(model.config.n_layer)]
+    got, _ = capture(model, clean_ids, names)
+    n = model.n_prefix
+    return {layer: torch.cat([got[name][0, :n], got[name][0, n + align:]]) for layer, name in enumerate(names)}
+
+
+def site_patches(model, kind, placed, sources):
+    """{hook name: fn} that writes each site's clean activation into its row: placed = [(row, layer, index)]."""
+    by_layer = {}
+    for row, layer, index in placed:
+        by_layer.setdefault(layer, ([], []))
+        by_layer[layer][0].append(row)
+        by_layer[layer][1].append(index + (0 if kind == "heads" else model.n_prefix))
+    patches = {}
+    for layer, (rows, indices) in by_layer.items():
+        source = sources[layer]
+        rows, indices = torch.tensor(rows, device=source.device), torch.tensor(indices, device=source.device)
+
+        def patch(x, rows=rows, indices=indices, source=source):
+            x = x.clone()
+            if kind == "heads":  # x (N, P, H, D): row r gets head h's output at every position
+                x[rows, :, indices] = source[:, indices].transpose(0, 1).to(x.dtype)
+            else:  # x (N, P, C): row r gets position p
+                x[rows, indices] = source[indices].to(x.dtype)
+            return x
+        patches[f"h.{layer}.{SITE_POINTS[kind]}"] = patch
+    return patches
+
+
+def patched_values(model, clean_ids, corrupt_ids, kind, sites, metric, align=0, batch_size=32, one_run=False):
+    """The metric of the corrupt run with the clean activation at each site: one value per site (each site in its
+    own copy, batch_size copies per forward pass), or with one_run one value with every site patched at once."""
+    sources = clean_sources(model, clean_ids, kind, align)
+    if one_run:
+        return metric_values(model, corrupt_ids, metric, site_patches(model, kind, [(0, l, i) for l, i in sites],
+                                                                      sources))
+    values = []
+    for start in range(0, len(sites), batch_size):
+        chunk = sites[start:start + batch_size]
+        placed = [(row, layer, index) for row, (layer, index) in enumerate(chunk)]
+        ids = corrupt_ids.expand(len(chunk), -1)
+        values.append(metric_values(model, ids, metric, site_patches(model, kind, placed, sources)))
+    return torch.cat(values)
+
+
+def patch_map(model, clean_ids, corrupt_ids, kind, metric, align=0, batch_size=32):
+    """Patch every site of `kind` from the clean into the corrupt run, one at a time: the metric's value for
+    both runs and each patched one, and the recovery map (layer x head or layer x position; None where clean and
+    corrupt agree and recovery is undefined)."""
+    if kind not in SITE_POINTS:
+        raise AnalyzeError(f"--sites {kind!r} is not one of {', '.join(SITE_POINTS)}")
+    check_alignment(clean_ids.size(1), corrupt_ids.size(1), align)
+    if metric.kind == "loss":
+        metric = replace(metric, targets=clean_ids[:, align + 1:])
+    clean = metric_values(model, clean_ids, metric, offset=align).item()
+    corrupt = metric_values(model, corrupt_ids, metric).item()
+    sites = site_list(model, kind, corrupt_ids.size(1), metric)
+    patched = patched_values(model, clean_ids, corrupt_ids, kind, sites, metric, align, batch_size)
+    width = model.config.n_head if kind == "heads" else corrupt_ids.size(1)
+    rows = len(sites) // width
+    values = [[None] * width for _ in range(model.config.n_layer)]
+    recovery = [[None] * width for _ in range(model.config.n_layer)]
+    for (layer, index), value in zip(sites, patched.tolist()):
+        values[layer][index] = value
+        recovery[layer][index] = (value - corrupt) / (clean - corrupt) if clean != corrupt else None
+    for layer in range(rows, model.config.n_layer):  # after an entry metric's layer: no effect by causality
+        values[layer] = [corrupt] * width
+        recovery[layer] = [0.0 if clean != corrupt else None] * width
+    return {"sites": kind, "point": SITE_POINTS[kind], "metric": metric.name(), "align": align,
+            "clean": clean, "corrupt": corrupt, "patched": values, "recovery": recovery,
+            "columns": "head" if kind == "heads" else "position", "layers_run": rows}
+
+
+# ----------------------------------------------------------------------------------------------------
+# head ablation
+
+
+def ablate_heads(model, batches, heads, entries):
+    """Zero or mean ablation of heads [(layer, head)] (their output z, every position; mean: over the probe
+    sequences at each position) and the loss and block-output entries [(layer, position index, dim)] (the mean
+    over the sequences) with none, zero and mean ablation."""
+    layers = sorted({layer for layer, _ in heads})
+    names = [f"h.{layer}.z" for layer in layers]
+    seen = [capture(model, x, names)[0] for x, _ in batches]
+    means = {layer: torch.cat([s[f"h.{layer}.z"] for s in seen]).mean(0) for layer in layers}  # (P, H, D)
+    entry_names = sorted({f"h.{layer}.resid_post" for layer, _, _ in entries})
+    result = {"heads": [f"{layer}.{head}" for layer, head in heads]}
+    for mode in ("none", "zero", "mean"):
+        patches = {} if mode == "none" else {f"h.{layer}.z": head_ablation(
+            [h for l, h in heads if l == layer], None if mode == "zero" else means[layer]) for layer in layers}
+        runs = [capture(model, x, entry_names, y, patches=patches) for x, y in batches]
+        result[f"loss_{mode}"] = sum(loss for _, loss in runs) / len(runs)
+        result[f"entries_{mode}"] = [torch.cat([got[f"h.{layer}.resid_post"][:, index, dim] for got, _ in runs])
+                                     .double().mean().item() for layer, index, dim in entries]
+    result["delta_zero"] = result["loss_zero"] - result["loss_none"]
+    result["delta_mean"] = result["loss_mean"] - result["loss_none"]
+    return result
+
+
+def head_ablation(heads, mean=None):
+    """A hook on z (B, P, H, D) that sets the heads' outputs to zero, or to `mean` (P, H, D)."""
+    def patch(x):
+        x = x.clone()
+        x[:, :, heads] = 0.0 if mean is None else mean[:, heads].to(x.dtype)
+        return x
+    return patch
