@@ -9,6 +9,8 @@ Sun et al. (2024, massive activations), Yona et al. (2025, repeated tokens) and 
     python analyze.py ablate out-bb/base                                 # zero vs mean ablation, val loss
     python analyze.py repeat out-bb/base --string a --n 64               # one token repeated, with/without BOS
     python analyze.py attribute out-bb/base --pos 0 --dim 17             # which MLP neurons write the entry
+    python analyze.py ablate out-bb/base --heads 1.0,1.3                 # zero vs mean ablation of heads
+    python analyze.py patch DIR --clean "..." --corrupt "..." --sites heads --metric loss --report R  # patching
     python analyze.py stream DIR --window 256 --keep 0,1,4 --report R   # perplexity with a rolling cache
     python analyze.py compare out-a out-b --report reports/ab            # metrics.jsonl of runs, overlaid
     python analyze.py explicit ORIGINAL CONVERTED --report R             # a model against its convert.py output
@@ -24,16 +26,19 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
 
 from sinkgpt.checkpoint import load_model
 from sinkgpt.common import InputError, plain
 from sinkgpt.explicit import compare_explicit, explicit_markdown, paired_batches, parse_neurons, retrofit_start_costs
+from sinkgpt.heads import (METRICS, SITE_POINTS, Metric, ablate_heads, entry_metric, parse_heads, patch_map,
+                           patch_markdown)
 from sinkgpt.pretrained import from_pretrained
 from sinkgpt.measure import AnalyzeError
-from sinkgpt.plots import plot_delta, plot_explicit, plot_repeat, plot_stream
-from sinkgpt.probes import (POSITION_POINTS, ablate, attribute, check_position, hook_name, intervene,
+from sinkgpt.plots import plot_delta, plot_explicit, plot_patch_map, plot_repeat, plot_stream
+from sinkgpt.probes import (POSITION_POINTS, ablate, attribute, check_position, encode_text, hook_name, intervene,
                             position_index, probe_batches, repeat_probe, stream_tokens)
 from sinkgpt.report import build_report, compare, fmt, report_markdown, write_report
 from sinkgpt.runtime import pick_device
@@ -68,7 +73,8 @@ def add_target_args(p, data=True):
 
 
 def parse_args(argv):
-    commands = ("report", "intervene", "ablate", "repeat", "attribute", "stream", "compare", "explicit", "starts")
+    commands = ("report", "intervene", "ablate", "repeat", "attribute", "stream", "compare", "explicit", "starts",
+                "patch")
     if argv and argv[0] not in commands and argv[0] not in ("-h", "--help"):
         argv = ["report"] + list(argv)
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,6 +98,28 @@ def parse_args(argv):
     p.add_argument("--entry", action="append", default=[], metavar="LAYER:POS:DIM",
                    help="ablate this block-output entry (repeatable); default: the detected massive activations")
     p.add_argument("--min_ratio", type=float, default=100.0)
+    p.add_argument("--heads", metavar="LAYER.HEAD,...",
+                   help="ablate these heads' outputs instead (zero, and the mean over the probe sequences at each "
+                        "position); the entries are read, not ablated")
+    p = sub.add_parser("patch", help="activation patching: which heads, layers and positions carry a difference")
+    add_target_args(p, data=False)
+    p.add_argument("--clean", required=True, help="the clean prompt, or FILE:path")
+    p.add_argument("--corrupt", required=True, help="the corrupt prompt, or FILE:path")
+    p.add_argument("--bos", choices=("none", "clean", "corrupt", "both"), default="none",
+                   help="which prompts start with the model's BOS token")
+    p.add_argument("--repeat", type=int, default=1, help="each prompt's tokens repeated N times (' the' x 64)")
+    p.add_argument("--align", type=int, default=0,
+                   help="clean position i + ALIGN stands for corrupt position i (1: a BOS-first clean prompt "
+                        "against the same text without BOS); the clean prompt is ALIGN tokens longer")
+    p.add_argument("--sites", choices=tuple(SITE_POINTS), default="heads",
+                   help="heads: each head's output (z, every position): a layer x head map; resid, attn, mlp: the "
+                        "block input, attention output or MLP output at one position: a layer x position map")
+    p.add_argument("--metric", choices=METRICS, default="loss")
+    p.add_argument("--entry", metavar="LAYER:POS:DIM",
+                   help="--metric entry: block LAYER's output at DIM, at corrupt position POS (P, A-B or all: the mean)")
+    p.add_argument("--good", help="--metric logit_diff: text whose first token's logit counts +")
+    p.add_argument("--bad", help="--metric logit_diff: text whose first token's logit counts -")
+    p.add_argument("--batch_size", type=int, default=32, help="patched copies per forward pass")
     p = sub.add_parser("repeat", help="one token repeated N times, with and without BOS (Yona et al.)")
     add_target_args(p, data=False)
     p.add_argument("--token", type=int, help="token id to repeat")
@@ -125,7 +153,7 @@ def parse_args(argv):
 
 
 def check_counts(args):
-    for key in ("batches", "batch_size", "n", "k", "top", "tokens"):
+    for key in ("batches", "batch_size", "n", "k", "top", "tokens", "repeat"):
         if getattr(args, key, 1) is not None and getattr(args, key, 1) < 1:
             raise AnalyzeError(f"--{key} must be >= 1")
 
@@ -176,6 +204,7 @@ def parse_entry(text, model):
 
 
 def cmd_ablate(args, model, batches, masks, source):
+    heads = parse_heads(args.heads, model.config) if args.heads else None
     entries = [parse_entry(e, model) for e in args.entry]
     for _, pos, _ in entries:
         check_position(pos, batches)
@@ -183,16 +212,92 @@ def cmd_ablate(args, model, batches, masks, source):
     if not entries:  # Sun et al. intervene where the massive activations first appear
         report, _ = build_report(model, batches, masks, 1, args.min_ratio)
         found = report["massive"] or report["massive_ratio_only"]
-        if not found:
+        if not found and not heads:
             raise AnalyzeError("no massive activation detected; name one with --entry LAYER:POS:DIM")
-        first = min(m["layer"] for m in found)
+        first = min((m["layer"] for m in found), default=None)
         entries = [(m["layer"], m["position"], m["dim"]) for m in found if m["layer"] == first]
+    if heads:
+        return ablate_heads_report(args, model, batches, heads, entries, source)
     result = ablate(model, batches, entries, masks)
     print("ablated " + ", ".join(f"layer {e['layer']} pos {e['position']} dim {e['dim']} (mean {e['mean']:.4g})"
                                  for e in result["entries"]))
     print(f"loss: original {result['loss_none']:.4f}, zero {result['loss_zero']:.4f} ({result['delta_zero']:+.4f}), "
           f"mean {result['loss_mean']:.4f} ({result['delta_mean']:+.4f})")
     write_json(args.report, "ablate.json", {"target": args.target, "data": source, **result})
+
+
+def ablate_heads_report(args, model, batches, heads, entries, source):
+    indexed = [(layer, position_index(model, "resid_post", pos), dim) for layer, pos, dim in entries]
+    result = ablate_heads(model, batches, heads, indexed)
+    result["entries"] = [{"layer": layer, "position": pos, "dim": dim} for layer, pos, dim in entries]
+    print(f"ablated heads {', '.join(result['heads'])}")
+    print(f"loss: original {result['loss_none']:.4f}, zero {result['loss_zero']:.4f} ({result['delta_zero']:+.4f}), "
+          f"mean {result['loss_mean']:.4f} ({result['delta_mean']:+.4f})")
+    for i, (layer, pos, dim) in enumerate(entries):
+        none, zero, mean = (result[f"entries_{mode}"][i] for mode in ("none", "zero", "mean"))
+        print(f"block {layer} output, position {pos}, dim {dim} (mean over sequences): {none:.5g}; zero {zero:.5g} "
+              f"({zero - none:+.5g}), mean {mean:.5g} ({mean - none:+.5g})")
+    write_json(args.report, "ablate_heads.json", {"target": args.target, "data": source, **result})
+
+
+def patch_prompts(args, target):
+    """(clean ids (1, T + align), corrupt ids (1, T), the corrupt prompt's token strings)."""
+    tokenizer = load_tokenizer(target.meta)
+    device = target.model.lm_head.weight.device
+    prompts = []
+    for which in ("clean", "corrupt"):
+        ids = encode_text(target.meta, getattr(args, which), False) * args.repeat
+        bos = [target.meta["bos_token"]] if args.bos in (which, "both") else []
+        prompts.append(torch.tensor([bos + ids], device=device))
+    for ids in prompts:
+        if ids.size(1) > target.model.config.block_size:
+            raise AnalyzeError(f"a prompt of {ids.size(1)} tokens is longer than the model's context "
+                               f"{target.model.config.block_size}")
+        if ids.size(1) < 2:
+            raise AnalyzeError("a prompt gives fewer than 2 tokens")
+    return prompts[0], prompts[1], [tokenizer.decode([i]) for i in prompts[1][0].tolist()]
+
+
+def first_token(target, text, flag):
+    if text is None:
+        raise AnalyzeError(f"--metric logit_diff needs {flag} TEXT (its first token)")
+    ids = encode_text(target.meta, text, False)
+    if not ids:
+        raise AnalyzeError(f"{flag} {text!r} gives no token")
+    return ids[0]
+
+
+def cmd_patch(args, target):
+    model = target.model
+    clean, corrupt, labels = patch_prompts(args, target)
+    if args.metric == "entry":
+        if args.entry is None:
+            raise AnalyzeError("--metric entry needs --entry LAYER:POS:DIM")
+        metric = entry_metric(args.entry, model.config, corrupt.size(1))
+    elif args.metric == "logit_diff":
+        metric = Metric("logit_diff", good=first_token(target, args.good, "--good"),
+                        bad=first_token(target, args.bad, "--bad"))
+    else:
+        metric = Metric("loss")
+    started = time.perf_counter()
+    result = patch_map(model, clean, corrupt, args.sites, metric, args.align, args.batch_size)
+    result.update(target=args.target, clean_tokens=clean.size(1), corrupt_tokens=corrupt.size(1),
+                  corrupt_labels=labels, seconds=time.perf_counter() - started, threads=torch.get_num_threads())
+    print(f"{result['metric']}: clean {result['clean']:.6g}, corrupt {result['corrupt']:.6g}; "
+          f"{sum(map(len, result['recovery']))} sites patched in {result['seconds']:.1f} s ({result['threads']} threads)")
+    ranked = sorted(((v, layer, i) for layer, row in enumerate(result["recovery"]) for i, v in enumerate(row)
+                     if v is not None), reverse=True)
+    if not ranked:
+        print("the metric is the same on both runs: recovery is undefined")
+    for v, layer, i in ranked[:8]:
+        print(f"layer {layer} {result['columns']} {i}: recovery {v:+.3f}")
+    if args.report:
+        name = f"patch_{args.sites}"
+        write_json(args.report, f"{name}.json", result)
+        with open(os.path.join(args.report, f"{name}.md"), "w") as f:
+            f.write(patch_markdown(result, labels))
+        plot_patch_map(result, os.path.join(args.report, f"{name}.png"), labels)
+        print(f"wrote {args.report}/{name}.json, {name}.md, {name}.png")
 
 
 def parse_grid(text, flag, least):
@@ -380,6 +485,8 @@ def run(argv):
         return cmd_explicit(args, target, device)
     if args.command == "starts":
         return cmd_starts(args, target, device)
+    if args.command == "patch":
+        return cmd_patch(args, target)
     batches, masks, source = probe_batches(target, device, data=args.data, text=args.text, batches=args.batches,
                                            batch_size=args.batch_size, block_size=args.block_size, bos=args.bos,
                                            seed=args.seed)

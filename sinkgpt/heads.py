@@ -208,7 +208,8 @@ def patched_values(model, clean_ids, corrupt_ids, kind, sites, metric, align=0, 
 def patch_map(model, clean_ids, corrupt_ids, kind, metric, align=0, batch_size=32):
     """Patch every site of `kind` from the clean into the corrupt run, one at a time: the metric's value for
     both runs and each patched one, and the recovery map (layer x head or layer x position; None where clean and
-    corrupt agree and recovery is undefined)."""
+    corrupt agree and recovery is undefined). An entry metric's map stops at its layer (later layers cannot move
+    it)."""
     if kind not in SITE_POINTS:
         raise AnalyzeError(f"--sites {kind!r} is not one of {', '.join(SITE_POINTS)}")
     check_alignment(clean_ids.size(1), corrupt_ids.size(1), align)
@@ -219,18 +220,24 @@ def patch_map(model, clean_ids, corrupt_ids, kind, metric, align=0, batch_size=3
     sites = site_list(model, kind, corrupt_ids.size(1), metric)
     patched = patched_values(model, clean_ids, corrupt_ids, kind, sites, metric, align, batch_size)
     width = model.config.n_head if kind == "heads" else corrupt_ids.size(1)
-    rows = len(sites) // width
-    values = [[None] * width for _ in range(model.config.n_layer)]
-    recovery = [[None] * width for _ in range(model.config.n_layer)]
-    for (layer, index), value in zip(sites, patched.tolist()):
-        values[layer][index] = value
-        recovery[layer][index] = (value - corrupt) / (clean - corrupt) if clean != corrupt else None
-    for layer in range(rows, model.config.n_layer):  # after an entry metric's layer: no effect by causality
-        values[layer] = [corrupt] * width
-        recovery[layer] = [0.0 if clean != corrupt else None] * width
+    patched = patched.view(-1, width).tolist()  # (layers run, width)
+    recovery = [[(v - corrupt) / (clean - corrupt) if clean != corrupt else None for v in row] for row in patched]
     return {"sites": kind, "point": SITE_POINTS[kind], "metric": metric.name(), "align": align,
-            "clean": clean, "corrupt": corrupt, "patched": values, "recovery": recovery,
-            "columns": "head" if kind == "heads" else "position", "layers_run": rows}
+            "clean": clean, "corrupt": corrupt, "patched": patched, "recovery": recovery,
+            "columns": "head" if kind == "heads" else "position"}
+
+
+def patch_markdown(result, labels=None):
+    """The recovery map as a markdown table: one row per layer, one column per head or corrupt position."""
+    width = len(result["recovery"][0])
+    names = [f"{i} `{labels[i]!r}`" if labels else str(i) for i in range(width)] if result["columns"] == "position" \
+        else [f"head {i}" for i in range(width)]
+    lines = [f"Recovery of {result['metric']} patching {result['point']} from the clean run into the corrupt one "
+             f"(clean {result['clean']:.6g}, corrupt {result['corrupt']:.6g}, align {result['align']}):", "",
+             "| layer | " + " | ".join(names) + " |", "|---" * (width + 1) + "|"]
+    for layer, row in enumerate(result["recovery"]):
+        lines.append(f"| {layer} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------

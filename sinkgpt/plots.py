@@ -257,3 +257,29 @@ def plot_explicit(result, path):
               title=f"token {repeat['token']} repeated {repeat['n']} times")
     right.legend(fontsize=8)
     return save(fig, path)
+
+
+def plot_patch_map(result, path, labels=None):
+    """Activation patching's recovery, layer x head or layer x position: 1 (red) where patching the site alone
+    restores the clean run's metric, 0 (white) where it does nothing, blue where it moves the metric the other way.
+    `labels`: the corrupt prompt's tokens for a position map."""
+    import numpy as np
+    plt = pyplot()
+    values = np.array([[np.nan if v is None else v for v in row] for row in result["recovery"]], dtype=float)
+    limit = max(1.0, float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0)
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.28 * values.shape[1] + 2.5), max(4.0, 0.22 * values.shape[0] + 1.5)))
+    image = ax.imshow(values, vmin=-limit, vmax=limit, cmap="RdBu_r", aspect="auto", interpolation="nearest")
+    columns = range(values.shape[1])
+    ax.set(xlabel=result["columns"], ylabel="layer", yticks=layer_ticks(values.shape[0]), xticks=list(columns),
+           title=f"recovery of {result['metric']}\npatching {result['point']} (clean {result['clean']:.4g}, "
+                 f"corrupt {result['corrupt']:.4g})")
+    ax.title.set_fontsize(9)
+    if labels is not None and result["columns"] == "position":
+        ax.set_xticklabels([repr(t)[1:-1] for t in labels], rotation=90, fontsize=6)
+    if values.size <= 300:
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if abs(v) > 0.6 * limit else "black")
+    fig.colorbar(image, ax=ax, label="(patched - corrupt) / (clean - corrupt)")
+    return save(fig, path)

@@ -177,8 +177,7 @@ def test_the_recovery_map_is_one_where_the_only_difference_is_and_aligned_mode_p
     # a clean prompt with one extra token in front, paired position by position
     longer = torch.cat([torch.tensor([[model.config.bos_token]]), corrupt], 1)
     aligned = patch_map(model, longer, corrupt, "heads", Metric("entry", layer=1, positions=(4, 5), dim=3), align=1)
-    assert len(aligned["recovery"]) == 3 and aligned["layers_run"] == 2
-    assert aligned["recovery"][2] == [0.0, 0.0]  # after the metric's layer: no effect, not run
+    assert len(aligned["recovery"]) == 2 and len(aligned["recovery"][0]) == 2  # layers 0-1 x 2 heads
     with torch.no_grad():
         _, _, got = model.run_with_cache(longer, ["h.1.resid_post"])
     assert aligned["clean"] == pytest.approx(got["h.1.resid_post"][0, 5:7, 3].mean().item(), abs=1e-12)
@@ -187,7 +186,7 @@ def test_the_recovery_map_is_one_where_the_only_difference_is_and_aligned_mode_p
 def test_patch_cli_writes_the_map_table_and_plot(tmp_path, capsys):
     save_checkpoint(tiny_model(), tmp_path / "ckpt.pt")
     out = tmp_path / "p"
-    code, stdout, err = run_cli(["patch", tmp_path, "--clean", "abcdefgh", "--corrupt", "abcdxfgh", "--metric", "loss",
+    code, stdout, err = run_cli(["patch", tmp_path, "--clean", "abcdefgh", "--corrupt", "abcdwfgh", "--metric", "loss",
                                  "--sites", "heads", "--report", out], capsys)
     assert code == 0, err
     result = json.loads((out / "patch_heads.json").read_text())
