@@ -33,8 +33,8 @@ import torch
 from sinkgpt.checkpoint import load_model
 from sinkgpt.common import InputError, plain
 from sinkgpt.explicit import compare_explicit, explicit_markdown, paired_batches, parse_neurons, retrofit_start_costs
-from sinkgpt.heads import (METRICS, SITE_POINTS, Metric, ablate_heads, entry_metric, parse_heads, patch_map,
-                           patch_markdown)
+from sinkgpt.heads import (METRICS, SITE_POINTS, Metric, ablate_heads, activation_metric, parse_heads,
+                           patch_heads_together, patch_map, patch_markdown)
 from sinkgpt.pretrained import from_pretrained
 from sinkgpt.measure import AnalyzeError
 from sinkgpt.plots import plot_delta, plot_explicit, plot_patch_map, plot_repeat, plot_stream
@@ -117,6 +117,11 @@ def parse_args(argv):
     p.add_argument("--metric", choices=METRICS, default="loss")
     p.add_argument("--entry", metavar="LAYER:POS:DIM",
                    help="--metric entry: block LAYER's output at DIM, at corrupt position POS (P, A-B or all: the mean)")
+    p.add_argument("--neuron", metavar="LAYER:POS:NEURON",
+                   help="--metric neuron: MLP neuron NEURON of block LAYER (its activation), at corrupt position POS")
+    p.add_argument("--heads", metavar="LAYER.HEAD,...",
+                   help="instead of a map: patch these heads together in one run (and show an activation metric "
+                        "at every position)")
     p.add_argument("--good", help="--metric logit_diff: text whose first token's logit counts +")
     p.add_argument("--bad", help="--metric logit_diff: text whose first token's logit counts -")
     p.add_argument("--batch_size", type=int, default=32, help="patched copies per forward pass")
@@ -270,15 +275,19 @@ def first_token(target, text, flag):
 def cmd_patch(args, target):
     model = target.model
     clean, corrupt, labels = patch_prompts(args, target)
-    if args.metric == "entry":
-        if args.entry is None:
-            raise AnalyzeError("--metric entry needs --entry LAYER:POS:DIM")
-        metric = entry_metric(args.entry, model.config, corrupt.size(1))
+    if args.metric in ("entry", "neuron"):
+        spec = getattr(args, args.metric)
+        if spec is None:
+            raise AnalyzeError(f"--metric {args.metric} needs --{args.metric} LAYER:POS:"
+                               f"{'NEURON' if args.metric == 'neuron' else 'DIM'}")
+        metric = activation_metric(args.metric, spec, model.config, corrupt.size(1))
     elif args.metric == "logit_diff":
         metric = Metric("logit_diff", good=first_token(target, args.good, "--good"),
                         bad=first_token(target, args.bad, "--bad"))
     else:
         metric = Metric("loss")
+    if args.heads:
+        return patch_heads_report(args, model, clean, corrupt, metric)
     started = time.perf_counter()
     result = patch_map(model, clean, corrupt, args.sites, metric, args.align, args.batch_size)
     result.update(target=args.target, clean_tokens=clean.size(1), corrupt_tokens=corrupt.size(1),
@@ -298,6 +307,17 @@ def cmd_patch(args, target):
             f.write(patch_markdown(result, labels))
         plot_patch_map(result, os.path.join(args.report, f"{name}.png"), labels)
         print(f"wrote {args.report}/{name}.json, {name}.md, {name}.png")
+
+
+def patch_heads_report(args, model, clean, corrupt, metric):
+    result = patch_heads_together(model, clean, corrupt, parse_heads(args.heads, model.config), metric, args.align)
+    recovery = "undefined" if result["recovery"] is None else f"{result['recovery']:+.3f}"
+    print(f"heads {', '.join(result['heads'])} patched together: {result['metric']}: clean {result['clean']:.6g}, "
+          f"corrupt {result['corrupt']:.6g}, patched {result['patched']:.6g} (recovery {recovery})")
+    if "profile" in result:
+        for run, values in result["profile"].items():
+            print(f"{run}, at each position: " + " ".join(f"{v:.4g}" for v in values))
+    write_json(args.report, "patch_heads_together.json", {"target": args.target, **result})
 
 
 def parse_grid(text, flag, least):

@@ -26,7 +26,8 @@ from torch.nn import functional as F
 from sinkgpt.measure import AnalyzeError, capture
 
 SITE_POINTS = {"heads": "z", "resid": "resid_pre", "attn": "attn_out", "mlp": "mlp_out"}
-METRICS = ("loss", "logit_diff", "entry")
+METRICS = ("loss", "logit_diff", "entry", "neuron")
+READ_POINTS = {"entry": "resid_post", "neuron": "mlp_post"}  # where an activation metric reads
 
 
 class StopForward(Exception):
@@ -37,8 +38,9 @@ class StopForward(Exception):
 class Metric:
     """loss: the mean next-token loss over the prompt, of `targets` (1, T - 1) when given (patch_map: the clean
     prompt's, so that recovery 1 is the clean run's loss), else of the run's own next tokens; logit_diff:
-    logit[good] - logit[bad] at the last position; entry: block `layer`'s output at `dim`, at `positions`
-    (corrupt positions; None = every one), their mean."""
+    logit[good] - logit[bad] at the last position; entry: block `layer`'s output at `dim`; neuron: MLP neuron
+    `dim` of block `layer` (its activation, mlp_post); both at `positions` (corrupt positions; None = every one),
+    their mean."""
     kind: str
     targets: torch.Tensor = None
     good: int = 0
@@ -47,11 +49,20 @@ class Metric:
     positions: tuple = None
     dim: int = 0
 
+    @property
+    def reads_activation(self):
+        return self.kind in READ_POINTS
+
     def name(self):
-        if self.kind == "entry":
-            where = "all" if self.positions is None else ",".join(map(str, self.positions))
-            return f"entry h.{self.layer}.resid_post[pos {where}, dim {self.dim}]"
+        if self.reads_activation:
+            where = "all" if self.positions is None else f"{self.positions[0]}" + (
+                f"-{self.positions[-1]}" if len(self.positions) > 1 else "")
+            return f"{self.kind} h.{self.layer}.{READ_POINTS[self.kind]}[pos {where}, {self.kind_dim} {self.dim}]"
         return f"logit[{self.good}] - logit[{self.bad}]" if self.kind == "logit_diff" else "loss"
+
+    @property
+    def kind_dim(self):
+        return "neuron" if self.kind == "neuron" else "dim"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -74,7 +85,7 @@ def parse_heads(text, config, flag="--heads"):
     return heads
 
 
-def parse_positions(text, length):
+def parse_positions(text, length, flag="--entry"):
     """'all' -> None, 'P' or 'A-B' (inclusive) -> a tuple of positions inside a prompt of `length` tokens."""
     if text == "all":
         return None
@@ -82,26 +93,29 @@ def parse_positions(text, length):
         first, _, last = text.partition("-")
         positions = tuple(range(int(first), int(last or first) + 1))
     except ValueError:
-        raise AnalyzeError(f"--entry position {text!r} is not P, A-B or all") from None
+        raise AnalyzeError(f"{flag} position {text!r} is not P, A-B or all") from None
     if not positions or positions[0] < 0 or positions[-1] >= length:
-        raise AnalyzeError(f"--entry position {text} is outside the corrupt prompt's positions 0-{length - 1}")
+        raise AnalyzeError(f"{flag} position {text} is outside the corrupt prompt's positions 0-{length - 1}")
     return positions
 
 
-def entry_metric(text, config, length):
-    """'LAYER:POS:DIM' (POS: P, A-B or all, corrupt positions) -> an entry Metric inside the model."""
+def activation_metric(kind, text, config, length):
+    """'LAYER:POS:DIM' (POS: P, A-B or all, corrupt positions; DIM a residual dim, or an MLP neuron for
+    kind='neuron') -> a Metric inside the model."""
+    flag = f"--{kind}"
     parts = text.split(":")
-    if len(parts) != 3:
-        raise AnalyzeError(f"--entry {text!r} is not LAYER:POS:DIM")
     try:
         layer, dim = int(parts[0]), int(parts[2])
-    except ValueError:
-        raise AnalyzeError(f"--entry {text!r} is not LAYER:POS:DIM") from None
+        if len(parts) != 3:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise AnalyzeError(f"{flag} {text!r} is not LAYER:POS:{'NEURON' if kind == 'neuron' else 'DIM'}") from None
     if not 0 <= layer < config.n_layer:
-        raise AnalyzeError(f"--entry {text}: layer {layer} is outside the model's layers 0-{config.n_layer - 1}")
-    if not 0 <= dim < config.n_embd:
-        raise AnalyzeError(f"--entry {text}: dim {dim} is outside the model's width 0-{config.n_embd - 1}")
-    return Metric("entry", layer=layer, positions=parse_positions(parts[1], length), dim=dim)
+        raise AnalyzeError(f"{flag} {text}: layer {layer} is outside the model's layers 0-{config.n_layer - 1}")
+    width, what = (config.hidden_size, "MLP neurons") if kind == "neuron" else (config.n_embd, "width")
+    if not 0 <= dim < width:
+        raise AnalyzeError(f"{flag} {text}: {dim} is outside the model's {what} 0-{width - 1}")
+    return Metric(kind, layer=layer, positions=parse_positions(parts[1], length, flag), dim=dim)
 
 
 def check_alignment(clean_len, corrupt_len, align):
@@ -119,30 +133,37 @@ def check_alignment(clean_len, corrupt_len, align):
 
 def metric_values(model, ids, metric, patches=None, offset=0):
     """The metric of each row of ids (N, T) under `patches` ({hook name: fn}); `offset` leading positions are
-    left out (the clean run's unaligned start). An entry metric stops the forward pass after its layer."""
-    if metric.kind == "entry":
-        name, seen = f"h.{metric.layer}.resid_post", {}
-
-        def read_and_stop(x):
-            seen["x"] = x
-            raise StopForward
-
-        with torch.no_grad(), model.hooks({**(patches or {}), name: read_and_stop}):
-            try:
-                model(ids)
-            except StopForward:
-                pass
-        x = seen["x"][:, model.n_prefix + offset:, metric.dim].double()
-        return (x if metric.positions is None else x[:, list(metric.positions)]).mean(1)
+    left out (the clean run's unaligned start)."""
+    if metric.reads_activation:
+        profile = activation_profile(model, ids, metric, patches, offset)
+        return (profile if metric.positions is None else profile[:, list(metric.positions)]).mean(1)
     with torch.no_grad(), model.hooks(patches or {}):
         logits, _ = model(ids, last_only=metric.kind == "logit_diff")
     if metric.kind == "logit_diff":
         last = logits[:, -1].double()
         return last[:, metric.good] - last[:, metric.bad]
-    logits = logits[:, offset:-1].double()
+    logits = logits[:, offset:-1]  # in the model's dtype: (N, T, vocab) in float64 would be GBs for a real model
     targets = (ids[:, offset + 1:] if metric.targets is None else metric.targets).expand(len(ids), -1)
-    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-    return losses.view(len(ids), -1).mean(1)
+    low_precision = logits.dtype in (torch.float16, torch.bfloat16)
+    logits = logits.reshape(-1, logits.size(-1))
+    losses = F.cross_entropy(logits.float() if low_precision else logits, targets.reshape(-1), reduction="none")
+    return losses.view(len(ids), -1).double().mean(1)
+
+
+def activation_profile(model, ids, metric, patches=None, offset=0):
+    """An activation metric's value at every position (N, T - offset): the forward pass stops after its layer."""
+    name, seen = f"h.{metric.layer}.{READ_POINTS[metric.kind]}", {}
+
+    def read_and_stop(x):
+        seen["x"] = x
+        raise StopForward
+
+    with torch.no_grad(), model.hooks({**(patches or {}), name: read_and_stop}):
+        try:
+            model(ids)
+        except StopForward:
+            pass
+    return seen["x"][:, model.n_prefix + offset:, metric.dim].double()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -150,9 +171,9 @@ def metric_values(model, ids, metric, patches=None, offset=0):
 
 
 def site_list(model, kind, length, metric):
-    """[(layer, index)]: heads (index = head) or positions (index = corrupt position). Layers after an entry
-    metric's layer cannot move it and are left out."""
-    layers = range(metric.layer + 1 if metric.kind == "entry" else model.config.n_layer)
+    """[(layer, index)]: heads (index = head) or positions (index = corrupt position). Layers after an
+    activation metric's layer cannot move it and are left out (a neuron metric keeps its layer's heads)."""
+    layers = range(metric.layer + 1 if metric.reads_activation else model.config.n_layer)
     width = model.config.n_head if kind == "heads" else length
     return [(layer, index) for layer in layers for index in range(width)]
 
@@ -208,8 +229,8 @@ def patched_values(model, clean_ids, corrupt_ids, kind, sites, metric, align=0, 
 def patch_map(model, clean_ids, corrupt_ids, kind, metric, align=0, batch_size=32):
     """Patch every site of `kind` from the clean into the corrupt run, one at a time: the metric's value for
     both runs and each patched one, and the recovery map (layer x head or layer x position; None where clean and
-    corrupt agree and recovery is undefined). An entry metric's map stops at its layer (later layers cannot move
-    it)."""
+    corrupt agree and recovery is undefined). An activation metric's map stops at its layer (later layers cannot
+    move it)."""
     if kind not in SITE_POINTS:
         raise AnalyzeError(f"--sites {kind!r} is not one of {', '.join(SITE_POINTS)}")
     check_alignment(clean_ids.size(1), corrupt_ids.size(1), align)
@@ -225,6 +246,28 @@ def patch_map(model, clean_ids, corrupt_ids, kind, metric, align=0, batch_size=3
     return {"sites": kind, "point": SITE_POINTS[kind], "metric": metric.name(), "align": align,
             "clean": clean, "corrupt": corrupt, "patched": patched, "recovery": recovery,
             "columns": "head" if kind == "heads" else "position"}
+
+
+def patch_heads_together(model, clean_ids, corrupt_ids, heads, metric, align=0):
+    """Heads [(layer, head)] patched from the clean run into the corrupt run all at once: the metric on the
+    clean, the corrupt and the patched run, the recovery, and for an activation metric its value at every
+    (corrupt) position in each run."""
+    check_alignment(clean_ids.size(1), corrupt_ids.size(1), align)
+    if metric.kind == "loss":
+        metric = replace(metric, targets=clean_ids[:, align + 1:])
+    sources = clean_sources(model, clean_ids, "heads", align)
+    patches = site_patches(model, "heads", [(0, layer, head) for layer, head in heads], sources)
+    values = {"clean": metric_values(model, clean_ids, metric, offset=align).item(),
+              "corrupt": metric_values(model, corrupt_ids, metric).item(),
+              "patched": metric_values(model, corrupt_ids, metric, patches).item()}
+    spread = values["clean"] - values["corrupt"]
+    result = {"heads": [f"{layer}.{head}" for layer, head in heads], "metric": metric.name(), "align": align,
+              **values, "recovery": (values["patched"] - values["corrupt"]) / spread if spread else None}
+    if metric.reads_activation:
+        result["profile"] = {"clean": activation_profile(model, clean_ids, metric, offset=align)[0].tolist(),
+                             "corrupt": activation_profile(model, corrupt_ids, metric)[0].tolist(),
+                             "patched": activation_profile(model, corrupt_ids, metric, patches)[0].tolist()}
+    return result
 
 
 def patch_markdown(result, labels=None):
