@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import idx_batch, randomize, tiny
-from sinkgpt.heads import (Metric, ablate_heads, clean_sources, metric_values, patch_map, patched_values, site_list,
-                           site_patches)
+from sinkgpt.heads import (Metric, ablate_heads, clean_sources, metric_values, patch_heads_together, patch_map,
+                           patched_values, site_list, site_patches)
 from test_analyze import check_png, run_cli, save_checkpoint, tiny_model
 
 OPTIONS = [dict(), dict(n_head=4, n_kv_head=2), dict(sink="kv_bias", attn_gate="headwise"),
@@ -183,6 +183,35 @@ def test_the_recovery_map_is_one_where_the_only_difference_is_and_aligned_mode_p
     assert aligned["clean"] == pytest.approx(got["h.1.resid_post"][0, 5:7, 3].mean().item(), abs=1e-12)
 
 
+def test_heads_patched_together_and_the_activation_metrics_read_the_right_tensors():
+    model = model64(n_head=4, n_kv_head=2)
+    clean, corrupt = corrupted(model)
+    longer = torch.cat([torch.tensor([[model.config.bos_token]]), clean], 1)
+    neuron = Metric("neuron", layer=1, positions=(3, 4, 5), dim=11)
+    heads = [(0, 1), (1, 3)]
+    result = patch_heads_together(model, longer, corrupt, heads, neuron, align=1)
+    with torch.no_grad():
+        _, _, got = model.run_with_cache(corrupt, ["h.1.mlp_post"])
+        _, _, clean_got = model.run_with_cache(longer, ["h.0.z", "h.1.z"])
+
+        def patch(layer, head):
+            def fn(x):
+                x = x.clone()
+                x[:, :, head] = clean_got[f"h.{layer}.z"][:, 1:, head]  # clean position i + 1 -> corrupt i
+                return x
+            return fn
+        with model.hooks({"h.0.z": patch(0, 1), "h.1.z": patch(1, 3)}):
+            _, _, patched = model.run_with_cache(corrupt, ["h.1.mlp_post"])
+    assert result["profile"]["corrupt"] == got["h.1.mlp_post"][0, :, 11].tolist()
+    assert result["profile"]["patched"] == patched["h.1.mlp_post"][0, :, 11].tolist()
+    assert result["patched"] == pytest.approx(patched["h.1.mlp_post"][0, 3:6, 11].mean().item(), abs=1e-12)
+    assert result["corrupt"] == pytest.approx(got["h.1.mlp_post"][0, 3:6, 11].mean().item(), abs=1e-12)
+    # one site per copy: the same value as the map's entry for that head
+    single = patch_map(model, longer, corrupt, "heads", neuron, align=1)["patched"][1][3]
+    alone = patch_heads_together(model, longer, corrupt, [(1, 3)], neuron, align=1)["patched"]
+    assert single == pytest.approx(alone, abs=1e-12)
+
+
 def test_patch_cli_writes_the_map_table_and_plot(tmp_path, capsys):
     save_checkpoint(tiny_model(), tmp_path / "ckpt.pt")
     out = tmp_path / "p"
@@ -199,6 +228,12 @@ def test_patch_cli_writes_the_map_table_and_plot(tmp_path, capsys):
     assert code == 0, err
     result = json.loads((out / "patch_resid.json").read_text())
     assert len(result["recovery"][0]) == 8 and result["align"] == 1
+    code, stdout, err = run_cli(["patch", tmp_path, "--clean", "ab", "--corrupt", "ab", "--repeat", 4, "--bos", "clean",
+                                 "--align", "1", "--metric", "neuron", "--neuron", "2:1-7:5", "--heads", "0.1,1.0",
+                                 "--report", out], capsys)
+    assert code == 0, err
+    together = json.loads((out / "patch_heads_together.json").read_text())
+    assert together["heads"] == ["0.1", "1.0"] and len(together["profile"]["patched"]) == 8
     code, stdout, err = run_cli(["ablate", tmp_path, "--text", "abcdefgabcdefg", "--heads", "1.0,2.1",
                                  "--entry", "1:0:3", "--report", out], capsys)
     assert code == 0, err
@@ -215,6 +250,10 @@ def test_patch_cli_writes_the_map_table_and_plot(tmp_path, capsys):
     ["patch", "{tmp}", "--clean", "abcd", "--corrupt", "abce", "--metric", "entry", "--entry", "4:1:3"],  # layer
     ["patch", "{tmp}", "--clean", "abcd", "--corrupt", "abce", "--metric", "entry", "--entry", "0:4:3"],  # position
     ["patch", "{tmp}", "--clean", "abcd", "--corrupt", "abce", "--metric", "entry"],  # no --entry
+    ["patch", "{tmp}", "--clean", "abcd", "--corrupt", "abce", "--metric", "neuron", "--neuron", "0:1:128"],
+    ["patch", "{tmp}", "--clean", "abcd", "--corrupt", "abce", "--metric", "entry", "--entry", "0:x:3"],
+    ["patch", "{tmp}", "--clean", "abcd", "--corrupt", "abce", "--heads", "0.2"],  # head out of range
+    ["patch", "{tmp}", "--clean", "abcd", "--corrupt", "abce", "--repeat", "0"],
     ["patch", "{tmp}", "--clean", "abcde", "--corrupt", "abce", "--metric", "loss"],  # lengths differ
     ["patch", "{tmp}", "--clean", "abcd", "--corrupt", "abcd", "--bos", "clean", "--metric", "loss"],  # needs --align
     ["patch", "{tmp}", "--clean", "abcd", "--corrupt", "abce", "--metric", "logit_diff", "--good", "a"],  # no --bad
