@@ -163,3 +163,19 @@ def test_a_windowed_model_is_not_converted_into_a_slot():
     from model import bos_as_slot
     with pytest.raises(ValueError, match="attn_window=4: a BOS leaves the window"):
         bos_as_slot(make_gpt(attn_window=4))
+
+
+def test_bigram_backcopy_masses_count_only_the_queries_that_see_bos():
+    """In a layer with window 3, queries 3.. cannot see BOS: the dormant and active masses on BOS average over
+    queries 1 and 2 only, while the slot, seen by every query, averages over all of them."""
+    from sinkgpt.stats import bb_masses
+    T = 6
+    pattern = torch.zeros(1, 1, T, T + 1)  # one slot column, then the real keys
+    pattern[0, 0, :3, 1] = 1.0  # queries 0-2 put everything on BOS
+    pattern[0, 0, 3:, 0] = 1.0  # queries 3-5 (BOS out of reach) on the slot
+    triggers = torch.tensor([[False, True, False, False, True, False]])
+    windowed = bb_masses(pattern, triggers, n_slot=1, window=3)
+    assert windowed["dormant_bos"].item() == 1.0 and windowed["active_bos"].item() == 1.0
+    assert windowed["dormant_slot"].item() == pytest.approx(2 / 3)  # queries 2, 3, 5
+    full = bb_masses(pattern, triggers, n_slot=1)
+    assert full["dormant_bos"].item() == pytest.approx(1 / 3) and full["active_bos"].item() == 0.5
