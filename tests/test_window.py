@@ -179,3 +179,32 @@ def test_bigram_backcopy_masses_count_only_the_queries_that_see_bos():
     assert windowed["dormant_slot"].item() == pytest.approx(2 / 3)  # queries 2, 3, 5
     full = bb_masses(pattern, triggers, n_slot=1)
     assert full["dormant_bos"].item() == pytest.approx(1 / 3) and full["active_bos"].item() == 0.5
+
+
+def test_a_trained_windowed_run_streams_with_nothing_kept_to_its_plain_forward(tmp_path, char_dataset, capsys):
+    """train.py with attn_window=6 and rotary positions, then `analyze.py stream --keep 0 --window 6`: the
+    streamed loss is the plain forward's on the same tokens."""
+    import json
+
+    import analyze
+    from conftest import run_train
+    from sinkgpt.checkpoint import load_model
+    from sinkgpt.probes import stream_tokens
+    out, report = tmp_path / "run", tmp_path / "report"
+    assert run_train(out, char_dataset, pos_emb="rope", attn_window=6, block_size=64, max_iters=20,
+                     eval_interval=20) == 0
+    assert analyze.main(["stream", str(out), "--keep", "0", "--window", "6", "--tokens", "60", "--device", "cpu",
+                         "--report", str(report)]) == 0
+    streamed = json.loads((report / "stream.json").read_text())["rows"][0]["loss"]
+    target = load_model(str(out), "cpu")
+    ids, _ = stream_tokens(target, "cpu", n_tokens=60)
+    with torch.no_grad():
+        _, plain = target.model(ids[None, :-1], ids[None, 1:])
+    assert abs(streamed - plain.item()) <= 1e-5 * plain.item()
+
+
+def test_train_refuses_a_window_longer_than_the_context_in_one_line(tmp_path, char_dataset, capsys):
+    from conftest import run_train
+    assert run_train(tmp_path / "run", char_dataset, attn_window=[8, 65]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "attn_window=65 is larger than the context (block_size=" in err[0], err
