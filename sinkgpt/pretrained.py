@@ -149,14 +149,14 @@ def from_pretrained(name_or_dir, dtype=torch.float32, device="cpu", **overrides)
     if model_type not in FAMILIES:
         raise PretrainedError(f"{path}: model_type {model_type!r} is not one of {', '.join(FAMILIES)}")
     make_config, load_state_dict = FAMILIES[model_type]
-    config = make_config(hf, path)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    config.block_size -= config.pos_offset  # the folder's positions hold pos_offset fewer real tokens
-    try:
+    try:  # a setting our model refuses (GPTConfig's checks) is one line too
+        config = make_config(hf, path)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        config.block_size -= config.pos_offset  # the folder's positions hold pos_offset fewer real tokens
         config.__post_init__()
     except ValueError as e:
-        raise PretrainedError(str(e)) from None
+        raise PretrainedError(f"{path}: {e}") from None
     with torch.device(device), default_dtype(dtype):
         model = GPT(config)
     with torch.no_grad():
