@@ -117,7 +117,8 @@ def test_greedy_generation_with_the_kv_cache_equals_transformers_generate(tmp_pa
 
 def test_a_transformers_4_pythia_config_and_embed_out_load(tmp_path):
     """Pythia's own folders name the rotary settings rotary_pct / rotary_emb_base (no rope_parameters) and the head
-    embed_out; transformers 5 writes rope_parameters and may name the head lm_head. Both read the same."""
+    embed_out, and old ones carry buffers (the causal mask, inv_freq); transformers 5 writes rope_parameters and may
+    name the head lm_head. Both read the same."""
     from safetensors.torch import load_file, save_file
     hf = random_neox(seed=8, rotary_pct=0.5)
     folder = save(hf, tmp_path / "neox")
@@ -128,6 +129,8 @@ def test_a_transformers_4_pythia_config_and_embed_out_load(tmp_path):
     weights = load_file(os.path.join(folder, "model.safetensors"))
     head = "embed_out.weight" if "embed_out.weight" in weights else "lm_head.weight"
     weights[{"embed_out.weight": "lm_head.weight", "lm_head.weight": "embed_out.weight"}[head]] = weights.pop(head)
+    weights["gpt_neox.layers.0.attention.bias"] = torch.ones(1, 1, 64, 64, dtype=torch.bool).tril()  # old buffers
+    weights["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(4)
     save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     model = from_pretrained(folder).eval()
     assert (model.config.rotary_pct, model.config.rope_base) == (0.5, 500.0)
