@@ -51,6 +51,9 @@ class GPTConfig:
     attn_fn: str = "softmax"  # sigmoid: no row normalisation (Gu et al.); relu: ReLU(scores)/n_visible (Guo et al.)
     bos_token: int = 50256  # the token that marks document starts (sink == "bos_override")
     pos_offset: int = 0  # the position of the first real token: 1 once a BOS at position 0 became a slot (bos_as_slot)
+    # sliding-window attention: each query sees the last attn_window positions, itself included (0 = full
+    # attention); a list is a per-layer pattern, cycled over the layers ([128, 0]: gpt-oss's alternation)
+    attn_window: int = 0
     # architecture ablations (defaults = GPT-2)
     pos_emb: str = "learned"
     rope_base: float = 10000.0
@@ -89,6 +92,13 @@ class GPTConfig:
         if self.n_sink_tokens < 1 or self.pos_offset < 0:
             raise ValueError(f"n_sink_tokens must be >= 1 and pos_offset >= 0, got {self.n_sink_tokens} and "
                              f"{self.pos_offset}")
+        windows = self.attn_window if isinstance(self.attn_window, (list, tuple)) else [self.attn_window]
+        if not windows or any(isinstance(w, bool) or not isinstance(w, int) or w < 0 for w in windows):
+            raise ValueError(f"attn_window must be an int >= 0 (0 = full attention) or a non-empty list of them, "
+                             f"got {self.attn_window!r}")
+        if max(windows) > self.block_size:
+            raise ValueError(f"attn_window={max(windows)} is larger than the context (block_size={self.block_size}); "
+                             "0 means full attention")
         if self.rope_base <= 0 or self.logit_softcap < 0:
             raise ValueError(f"rope_base must be > 0 and logit_softcap >= 0 (0 = off), got {self.rope_base} and "
                              f"{self.logit_softcap}")
@@ -101,6 +111,11 @@ class GPTConfig:
     def n_positions(self):
         """Rows of the position tables: block_size real tokens from position pos_offset on."""
         return self.block_size + self.pos_offset
+
+    def window_of(self, layer):
+        """The attention window of one layer (0 = full attention)."""
+        w = self.attn_window
+        return w[layer % len(w)] if isinstance(w, (list, tuple)) else w
 
     @property
     def head_size(self):
@@ -194,12 +209,35 @@ def apply_rope(x, cos, sin):
     return x * cos.to(x.dtype) + x.roll(R // 2, dims=-1) * sin.to(x.dtype)
 
 
-def causal_mask(n_queries, n_keys, device):
+def causal_mask(n_queries, n_keys, device, window=0, n_fixed=0):
     """Boolean (n_queries, n_keys) mask, True = visible. Queries are the last n_queries positions of the keys
-    (a 'lower-right' causal mask), so cached earlier keys and prepended slots stay visible."""
+    (a 'lower-right' causal mask), so cached earlier keys and prepended slots stay visible. With a window, a query
+    sees only the keys less than `window` positions back, except the first n_fixed keys (a slot or sink tokens),
+    which every query sees and which do not count against the window (StreamingLLM's rule)."""
     offset = n_keys - n_queries
     q_pos = torch.arange(n_queries, device=device)[:, None] + offset
-    return torch.arange(n_keys, device=device)[None, :] <= q_pos
+    k_pos = torch.arange(n_keys, device=device)[None, :]
+    visible = k_pos <= q_pos
+    if window:
+        visible = visible & ((q_pos - k_pos < window) | (k_pos < n_fixed))
+    return visible
+
+
+FLEX_HEAD_SIZES = (16, 32, 64, 128, 256)  # FlexAttention's kernels want a power-of-two head size
+
+
+def flex_window_attention(q, k, v, window, n_fixed, scale):
+    """Sliding-window attention with FlexAttention's block mask: blocks outside the band are skipped, so the
+    cost grows with the window, not the context (used on CUDA inside torch.compile, where it is fused)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    offset = k.size(2) - q.size(2)
+
+    def visible(b, h, q_idx, kv_idx):
+        q_pos = q_idx + offset
+        return (kv_idx <= q_pos) & ((q_pos - kv_idx < window) | (kv_idx < n_fixed))
+
+    block_mask = create_block_mask(visible, None, None, q.size(2), k.size(2), device=q.device)
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.size(1) != q.size(1))
 
 
 def gqa_in_kernel(q, mask):
@@ -263,9 +301,14 @@ class KVCache:
         self.length = [0] * n_layer
         self.pos = 0
 
-    def update(self, layer, k, v):
+    def update(self, layer, k, v, window=0, n_fixed=0):
+        """Append this pass's keys and values (B, Hkv, T, D); return all the layer holds. A windowed layer
+        (window > 0) needs only its first n_fixed keys (sink tokens) and the last window - 1 before the new
+        ones: when the buffer is full, the rest is dropped instead of growing it, so memory stays bounded."""
         B, H, T, D = k.shape
         n = self.length[layer]
+        if window and self.buffers[layer] is not None and n + T > self.buffers[layer][0].size(2):
+            n = self.drop_outside_window(layer, n_fixed, window - 1)
         if self.buffers[layer] is None or n + T > self.buffers[layer][0].size(2):  # grow by doubling
             grown = tuple(k.new_empty(B, H, 2 * (n + T), D) for _ in range(2))
             if n:
@@ -276,6 +319,15 @@ class KVCache:
         values.narrow(2, n, T).copy_(v)
         self.length[layer] = n + T
         return keys.narrow(2, 0, n + T), values.narrow(2, 0, n + T)
+
+    def drop_outside_window(self, layer, n_fixed, n_recent):
+        """Keep the first n_fixed and the last n_recent positions of a layer, moved to the buffer's front."""
+        n = self.length[layer]
+        if n > n_fixed + n_recent:
+            for buffer in self.buffers[layer]:
+                buffer[:, :, n_fixed:n_fixed + n_recent] = buffer[:, :, n - n_recent:n].clone()  # may overlap
+            self.length[layer] = n = n_fixed + n_recent
+        return n
 
     def advance(self, T):
         """After a forward pass of T new real tokens."""
@@ -295,6 +347,8 @@ class CausalSelfAttention(nn.Module):
         C, H, Hkv, D = config.n_embd, config.n_head, config.kv_heads, config.head_size
         self.n_head, self.n_kv_head, self.head_size, self.layer_idx = H, Hkv, D, layer_idx
         self.sink, self.attn_fn, self.attn_gate = config.sink, config.attn_fn, config.attn_gate
+        self.window = config.window_of(layer_idx)  # 0 = full attention
+        self.n_fixed = config.n_sink_tokens if config.sink == "token" else 0  # keys outside the window's count
         self.dropout = config.dropout
         self.c_attn = nn.Linear(C, C + 2 * Hkv * D, bias=config.bias or config.qkv_bias)  # queries, keys, values
         self.c_proj = nn.Linear(C, C, bias=config.bias)
@@ -331,30 +385,41 @@ class CausalSelfAttention(nn.Module):
                 k = apply_rope(k, *rope)
         q, k, v = hook(self.hook_fns, "q", q), hook(self.hook_fns, "k", k), hook(self.hook_fns, "v", v)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+            k, v = cache.update(self.layer_idx, k, v, self.window, self.n_fixed)
         if self.attn_fn != "softmax" or "scores" in self.hook_fns or "pattern" in self.hook_fns:
             y = self.attend_eager(q, k, v)
         elif self.sink in SLOT_SINKS:
             y = self.attend_slot_sdpa(q, k, v)
         else:
-            y = self.sdpa(q, k, v)
+            y = self.sdpa(q, k, v, n_fixed=self.n_fixed)
         y = y.transpose(1, 2)  # (B, T, H, D)
         if self.attn_gate != "none":
             y = y * torch.sigmoid(self.c_gate(x)).view(B, T, H, -1)
         y = hook(self.hook_fns, "attn_z", y.reshape(B, T, C))
         return self.resid_dropout(self.c_proj(y))
 
-    def sdpa(self, q, k, v, scale=None):
+    def banded(self, n_keys, n_fixed):
+        """Whether the window hides any key: some query is at least `window` positions past a real key."""
+        return 0 < self.window < n_keys - n_fixed
+
+    def sdpa(self, q, k, v, scale=None, n_fixed=0):
         """Fused causal attention; k/v may start with cached or prepended positions (lower-right mask) and may
-        have fewer heads than q (GQA, which the kernel reads without repeating them)."""
+        have fewer heads than q (GQA, which the kernel reads without repeating them). A sliding window becomes a
+        banded mask (its first n_fixed keys always visible); on CUDA under torch.compile, a FlexAttention
+        block mask."""
         Tq, Tk = q.size(2), k.size(2)
         dropout_p = self.dropout if self.training else 0.0
-        mask = None if Tq == Tk or Tq == 1 else causal_mask(Tq, Tk, q.device)
+        if self.banded(Tk, n_fixed):
+            if q.is_cuda and torch.compiler.is_compiling() and dropout_p == 0.0 and q.size(-1) in FLEX_HEAD_SIZES:
+                return flex_window_attention(q, k, v, self.window, n_fixed, scale)
+            mask = causal_mask(Tq, Tk, q.device, self.window, n_fixed)
+        else:
+            mask = None if Tq == Tk or Tq == 1 else causal_mask(Tq, Tk, q.device)
         gqa = k.size(1) != q.size(1)
         if gqa and not gqa_in_kernel(q, mask):
             group = q.size(1) // k.size(1)
             k, v, gqa = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), False
-        if Tq == Tk:
+        if mask is None and Tq == Tk:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale,
                                                   enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
@@ -388,11 +453,11 @@ class CausalSelfAttention(nn.Module):
             v_slot = v_slot.new_zeros(Hkv, D + extra)
         k = torch.cat([k_slot.view(1, Hkv, 1, -1).expand(B, -1, -1, -1), k], dim=2)
         v = torch.cat([v_slot.view(1, Hkv, 1, -1).expand(B, -1, -1, -1), v], dim=2)
-        if k.size(2) == Tq + 1:  # no cached keys: dummy query row + plain causal kernel
-            q = torch.cat([q.new_zeros(B, H, 1, q.size(-1)), q], dim=2)
-            y = self.sdpa(q, k, v, scale=scale)[:, :, 1:]
+        if k.size(2) == Tq + 1 and not self.banded(k.size(2), 1):  # no cached keys: dummy query row + plain
+            q = torch.cat([q.new_zeros(B, H, 1, q.size(-1)), q], dim=2)  # causal kernel
+            y = self.sdpa(q, k, v, scale=scale, n_fixed=1)[:, :, 1:]
         else:
-            y = self.sdpa(q, k, v, scale=scale)
+            y = self.sdpa(q, k, v, scale=scale, n_fixed=1)
         return y[..., :D]
 
     def attend_eager(self, q, k, v):
@@ -407,7 +472,7 @@ class CausalSelfAttention(nn.Module):
         Tk = k.size(2)
         scale = 1.0 / math.sqrt(D)
         scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-        visible = causal_mask(Tq, Tk, q.device)
+        visible = causal_mask(Tq, Tk, q.device, self.window, self.n_fixed)
         if self.sink in SLOT_SINKS:  # the slot is column 0, visible to every query
             if self.sink == "logit":
                 slot_scores = self.sink_logit.to(q.dtype).view(1, H, 1, 1).expand(B, H, Tq, 1)
@@ -719,6 +784,7 @@ def bos_as_slot(model):
     first, without ever computing BOS's residual stream (where the massive activation lives)."""
     cfg = model.config
     refusals = [(cfg.sink != "none", f"sink={cfg.sink!r}: the model already has a dedicated sink"),
+                (cfg.attn_window != 0, f"attn_window={cfg.attn_window!r}: a BOS leaves the window, a slot would not"),
                 (cfg.pos_offset != 0, f"pos_offset={cfg.pos_offset}: its BOS is already a slot"),
                 (cfg.attn_fn != "softmax", f"attn_fn={cfg.attn_fn!r}: only softmax attention is converted")]
     for refused, reason in refusals:

@@ -79,7 +79,7 @@ for _field in fields(GPTConfig):
 # the one table of the keys that take one of a few values: the model's options, the optimizer, the precision
 CHOICES = dict(MODEL_CHOICES, optimizer=OPTIMIZERS, dtype=("auto", "float32", "bfloat16", "float16"))
 # keys that take more than one type
-EXTRA_TYPES = {"compile": (bool, str), "reset_optimizer_at": (list, int)}
+EXTRA_TYPES = {"compile": (bool, str), "reset_optimizer_at": (list, int), "attn_window": (int, list)}
 
 
 def check_value(key, value, source, known=DEFAULTS):

@@ -59,7 +59,10 @@ def ref_attention(attn, x, rope=None):
     if rope is not None:
         q, k = ref_rope(q, *rope), ref_rope(k, *rope)
     scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (B, H, T, T)
-    visible = torch.ones(T, T, dtype=torch.bool).tril()
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    visible = j <= i
+    if attn.window:  # a sliding window: the last `window` positions, and the sink-token prefix, always
+        visible = visible & ((i - j < attn.window) | (j < attn.n_fixed))
     values = v
     if attn.sink in SLOT_SINKS:  # one extra column, seen by every query
         if attn.sink == "logit":
