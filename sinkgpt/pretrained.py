@@ -1,8 +1,9 @@
 """
 Pretrained weights in and out: Hugging Face folders (config.json + safetensors, sharded or not) into a GPT,
 and a GPT back out as a folder transformers loads. The families, told apart by config.json's model_type: GPT-2
-(GPT2LMHeadModel), Llama (LlamaForCausalLM: SmolLM2, TinyLlama, Llama-2/3-style checkpoints), Qwen2
-(Qwen2ForCausalLM: Llama with q/k/v biases) and GPT-NeoX (GPTNeoXForCausalLM: Pythia).
+(GPT2LMHeadModel), Llama (LlamaForCausalLM: SmolLM2, TinyLlama, Llama-2/3-style checkpoints), Mistral
+(MistralForCausalLM: Llama with a sliding window), Qwen2 (Qwen2ForCausalLM: Llama with q/k/v biases, sliding
+windows on some layers) and GPT-NeoX (GPTNeoXForCausalLM: Pythia).
 
     model = from_pretrained("path/to/SmolLM2", sink="logit")   # new sink parameters start at their neutral point
     export_hf(model, "out/hf")                                 # config.json + model.safetensors
@@ -257,7 +258,8 @@ def gpt2_export(model):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Llama (LlamaForCausalLM): rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases
+# Llama (LlamaForCausalLM): rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases; and the
+# families with Llama's weight names: Mistral (a sliding window) and Qwen2 (q/k/v biases, windows on some layers)
 
 
 def rope_settings(hf, path, theta_field="rope_theta", pct_field=None, default_pct=1.0):
@@ -308,10 +310,43 @@ def llama_config(hf, path):
     return llama_style_config(hf, path, bias=bool(hf.get("attention_bias", False)))
 
 
+def mistral_config(hf, path):
+    """Mistral: Llama whose every layer attends to the last sliding_window positions (attn_window; null = all).
+    Like transformers' MistralForCausalLM, it reads no layer_types (Ministral's alternating layers)."""
+    return llama_style_config(hf, path, attn_window=window_size(hf, path))
+
+
 def qwen2_config(hf, path):
-    """Qwen2: Llama with biases on the query, key and value projections only (qkv_bias)."""
-    refuse_unimplemented(hf, path, {"use_sliding_window": (False, True)})
-    return llama_style_config(hf, path, qkv_bias=True)
+    """Qwen2: Llama with biases on the query, key and value projections only (qkv_bias), and with
+    use_sliding_window, a window on the layers layer_types names sliding_attention (by default those from
+    max_window_layers on, as transformers derives them)."""
+    windows = 0
+    if hf.get("use_sliding_window", False):
+        size = window_size(hf, path)
+        layer_types = hf.get("layer_types") or [
+            "sliding_attention" if hf.get("sliding_window") and layer >= hf.get("max_window_layers", 28)
+            else "full_attention" for layer in range(hf["num_hidden_layers"])]
+        unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
+        if unknown or len(layer_types) != hf["num_hidden_layers"] or (
+                hf.get("sliding_window") is None and "sliding_attention" in layer_types):
+            raise PretrainedError(f"{path}/config.json: layer_types={layer_types!r} is not implemented (one "
+                                  "'sliding_attention' or 'full_attention' per layer, with a sliding_window)")
+        windows = [size if kind == "sliding_attention" else 0 for kind in layer_types]
+        windows = windows[0] if len(set(windows)) == 1 else windows
+    elif "sliding_attention" in (hf.get("layer_types") or []):
+        raise PretrainedError(f"{path}/config.json: layer_types names sliding_attention with use_sliding_window="
+                              f"{hf.get('use_sliding_window')!r} (no window to apply): not implemented")
+    return llama_style_config(hf, path, qkv_bias=True, attn_window=windows)
+
+
+def window_size(hf, path):
+    """sliding_window of a config.json as attn_window: a positive int, or 0 for none (null), and for a window that
+    holds the whole context (max_position_embeddings), which hides nothing."""
+    size = hf.get("sliding_window")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+        raise PretrainedError(f"{path}/config.json: sliding_window={size!r} is not implemented (a positive "
+                              "number of positions, or null)")
+    return 0 if size is None or size >= hf.get("max_position_embeddings", 2048) else size
 
 
 # our parameter -> the LlamaForCausalLM parameters it is made of (concatenated along dim 0), per layer
@@ -383,10 +418,14 @@ def llama_export(model, family="llama"):
                      rope_theta=cfg.rope_base, rope_scaling=None, attention_dropout=0.0,
                      tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token,
                      eos_token_id=cfg.bos_token, initializer_range=0.02, torch_dtype="float32")
+    windows = layer_windows(cfg)
     if family == "llama":
         hf_config.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
-    if family == "qwen2":
-        hf_config.update(use_sliding_window=False, sliding_window=None)
+    if family == "mistral":
+        hf_config.update(sliding_window=windows[0])
+    if family == "qwen2":  # the windowed layers by name, all of one size
+        hf_config.update(use_sliding_window=any(windows), sliding_window=max(windows) or None,
+                         layer_types=["sliding_attention" if w else "full_attention" for w in windows])
         if not cfg.qkv_bias:  # Qwen2 always has these biases
             for layer in range(cfg.n_layer):
                 for proj, width in (("q_proj", cfg.n_embd), ("k_proj", cfg.kv_heads * cfg.head_size),
@@ -507,7 +546,8 @@ def gpt_neox_export(model):
 
 # model_type -> (its GPTConfig, the loader of its weights)
 FAMILIES = {"gpt2": (gpt2_config, load_gpt2_state_dict), "llama": (llama_config, load_llama_state_dict),
-            "qwen2": (qwen2_config, load_llama_state_dict), "gpt_neox": (gpt_neox_config, load_gpt_neox_state_dict)}
+            "mistral": (mistral_config, load_llama_state_dict), "qwen2": (qwen2_config, load_llama_state_dict),
+            "gpt_neox": (gpt_neox_config, load_gpt_neox_state_dict)}
 LLAMA_STYLE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
@@ -516,16 +556,18 @@ LLAMA_STYLE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qw
 
 
 def export_family(cfg):
-    """The Hugging Face family that holds a model, with the settings it cannot express: 'llama' for rotary /
-    RMSNorm / SwiGLU models ('qwen2' when they have q/k/v biases only), 'gpt_neox' for rotary / LayerNorm /
-    GELU ones, else 'gpt2'."""
+    """The Hugging Face family that holds a model, with the settings it cannot express: 'llama', 'mistral' or
+    'qwen2' for rotary / RMSNorm / SwiGLU models (llama_style_family), 'gpt_neox' for rotary / LayerNorm / GELU
+    ones, else 'gpt2'."""
     defaults = GPTConfig()
     unsupported = [key for key in ("sink", "attn_gate", "attn_fn", "norm_pos", "qk_norm", "logit_softcap",
                                    "pos_offset") if getattr(cfg, key) != getattr(defaults, key)]
     if (cfg.pos_emb, cfg.norm, cfg.mlp_act) == ("rope", "rmsnorm", "swiglu"):
-        family = "qwen2" if cfg.qkv_bias and not cfg.bias else "llama"
-        return family, unsupported + [key for key in ("parallel_residual", "rotary_pct")
-                                      if getattr(cfg, key) != getattr(defaults, key)]
+        family, window_refused = llama_style_family(cfg)
+        return family, unsupported + window_refused + [key for key in ("parallel_residual", "rotary_pct")
+                                                       if getattr(cfg, key) != getattr(defaults, key)]
+    if any(layer_windows(cfg)):
+        unsupported.append("attn_window")
     if cfg.kv_heads != cfg.n_head:
         unsupported.append("n_kv_head")
     if cfg.mlp_act not in HF_ACTIVATIONS.values():
@@ -537,14 +579,33 @@ def export_family(cfg):
     return "gpt2", unsupported
 
 
+def layer_windows(cfg):
+    return [cfg.window_of(layer) for layer in range(cfg.n_layer)]
+
+
+def llama_style_family(cfg):
+    """Which of Llama, Mistral (one window on every layer) and Qwen2 (q/k/v biases only; a window on some
+    layers) holds a rotary / RMSNorm / SwiGLU model, with ['attn_window'] when none holds its windows."""
+    windows = layer_windows(cfg)
+    if cfg.bias:  # Llama's attention_bias and mlp_bias: a family without windows
+        return "llama", ["attn_window"] if any(windows) else []
+    if len(set(windows) - {0}) > 1:  # Hugging Face's families have one window size per model
+        return "qwen2", ["attn_window"]
+    if not any(windows):
+        return ("qwen2" if cfg.qkv_bias else "llama"), []
+    return ("mistral" if all(windows) and not cfg.qkv_bias else "qwen2"), []
+
+
 # the family's name in error lines, and its writer
 EXPORTERS = {"gpt2": ("GPT-2", gpt2_export), "llama": ("Llama", llama_export),
+             "mistral": ("Mistral", lambda model: llama_export(model, "mistral")),
              "qwen2": ("Qwen2", lambda model: llama_export(model, "qwen2")), "gpt_neox": ("GPT-NeoX", gpt_neox_export)}
 
 
 def export_hf(model, out_dir, meta=None):
     """Write config.json + model.safetensors that transformers loads: LlamaForCausalLM for rotary / RMSNorm /
-    SwiGLU models (Qwen2ForCausalLM with q/k/v biases only), GPTNeoXForCausalLM for rotary / LayerNorm / GELU
+    SwiGLU models (MistralForCausalLM with one window on every layer, Qwen2ForCausalLM with q/k/v biases only or
+    windows on some layers), GPTNeoXForCausalLM for rotary / LayerNorm / GELU
     ones, GPT2LMHeadModel otherwise. Settings the format cannot express are refused, naming them. With
     the tokenizer description `meta` (a checkpoint's), the folder gets its tokenizer: tokenizer.json for an 'hf'
     one, meta.json for a character vocabulary (GPT-2 BPE needs none)."""

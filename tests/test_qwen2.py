@@ -133,3 +133,81 @@ def test_qwen2_fields_we_do_not_implement_are_refused_by_name(tmp_path, field, v
     with pytest.raises(PretrainedError, match=field if field != "rope_parameters" else "partial_rotary_factor") as info:
         from_pretrained(folder)
     assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# sliding windows on some layers (use_sliding_window, max_window_layers, layer_types)
+
+
+@pytest.mark.parametrize("window_options,windows", [
+    (dict(use_sliding_window=True, sliding_window=6, max_window_layers=1), [0, 6, 6]),
+    (dict(use_sliding_window=True, sliding_window=5,
+          layer_types=["sliding_attention", "full_attention", "sliding_attention"]), [5, 0, 5]),
+    (dict(use_sliding_window=True, sliding_window=6, max_window_layers=0), 6),
+    (dict(use_sliding_window=False, sliding_window=6, max_window_layers=0), 0)],
+    ids=["from_max_window_layers", "layer_types", "every_layer", "switched_off"])
+def test_qwen2_sliding_windows_become_per_layer_attn_windows(tmp_path, window_options, windows):
+    hf = random_qwen2(seed=8, **window_options)
+    folder = save(hf, tmp_path / "qwen2")
+    model = from_pretrained(folder).eval()
+    assert model.config.attn_window == windows
+    idx = tokens(seed=9)
+    expected = hf_logits(hf, idx)
+    with torch.no_grad():
+        assert max_diff(model(idx)[0], expected) <= 1e-5
+        if windows:  # the windows are what makes them equal
+            assert max_diff(from_pretrained(folder, attn_window=0).eval()(idx)[0], expected) > 1e-3
+    if windows:
+        prompt = tokens(B=1, T=7, seed=10)
+        hf.generation_config.eos_token_id = None
+        with torch.no_grad():
+            theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(prompt, 20, temperature=0), theirs)
+
+
+def test_export_of_per_layer_windows_writes_qwen2_layer_types(tmp_path):
+    """A model of ours with a window on some layers and no q/k/v biases: Qwen2's layer_types hold it (with zero
+    biases); the same window on every layer is a Mistral."""
+    from transformers import Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, bias=False,
+                          pos_emb="rope", norm="rmsnorm", mlp_act="swiglu", norm_eps=1e-6, attn_window=[4, 0])).eval()
+    export_hf(model, str(tmp_path / "out"))
+    written = json.load(open(tmp_path / "out" / "config.json"))
+    assert written["architectures"] == ["Qwen2ForCausalLM"] and written["sliding_window"] == 4
+    assert written["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+    hf = Qwen2ForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    idx = tokens(T=30, seed=11)
+    with torch.no_grad():
+        assert max_diff(model(idx)[0], hf_logits(hf, idx)) <= 1e-5
+    assert from_pretrained(str(tmp_path / "out")).config.attn_window == [4, 0, 4]
+
+
+@pytest.mark.parametrize("window_options,field", [
+    (dict(use_sliding_window=True, sliding_window=6, layer_types=["sliding_attention", "chunked_attention",
+                                                                  "full_attention"]), "layer_types"),
+    (dict(use_sliding_window=True, sliding_window=0), "sliding_window"),
+    (dict(use_sliding_window=False, layer_types=["sliding_attention", "full_attention", "full_attention"]),
+     "layer_types")])
+def test_qwen2_windows_we_do_not_implement_are_refused_by_name(tmp_path, window_options, field):
+    folder = save(random_qwen2(seed=12), tmp_path / "qwen2")
+    config = json.load(open(os.path.join(folder, "config.json")))
+    config.update(window_options)
+    json.dump(config, open(os.path.join(folder, "config.json"), "w"))
+    with pytest.raises(PretrainedError, match=field) as info:
+        from_pretrained(folder)
+    assert "\n" not in str(info.value)
+
+
+def test_qwen2_layers_without_layer_types_are_derived_as_transformers_does(tmp_path):
+    """A config.json written before layer_types existed: the layers from max_window_layers on have the window."""
+    hf = random_qwen2(seed=13, use_sliding_window=True, sliding_window=6, max_window_layers=2)
+    folder = save(hf, tmp_path / "qwen2")
+    config = json.load(open(os.path.join(folder, "config.json")))
+    assert config.pop("layer_types") == ["full_attention", "full_attention", "sliding_attention"]
+    json.dump(config, open(os.path.join(folder, "config.json"), "w"))
+    model = from_pretrained(folder).eval()
+    assert model.config.attn_window == [0, 0, 6]
+    idx = tokens(seed=14)
+    with torch.no_grad():
+        assert max_diff(model(idx)[0], hf_logits(hf, idx)) <= 1e-5
