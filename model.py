@@ -267,7 +267,8 @@ HOOK_POINTS = {  # per block: "h.<layer>.<point>"
                "keys (the slot counted) for attn_fn=relu",
     "attn_z": "(B, P, C)  the heads' outputs (pattern @ values, after the gate), concatenated: c_proj's input",
     "attn_out": "(B, P, C)  attention's output, after c_proj",
-    "resid_mid": "(B, P, C)  after the attention residual add",
+    "resid_mid": "(B, P, C)  after the attention residual add (parallel_residual: x + attn_out, which the MLP does "
+                 "not read)",
     "ln_2": "(B, P, C)  the MLP's normed input (norm_pos='post': the norm after the second residual add; "
             "parallel_residual: the norm of the block's input)",
     "mlp_pre": "(B, P, M)  c_fc's output (swiglu: (B, P, 2M), gate half then up half)",
