@@ -42,6 +42,7 @@ class GPTConfig:
     n_kv_head: int = 0  # key/value heads, shared by groups of query heads (grouped-query attention); 0 = n_head
     dropout: float = 0.0
     bias: bool = True  # biases in linears and norms, as in GPT-2
+    qkv_bias: bool = False  # biases on the query/key/value projection even without `bias` (Qwen2)
     pad_vocab: bool = False  # pad the embedding rows to a multiple of 64 (faster matmuls); logits keep vocab_size
     # dedicated attention-sink options (docs/sinks.md)
     sink: str = "none"
@@ -56,8 +57,10 @@ class GPTConfig:
     # architecture ablations (defaults = GPT-2)
     pos_emb: str = "learned"
     rope_base: float = 10000.0
+    rotary_pct: float = 1.0  # rotary on the first int(rotary_pct * head_size) channels of each head (GPT-NeoX)
     norm: str = "layernorm"
     norm_pos: str = "pre"
+    parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_2(x)), attention and MLP side by side (GPT-NeoX)
     norm_eps: float = 1e-5
     qk_norm: bool = False
     mlp_act: str = "gelu"  # GPT-2's tanh approximation; gelu_exact = the erf GELU (nanoGPT's nn.GELU())
@@ -76,8 +79,13 @@ class GPTConfig:
         if self.mlp_hidden < 0 or self.norm_eps <= 0:
             raise ValueError(f"mlp_hidden must be >= 0 (0 = the default width) and norm_eps > 0, got "
                              f"{self.mlp_hidden} and {self.norm_eps}")
-        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError("pos_emb='rope' needs an even head size (n_embd // n_head)")
+        if not 0 < self.rotary_pct <= 1 or (self.rotary_pct != 1 and self.pos_emb != "rope"):
+            raise ValueError(f"rotary_pct={self.rotary_pct} must be in (0, 1] and needs pos_emb='rope' below 1")
+        if self.pos_emb == "rope" and (self.rotary_dims % 2 or not self.rotary_dims):
+            raise ValueError(f"pos_emb='rope' needs an even, non-zero number of rotary channels per head "
+                             f"(int(rotary_pct * head_size) = {self.rotary_dims})")
+        if self.parallel_residual and self.norm_pos == "post":
+            raise ValueError("parallel_residual=True is a pre-norm block (norm_pos='pre')")
         if self.attn_fn != "softmax" and self.sink in ("logit", "softmax1", "k_bias"):
             raise ValueError(f"sink={self.sink!r} does nothing with attn_fn={self.attn_fn!r}: its slot has value 0 "
                              "and the rows are not normalised (use kv_bias, token or bos_override)")
@@ -112,6 +120,12 @@ class GPTConfig:
     @property
     def head_size(self):
         return self.n_embd // self.n_head
+
+    @property
+    def rotary_dims(self):
+        """Channels of each query/key head that rotary turns (all of them unless rotary_pct < 1), as GPT-NeoX
+        counts them."""
+        return int(self.head_size * self.rotary_pct)
 
     @property
     def kv_heads(self):
@@ -171,10 +185,10 @@ def make_norm(config, ndim=None):
     return norm_class(ndim or config.n_embd, config.bias, config.norm_eps)
 
 
-def rope_tables(head_size, n_positions, base):
-    """cos and sin of the rotary angles, (n_positions, head_size/2) each: computed in float64, kept in float32
-    (they follow the model's dtype, so decoding casts nothing per step)."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+def rope_tables(dims, n_positions, base):
+    """cos and sin of the rotary angles of `dims` channels (the head size, or rotary_dims), (n_positions, dims/2)
+    each: computed in float64, kept in float32 (they follow the model's dtype, so decoding casts nothing per step)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float64) / dims)
     angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
@@ -186,9 +200,13 @@ def rotation(cos, sin):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate channel pairs (i, i + D/2) of x (B, H, T, D) by the angles of each position, given the tables of
-    rotation(): (x1 cos - x2 sin, x2 cos + x1 sin), the same float operations as written out."""
-    return x * cos.to(x.dtype) + x.roll(x.size(-1) // 2, dims=-1) * sin.to(x.dtype)
+    """Rotate channel pairs (i, i + R/2) of x (B, H, T, D) by the angles of each position, given the tables of
+    rotation(), (T, R): (x1 cos - x2 sin, x2 cos + x1 sin), the same float operations as written out. Tables
+    narrower than the head (rotary_pct < 1) turn its first R channels and pass the rest, as GPT-NeoX does."""
+    R = cos.size(-1)
+    if R < x.size(-1):
+        return torch.cat([apply_rope(x[..., :R], cos, sin), x[..., R:]], dim=-1)
+    return x * cos.to(x.dtype) + x.roll(R // 2, dims=-1) * sin.to(x.dtype)
 
 
 def causal_mask(n_queries, n_keys, device, window=0, n_fixed=0):
@@ -249,8 +267,10 @@ HOOK_POINTS = {  # per block: "h.<layer>.<point>"
                "keys (the slot counted) for attn_fn=relu",
     "attn_z": "(B, P, C)  the heads' outputs (pattern @ values, after the gate), concatenated: c_proj's input",
     "attn_out": "(B, P, C)  attention's output, after c_proj",
-    "resid_mid": "(B, P, C)  after the attention residual add",
-    "ln_2": "(B, P, C)  the MLP's normed input (norm_pos='post': the norm after the second residual add)",
+    "resid_mid": "(B, P, C)  after the attention residual add (parallel_residual: x + attn_out, which the MLP does "
+                 "not read)",
+    "ln_2": "(B, P, C)  the MLP's normed input (norm_pos='post': the norm after the second residual add; "
+            "parallel_residual: the norm of the block's input)",
     "mlp_pre": "(B, P, M)  c_fc's output (swiglu: (B, P, 2M), gate half then up half)",
     "mlp_post": "(B, P, M)  after the activation (swiglu: silu(gate) * up)",
     "mlp_out": "(B, P, C)  the MLP's output, after c_proj",
@@ -331,7 +351,7 @@ class CausalSelfAttention(nn.Module):
         self.window = config.window_of(layer_idx)  # 0 = full attention
         self.n_fixed = config.n_sink_tokens if config.sink == "token" else 0  # keys outside the window's count
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(C, C + 2 * Hkv * D, bias=config.bias)  # queries, then keys, then values
+        self.c_attn = nn.Linear(C, C + 2 * Hkv * D, bias=config.bias or config.qkv_bias)  # queries, keys, values
         self.c_proj = nn.Linear(C, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_dropout = nn.Dropout(config.dropout)
@@ -509,6 +529,7 @@ class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.post_norm = config.norm_pos == "post"
+        self.parallel = config.parallel_residual
         self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = make_norm(config)
@@ -524,6 +545,11 @@ class Block(nn.Module):
             x = hook(self.hook_fns, "resid_mid", hook(self.hook_fns, "ln_1", self.ln_1(
                 x + hook(self.hook_fns, "attn_out", self.attn(x, rope, cache)))))
             x = hook(self.hook_fns, "ln_2", self.ln_2(x + hook(self.hook_fns, "mlp_out", self.mlp(x))))
+        elif self.parallel:  # GPT-NeoX: the MLP reads the block's input too, not attention's sum
+            h = hook(self.hook_fns, "ln_1", self.ln_1(x))
+            mlp_in = hook(self.hook_fns, "ln_2", self.ln_2(x))
+            x = hook(self.hook_fns, "resid_mid", x + hook(self.hook_fns, "attn_out", self.attn(h, rope, cache)))
+            x = x + hook(self.hook_fns, "mlp_out", self.mlp(mlp_in))
         else:
             h = hook(self.hook_fns, "ln_1", self.ln_1(x))
             x = hook(self.hook_fns, "resid_mid", x + hook(self.hook_fns, "attn_out", self.attn(h, rope, cache)))
@@ -552,7 +578,7 @@ class GPT(nn.Module):
         if config.pos_emb == "learned":
             self.transformer.wpe = nn.Embedding(config.n_positions, C)
         if config.pos_emb == "rope":
-            cos, sin = rope_tables(config.head_size, config.n_positions, config.rope_base)
+            cos, sin = rope_tables(config.rotary_dims, config.n_positions, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         if config.sink == "token":  # StreamingLLM / registers: learned vectors prepended to every sequence

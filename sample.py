@@ -1,5 +1,5 @@
 """
-Sample from a trained checkpoint or from a pretrained folder (GPT-2 or Llama family).
+Sample from a trained checkpoint or from a pretrained folder (GPT-2, Llama, Mistral, Qwen2 or GPT-NeoX family).
 
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --init_from=path/to/gpt2 --start=FILE:prompt.txt --temperature=0.8 --top_p=0.95

@@ -33,7 +33,7 @@ DEFAULTS = dict(
     eval_iters=50,
     eval_only=False,
     always_save_checkpoint=True,  # False: write a checkpoint only when val loss improves
-    init_from="scratch",  # 'scratch' | 'resume' | a pretrained folder (GPT-2 or Llama family) or hub name
+    init_from="scratch",  # 'scratch' | 'resume' | a pretrained folder (GPT-2, Llama, Mistral, Qwen2, GPT-NeoX) or hub name
     resume_from="",  # init_from='resume': a run folder or checkpoint to continue from ('' = out_dir itself)
     seed=1337,
     track_interval=0,  # 0 = off; else log massive-activation / sink statistics every N iterations

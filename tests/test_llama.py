@@ -209,7 +209,7 @@ def test_llama_fields_we_do_not_implement_are_refused_by_name(tmp_path, field, v
 def test_an_unknown_model_type_is_refused(tmp_path):
     folder = save(random_llama(seed=17), tmp_path / "llama")
     config = json.load(open(os.path.join(folder, "config.json")))
-    config["model_type"] = "mistral"
+    config["model_type"] = "falcon"
     json.dump(config, open(os.path.join(folder, "config.json"), "w"))
-    with pytest.raises(PretrainedError, match="mistral"):
+    with pytest.raises(PretrainedError, match="falcon"):
         from_pretrained(folder)

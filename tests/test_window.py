@@ -57,6 +57,10 @@ WINDOWED_GPTS += [dict(sink="token", n_sink_tokens=2, pos_emb="rope", attn_windo
                   dict(n_head=4, n_kv_head=2, sink="k_bias", attn_gate="headwise", attn_window=[0, 2]),
                   dict(n_head=4, n_kv_head=1, attn_fn="relu", sink="kv_bias", attn_window=4),
                   dict(attn_fn="sigmoid", sink="token", attn_window=3)]
+# GPT-NeoX's parallel block with partial rotary, and Qwen2's q/k/v biases with windows on some layers
+WINDOWED_GPTS += [dict(pos_emb="rope", rotary_pct=0.5, parallel_residual=True, sink="logit", attn_window=3),
+                  dict(n_head=4, n_kv_head=2, pos_emb="rope", norm="rmsnorm", mlp_act="swiglu", bias=False,
+                       qkv_bias=True, sink="kv_bias", attn_window=[0, 2])]
 
 
 @pytest.mark.parametrize("options", WINDOWED_GPTS, ids=[mech_id(m) for m in WINDOWED_GPTS])
