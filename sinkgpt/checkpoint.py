@@ -5,6 +5,7 @@ with its tokenizer from a run folder, a checkpoint file or a pretrained folder.
 
     save_checkpoint(path, raw_model, optimizer, cfg, progress, meta, rng_states)   # temp file, fsync, rename
     ckpt = load_checkpoint(path)                                        # weights_only=True, one-line errors
+    kept_checkpoints("out-bb/base")                                     # [(iter, path)] of keep_checkpoints
     target = load_model("out-bb/base", device)                          # model, tokenizer, config, bos rule
     events = read_metrics("out-bb/base")                                # a cut-off last line is skipped
 
@@ -106,6 +107,21 @@ def save_checkpoint(path, model, optimizer, cfg, progress, meta, rng_states, sca
 def checkpoint_path(target):
     """A run folder means its ckpt.pt; a file is itself."""
     return os.path.join(target, "ckpt.pt") if os.path.isdir(target) else target
+
+
+def kept_name(iter_num):
+    """The file name of the checkpoint keep_checkpoints keeps at an iteration."""
+    return f"ckpt_{iter_num}.pt"
+
+
+def kept_checkpoints(run_dir):
+    """The checkpoints a run kept (keep_checkpoints), as [(iteration, path)] in step order; [] for none."""
+    kept = []
+    for name in os.listdir(run_dir):
+        number = name.removeprefix("ckpt_").removesuffix(".pt")
+        if name.startswith("ckpt_") and name.endswith(".pt") and number.isdigit():
+            kept.append((int(number), os.path.join(run_dir, name)))
+    return sorted(kept)
 
 
 def load_checkpoint(path, device="cpu", keys=("model", "model_args")):
