@@ -130,7 +130,6 @@ def parse_args(argv):
                                               "order), or one hub name with --revisions")
     add_target_args(p, target=False)
     p.add_argument("--revisions", help="comma-separated hub revisions of the hub name, e.g. step0,step1,step2")
-    p.add_argument("--min_ratio", type=float, default=100.0)
     p = sub.add_parser("compare", help="runs' metrics.jsonl overlaid, and a table of final figures")
     p.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
     p.add_argument("--report", required=True)
@@ -369,7 +368,7 @@ def cmd_trajectory(args, device):
     probe = dict(data=args.data, text=args.text, batches=args.batches, batch_size=args.batch_size,
                  block_size=args.block_size, bos=args.bos, seed=args.seed)
     print(TABLE_HEADER)
-    rows = measure_trajectory(points, device, getattr(torch, args.dtype), probe, args.min_ratio,
+    rows = measure_trajectory(points, device, getattr(torch, args.dtype), probe,
                               on_row=lambda row: print(row_markdown(row), flush=True))
     write_trajectory(rows, args.report)
     print(f"wrote {args.report}/trajectory.md, trajectory.json, trajectory.png")

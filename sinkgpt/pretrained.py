@@ -61,9 +61,12 @@ def download(name, revision=None):
     name is resolved through the cache's refs/ files."""
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(name, revision=revision, local_files_only=offline_forced(),
-                                 allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
-                                                 "tokenizer.json", "tokenizer_config.json"])
+        fetch = dict(repo_id=name, revision=revision, local_files_only=offline_forced())
+        folder = snapshot_download(**fetch, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
+                                                            "tokenizer.json", "tokenizer_config.json"])
+        if not any(os.path.exists(os.path.join(folder, file)) for file in WEIGHT_FILES):  # a revision saved before
+            folder = snapshot_download(**fetch, allow_patterns=[WEIGHT_FILES[2]])  # safetensors: the legacy file
+        return folder
     except Exception as e:  # no network, unknown name or revision, missing package
         if revision is not None:
             raise PretrainedError(f"revision {revision!r} of {name!r} could not be fetched from the hub nor found "

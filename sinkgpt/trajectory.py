@@ -94,12 +94,12 @@ def first_layer_of(maps, position, dim, value):
     return next(layer for layer, absmax in enumerate(maps) if absmax[position, dim] >= value / 2)
 
 
-def measure_point(target, probe, min_ratio=100.0):
+def measure_point(target, probe):
     """One row of the table for a LoadedModel: probe batches as `probe` says (probe_batches' keywords), the
     report's measurements without quantization, and the ablation of the massive entry."""
     batches, masks, source = probe_batches(target, next(target.model.parameters()).device, **probe)
-    report, maps = build_report(target.model, batches, masks, k=1, min_ratio=min_ratio,
-                                tokenizer=load_tokenizer(target.meta), quantization=False)
+    report, maps = build_report(target.model, batches, masks, k=1, tokenizer=load_tokenizer(target.meta),
+                                quantization=False)
     best = report["max_ratio"]
     value, position, dim = best["top"]
     layer = first_layer_of(maps, position, dim, value)
@@ -113,7 +113,7 @@ def measure_point(target, probe, min_ratio=100.0):
             "data": source}
 
 
-def measure_trajectory(points, device, dtype=torch.float32, probe=None, min_ratio=100.0, on_row=None):
+def measure_trajectory(points, device, dtype=torch.float32, probe=None, on_row=None):
     """Every point measured on the same probe batches (the same data and seed each time); on_row(row) is
     called as each is done (progress on long trajectories)."""
     rows = []
@@ -121,7 +121,7 @@ def measure_trajectory(points, device, dtype=torch.float32, probe=None, min_rati
         target = load_model(point.target, device, dtype, point.revision)
         step = point.step if point.step is not None else target.step
         row = {"label": point.label, "revision": point.revision, "step": step,
-               **measure_point(target, probe or {}, min_ratio)}
+               **measure_point(target, probe or {})}
         rows.append(row)
         if on_row is not None:
             on_row(row)
