@@ -260,37 +260,35 @@ def plot_explicit(result, path):
 
 
 def plot_trajectory(rows, path):
-    """A massive activation over training, one panel each: the massive entry's |h| and top-1/median ratio with
-    Sun et al.'s thresholds (log scale), the sink rate, and the loss change when the entry is zeroed. The x axis
-    is the training step (symlog when the steps span orders of magnitude, as Pythia's revisions do), or the
-    point's index when a step is unknown."""
+    """A massive activation over training, one panel each: the massive entry's |h| and its top-1/median ratio,
+    each with Sun et al.'s threshold (log scale, the points that meet their criterion starred), the sink rate, and
+    the loss change when the entry is zeroed or set to its mean. The x axis is the training step (symlog when the
+    steps span orders of magnitude, as Pythia's revisions do), or the point's index when a step is unknown."""
     plt = pyplot()
     steps = [r["step"] for r in rows]
     known = None not in steps
     x = steps if known else list(range(len(rows)))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    size, ratio = axes[0], axes[0].twinx()
-    size.plot(x, [r["value"] for r in rows], marker="o", color="C0", label="|h| of the massive entry")
-    ratio.plot(x, [r["ratio"] for r in rows], marker="s", color="C1", label="top-1 / median")
-    size.axhline(100.0, color="C0", lw=0.8, ls=":", label="Sun et al.: |h| > 100")
-    ratio.axhline(1000.0, color="C1", lw=0.8, ls=":", label="Sun et al.: 1000x median")
-    hits = [(xi, r["value"]) for xi, r in zip(x, rows) if r["sun_hits"]]
-    if hits:
-        size.plot(*zip(*hits), "k*", markersize=11, label="Sun et al. hits")
-    size.set(yscale="log", ylabel="|h|", title="the massive entry")
-    ratio.set(yscale="log", ylabel="top-1 / median")
-    handles = [h for ax in (size, ratio) for h in ax.get_legend_handles_labels()[0]]
-    size.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left")
-    axes[1].plot(x, [r["sink_rate"] for r in rows], marker="o", color="C2")
-    axes[1].set(ylabel="% of (layer, head) pairs", title="sink rate (alpha on position 0 > 0.3)", ylim=(-3, 103))
-    axes[2].plot(x, [r["delta_zero"] for r in rows], marker="o", color="C3", label="zeroed")
-    axes[2].plot(x, [r["delta_mean"] for r in rows], marker=".", color="gray", ls="--", label="set to its mean")
-    axes[2].axhline(0.0, color="gray", lw=0.5)
-    axes[2].set(ylabel="loss change (nats)", title="ablating the massive entry")
-    axes[2].legend(fontsize=8)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    hits = [i for i, r in enumerate(rows) if r["sun_hits"]]
+    for ax, key, threshold, label in ((axes[0, 0], "value", 100.0, "|h| of the massive entry"),
+                                      (axes[0, 1], "ratio", 1000.0, "its top-1 / median ratio")):
+        values = [r[key] for r in rows]
+        ax.plot(x, values, marker="o", color="C0")
+        ax.axhline(threshold, color="gray", lw=0.8, ls=":", label=f"Sun et al.: {threshold:g}")
+        if hits:
+            ax.plot([x[i] for i in hits], [values[i] for i in hits], "k*", markersize=11, label="Sun et al. hits")
+        ax.set(yscale="log", title=label)
+        ax.legend(fontsize=8)
+    axes[1, 0].plot(x, [r["sink_rate"] for r in rows], marker="o", color="C2")
+    axes[1, 0].set(ylabel="% of (layer, head) pairs", title="sink rate (alpha on position 0 > 0.3)", ylim=(-3, 103))
+    axes[1, 1].plot(x, [r["delta_zero"] for r in rows], marker="o", color="C3", label="zeroed")
+    axes[1, 1].plot(x, [r["delta_mean"] for r in rows], marker=".", color="gray", ls="--", label="set to its mean")
+    axes[1, 1].axhline(0.0, color="gray", lw=0.5)
+    axes[1, 1].set(ylabel="loss change (nats)", title="ablating the massive entry")
+    axes[1, 1].legend(fontsize=8)
     positive = [s for s in steps if s] if known else []
     spread = bool(positive) and max(positive) > 100 * min(positive)
-    for ax in axes:
+    for ax in axes.ravel():
         ax.set_xlabel("training step" if known else "point")
         if spread:
             ax.set_xscale("symlog", linthresh=1)
