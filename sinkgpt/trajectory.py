@@ -88,10 +88,10 @@ def trajectory_points(targets, revisions=None):
     return points
 
 
-def first_layer_of(maps, position, dim, value):
+def first_layer_of(maps, position, dim, value, layer):
     """The first block whose output holds the entry (position, dim) at half its value or more: where it
-    appears, and where Sun et al. set it to zero."""
-    return next(layer for layer, absmax in enumerate(maps) if absmax[position, dim] >= value / 2)
+    appears, and where Sun et al. set it to zero (`layer`, where it was found, when the value is not finite)."""
+    return next((i for i, absmax in enumerate(maps) if absmax[position, dim] >= value / 2), layer)
 
 
 def measure_point(target, probe):
@@ -102,7 +102,7 @@ def measure_point(target, probe):
                                 quantization=False)
     best = report["max_ratio"]
     value, position, dim = best["top"]
-    layer = first_layer_of(maps, position, dim, value)
+    layer = first_layer_of(maps, position, dim, value, best["layer"])
     ablation = ablate(target.model, batches, [(layer, position, dim)], masks)
     return {"loss": report["loss"], "value": value, "layer": best["layer"], "position": position, "dim": dim,
             "token": best["token"], "ratio": best["ratio"],
