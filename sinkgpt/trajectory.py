@@ -150,11 +150,14 @@ def write_trajectory(rows, out_dir):
     """trajectory.md (the table and the plot), trajectory.json (every row) and trajectory.png in out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     plot_trajectory(rows, os.path.join(out_dir, "trajectory.png"))
-    criteria = (f"Massive entry: the top-1 |h| of the block output with the largest top-1/median ratio. Sun et al. "
-                f"hits: entries with |h| > {MASSIVE_ABS:g} and >= {MASSIVE_RATIO:g} x their layer's median. Sink "
-                "rate: Gu et al.'s share of (layer, head) pairs with alpha on position 0 > 0.3. Loss change: the "
-                "entry set to zero (or to its mean over the probe sequences) at the first block whose output "
-                "holds at least half of it.")
+    criteria = (f"Massive entry: the top-1 |h| of the block output with the largest top-1/median ratio (the ratio: "
+                f"each probe sequence's top-1 over its own median, the largest over the sequences). Sun et al. hits: "
+                f"entries with |h| > {MASSIVE_ABS:g} and > {MASSIVE_RATIO:g} x their layer's median (the mean of "
+                "the sequences' medians), as the report's 'massive' list; in parentheses the layers whose top-1 and "
+                "ratio meet the criterion, as the report's per-layer column. Sink rate: Gu et al.'s share of "
+                "(layer, head) pairs with alpha on position 0 > 0.3. Loss change: the entry set to zero (or to its "
+                "mean over the probe sequences) at its position in every probe sequence, at the first block whose "
+                "output holds at least half of it.")
     with open(os.path.join(out_dir, "trajectory.md"), "w") as f:
         f.write(f"# Trajectory\n\nProbe data: {json.dumps(rows[0]['data'])}\n\n{criteria}\n\n"
                 f"{trajectory_markdown(rows)}\n![trajectory](trajectory.png)\n")
