@@ -147,6 +147,16 @@ def test_hub_revisions_are_read_through_the_hub_code_from_a_local_cache(hub_cach
     assert rows[0]["value"] != rows[1]["value"]
 
 
+def test_from_pretrained_passes_the_revision_to_the_hub(hub_cache):
+    from sinkgpt.pretrained import PretrainedError, from_pretrained
+    for revision, commit in (("step0", 1), ("step8", 2)):
+        fetched = from_pretrained("org/tiny-gpt2", revision=revision).state_dict()
+        local = from_pretrained(str(hub_cache / "snapshots" / f"{commit:040x}")).state_dict()
+        assert all(torch.equal(fetched[name], local[name]) for name in local), revision
+    with pytest.raises(PretrainedError, match="applies to hub names only"):
+        from_pretrained(str(hub_cache / "snapshots" / f"{1:040x}"), revision="step0")
+
+
 def test_a_revision_that_does_not_exist_is_named_before_any_measurement(hub_cache, tmp_path, capsys):
     code, out, err = cli(["trajectory", "org/tiny-gpt2", "--revisions", "step0,step3,step8", "--text", "a b",
                           "--report", tmp_path / "traj"], capsys)
