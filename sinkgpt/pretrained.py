@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from model import GPT, GPTConfig, LayerNorm, is_sink_parameter
 from sinkgpt.common import InputError
-from sinkgpt.tokenizer import special_ids
+from sinkgpt.tokenizer import offline_forced, special_ids
 
 # the weight files of a folder, in the order they are looked for
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -47,18 +47,32 @@ def is_new_parameter(name):
 # reading a folder
 
 
-def resolve_folder(name_or_dir):
-    """A local folder, or a hub name fetched when the hub is reachable."""
-    return name_or_dir if os.path.isdir(name_or_dir) else download(name_or_dir)
+def resolve_folder(name_or_dir, revision=None):
+    """A local folder, or a hub name fetched when the hub is reachable (at `revision`: a branch, tag or commit,
+    such as Pythia's training steps 'step1000'; None = the default branch)."""
+    if os.path.isdir(name_or_dir) and revision is None:
+        return name_or_dir
+    if os.path.isdir(name_or_dir):
+        raise PretrainedError(f"{name_or_dir} is a local folder: a revision ({revision!r}) applies to hub names only")
+    return download(name_or_dir, revision)
 
 
-def download(name):
-    """Fetch a checkpoint from the Hugging Face hub (needs network); returns its local folder."""
+def download(name, revision=None):
+    """Fetch a checkpoint from the Hugging Face hub (needs network) and return its local folder; with
+    SINKGPT_OFFLINE=1 (or HF_HUB_OFFLINE=1) only the local Hugging Face cache is read, where a branch or tag
+    name is resolved through the cache's refs/ files."""
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
-                                                       "tokenizer.json", "tokenizer_config.json"])
-    except Exception as e:  # no network, unknown name, missing package
+        fetch = dict(repo_id=name, revision=revision, local_files_only=offline_forced())
+        folder = snapshot_download(**fetch, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
+                                                            "tokenizer.json", "tokenizer_config.json"])
+        if not any(os.path.exists(os.path.join(folder, file)) for file in WEIGHT_FILES):  # a revision saved before
+            folder = snapshot_download(**fetch, allow_patterns=[WEIGHT_FILES[2]])  # safetensors: the legacy file
+        return folder
+    except Exception as e:  # no network, unknown name or revision, missing package
+        if revision is not None:
+            raise PretrainedError(f"revision {revision!r} of {name!r} could not be fetched from the hub nor found "
+                                  f"in the local cache ({type(e).__name__}): does it exist?") from None
         raise PretrainedError(f"{name!r} is not a local folder and could not be fetched from the hub "
                               f"({type(e).__name__}); pass a folder with config.json and model.safetensors") from None
 
@@ -139,12 +153,12 @@ def refuse_unimplemented(hf, path, checks):
                                   f"(only {implemented!r})")
 
 
-def from_pretrained(name_or_dir, dtype=torch.float32, device="cpu", **overrides):
-    """A GPT with the weights of a Hugging Face folder (or hub name), built straight on `device` in `dtype`
-    (no float32 copy of the model on the CPU first; the weights are read one tensor at a time). `overrides` set
-    options such as sink or dropout; new parameters start as close to the pretrained model as their mechanism
-    allows (GPT.init_sinks_from_pretrained)."""
-    path = resolve_folder(name_or_dir)
+def from_pretrained(name_or_dir, dtype=torch.float32, device="cpu", revision=None, **overrides):
+    """A GPT with the weights of a Hugging Face folder (or hub name, at `revision`), built straight on `device`
+    in `dtype` (no float32 copy of the model on the CPU first; the weights are read one tensor at a time).
+    `overrides` set options such as sink or dropout; new parameters start as close to the pretrained model as
+    their mechanism allows (GPT.init_sinks_from_pretrained)."""
+    path = resolve_folder(name_or_dir, revision)
     hf = read_hf_config(path)
     model_type = hf.get("model_type", "gpt2")
     if model_type not in FAMILIES:
