@@ -147,6 +147,27 @@ def test_hub_revisions_are_read_through_the_hub_code_from_a_local_cache(hub_cach
     assert rows[0]["value"] != rows[1]["value"]
 
 
+def test_pythia_style_revisions_give_a_trajectory(tmp_path, monkeypatch, capsys):
+    """The pythia-70m command on a stand-in: a GPT-NeoX hub repo (parallel residual, partial rotary, its own
+    tokenizer.json) with two revisions in the local cache, each its own weights, read through the hub code."""
+    import huggingface_hub.constants
+    from test_gpt_neox import make_pythia_folder, random_neox, save
+    storage = tmp_path / "hub" / "models--EleutherAI--pythia-tiny"
+    for i, revision in enumerate(("step0", "step1000")):
+        commit = f"{i + 1:040x}"
+        folder, _ = make_pythia_folder(storage / "snapshots" / commit)
+        if i:  # a later revision: other weights, the same tokenizer
+            save(random_neox(seed=20, vocab_size=320), folder)
+        os.makedirs(storage / "refs", exist_ok=True)
+        (storage / "refs" / revision).write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    code, out, err = cli(["trajectory", "EleutherAI/pythia-tiny", "--revisions", "step0,step1000", "--text", RUN_TEXT,
+                          "--report", tmp_path / "traj"], capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "traj" / "trajectory.json").read_text())["points"]
+    assert [r["step"] for r in rows] == [0, 1000] and rows[0]["value"] != rows[1]["value"]
+
+
 def test_from_pretrained_passes_the_revision_to_the_hub(hub_cache):
     from sinkgpt.pretrained import PretrainedError, from_pretrained
     for revision, commit in (("step0", 1), ("step8", 2)):
