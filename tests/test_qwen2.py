@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from conftest import hf_logits, max_diff, random_tokens, save
 from model import GPT, GPTConfig
 from sinkgpt.pretrained import PretrainedError, export_hf, from_pretrained
 
@@ -34,22 +35,11 @@ def random_qwen2(seed=0, **overrides):
     return model
 
 
-def save(model, folder):
-    model.save_pretrained(str(folder))
-    return str(folder)
-
 
 def tokens(B=2, T=20, seed=0):
-    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+    return random_tokens(V, B, T, seed)
 
 
-def hf_logits(hf, idx):
-    with torch.no_grad():
-        return hf(idx).logits
-
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])

@@ -151,7 +151,8 @@ def test_pythia_style_revisions_give_a_trajectory(tmp_path, monkeypatch, capsys)
     """The pythia-70m command on a stand-in: a GPT-NeoX hub repo (parallel residual, partial rotary, its own
     tokenizer.json) with two revisions in the local cache, each its own weights, read through the hub code."""
     import huggingface_hub.constants
-    from test_gpt_neox import make_pythia_folder, random_neox, save
+    from conftest import save
+    from test_gpt_neox import make_pythia_folder, random_neox
     storage = tmp_path / "hub" / "models--EleutherAI--pythia-tiny"
     for i, revision in enumerate(("step0", "step1000")):
         commit = f"{i + 1:040x}"
