@@ -254,6 +254,14 @@ def save(model, folder):
     return str(folder)
 
 
+def randomize_hf(model, is_gain):
+    """Every weight of a transformers model random, the norm gains (is_gain(name)) around 1: a wrong mapping shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if is_gain(name) else 0.15 * torch.randn_like(p))
+    return model.eval()
+
+
 def random_tokens(vocab_size, B=2, T=20, seed=0):
     return torch.randint(0, vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
 

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import hf_logits, max_diff, random_tokens, save, shakespeare_excerpt
+from conftest import hf_logits, max_diff, random_tokens, randomize_hf, save, shakespeare_excerpt
 from model import GPT, GPTConfig, bos_as_slot
 from sinkgpt.pretrained import PretrainedError, export_hf, from_pretrained
 
@@ -29,21 +29,12 @@ def random_neox(seed=0, **overrides):
     """A GPTNeoXForCausalLM with every weight random (norm gains and biases too, so a wrong mapping shows)."""
     from transformers import GPTNeoXForCausalLM
     torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(neox_config(**overrides)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm.weight" in name or "final_layer_norm.weight" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.15 * torch.randn_like(p))
-    return model
-
+    return randomize_hf(GPTNeoXForCausalLM(neox_config(**overrides)),
+                        lambda name: "layernorm.weight" in name or "final_layer_norm.weight" in name)
 
 
 def tokens(B=2, T=20, seed=0):
     return random_tokens(V, B, T, seed)
-
-
 
 
 @pytest.mark.parametrize("rotary_pct,parallel,tied", [(0.25, True, False), (0.5, False, False), (1.0, True, True)],

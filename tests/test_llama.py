@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import hf_logits, max_diff, random_tokens, save
+from conftest import hf_logits, max_diff, random_tokens, randomize_hf, save
 from model import GPT
 from sinkgpt.pretrained import PretrainedError, export_hf, from_pretrained
 
@@ -27,21 +27,12 @@ def random_llama(seed=0, dtype=torch.float32, **overrides):
     """A LlamaForCausalLM with every weight random (norm gains too, so a wrong mapping shows)."""
     from transformers import LlamaForCausalLM
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(**overrides)).to(dtype).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.15 * torch.randn_like(p))
-    return model
-
+    model = LlamaForCausalLM(llama_config(**overrides)).to(dtype)
+    return randomize_hf(model, lambda name: name.endswith("norm.weight"))
 
 
 def tokens(B=2, T=20, seed=0):
     return random_tokens(V, B, T, seed)
-
-
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])

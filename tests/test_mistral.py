@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import hf_logits, max_diff, random_tokens, save
+from conftest import hf_logits, max_diff, random_tokens, randomize_hf, save
 from model import GPT, GPTConfig
 from sinkgpt.pretrained import PretrainedError, export_hf, from_pretrained
 
@@ -30,18 +30,11 @@ def random_mistral(seed=0, **overrides):
     """A MistralForCausalLM with every weight random (norm gains too, so a wrong mapping shows)."""
     from transformers import MistralForCausalLM
     torch.manual_seed(seed)
-    model = MistralForCausalLM(mistral_config(**overrides)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
-    return model
-
+    return randomize_hf(MistralForCausalLM(mistral_config(**overrides)), lambda name: "norm" in name)
 
 
 def tokens(B=2, T=20, seed=0):
     return random_tokens(V, B, T, seed)
-
-
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])

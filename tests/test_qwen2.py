@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import hf_logits, max_diff, random_tokens, save
+from conftest import hf_logits, max_diff, random_tokens, randomize_hf, save
 from model import GPT, GPTConfig
 from sinkgpt.pretrained import PretrainedError, export_hf, from_pretrained
 
@@ -28,18 +28,11 @@ def random_qwen2(seed=0, **overrides):
     """A Qwen2ForCausalLM with every weight random (norm gains and q/k/v biases too, so a wrong mapping shows)."""
     from transformers import Qwen2ForCausalLM
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(qwen2_config(**overrides)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
-    return model
-
+    return randomize_hf(Qwen2ForCausalLM(qwen2_config(**overrides)), lambda name: "norm" in name)
 
 
 def tokens(B=2, T=20, seed=0):
     return random_tokens(V, B, T, seed)
-
-
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
