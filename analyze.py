@@ -15,6 +15,8 @@ Sun et al. (2024, massive activations), Yona et al. (2025, repeated tokens) and 
     python analyze.py compare out-a out-b --report reports/ab            # metrics.jsonl of runs, overlaid
     python analyze.py explicit ORIGINAL CONVERTED --report R             # a model against its convert.py output
     python analyze.py starts data/models/SmolLM2-135M-Instruct           # each retrofit's step-0 loss change
+    python analyze.py trajectory out-traj/bb --report reports/traj      # the massive entry over kept checkpoints
+    python analyze.py trajectory EleutherAI/pythia-70m --revisions step0,step1000 --report R   # hub revisions
 
 TARGET is a training out_dir (reads its ckpt.pt), a checkpoint file, or a pretrained folder (config.json and
 model.safetensors). Data: --data DATASET (its val split), --text "..." or --text FILE:path, default the
@@ -44,6 +46,8 @@ from sinkgpt.report import build_report, compare, fmt, report_markdown, write_re
 from sinkgpt.runtime import pick_device
 from sinkgpt.streaming import stream_losses
 from sinkgpt.tokenizer import load_tokenizer
+from sinkgpt.trajectory import (TABLE_HEADER, measure_trajectory, parse_revisions, row_markdown, trajectory_points,
+                                write_trajectory)
 
 
 class Parser(argparse.ArgumentParser):
@@ -51,8 +55,9 @@ class Parser(argparse.ArgumentParser):
         raise AnalyzeError(message)
 
 
-def add_target_args(p, data=True):
-    p.add_argument("target", help="a run folder (ckpt.pt), a checkpoint file, or a pretrained folder")
+def add_target_args(p, data=True, target=True):
+    if target:
+        p.add_argument("target", help="a run folder (ckpt.pt), a checkpoint file, or a pretrained folder")
     if data:
         p.add_argument("--data", help="a prepared dataset name or 'bigram_backcopy' (val split); default: the "
                                       "target's own dataset")
@@ -74,7 +79,7 @@ def add_target_args(p, data=True):
 
 def parse_args(argv):
     commands = ("report", "intervene", "ablate", "repeat", "attribute", "stream", "compare", "explicit", "starts",
-                "patch")
+                "patch", "trajectory")
     if argv and argv[0] not in commands and argv[0] not in ("-h", "--help"):
         argv = ["report"] + list(argv)
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,6 +156,12 @@ def parse_args(argv):
     p.add_argument("--n", type=int, default=128, help="repeated-token probe: length")
     p = sub.add_parser("starts", help="each sink retrofit of a pretrained folder: its loss change at step 0")
     add_target_args(p)
+    p = sub.add_parser("trajectory", help="the massive entry, Sun et al. hits, sink rate and ablation cost over "
+                                          "checkpoints or hub revisions")
+    p.add_argument("targets", nargs="*", help="checkpoints, run folders (their kept ckpt_<iter>.pt, in step "
+                                              "order), or one hub name with --revisions")
+    add_target_args(p, target=False)
+    p.add_argument("--revisions", help="comma-separated hub revisions of the hub name, e.g. step0,step1,step2")
     p = sub.add_parser("compare", help="runs' metrics.jsonl overlaid, and a table of final figures")
     p.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
     p.add_argument("--report", required=True)
@@ -474,6 +485,19 @@ def cmd_starts(args, target, device):
                                             **result})
 
 
+def cmd_trajectory(args, device):
+    if not args.report:
+        raise AnalyzeError("give --report DIR for the trajectory files")
+    points = trajectory_points(args.targets, parse_revisions(args.revisions))
+    probe = dict(data=args.data, text=args.text, batches=args.batches, batch_size=args.batch_size,
+                 block_size=args.block_size, bos=args.bos, seed=args.seed)
+    print(TABLE_HEADER)
+    rows = measure_trajectory(points, device, getattr(torch, args.dtype), probe,
+                              on_row=lambda row: print(row_markdown(row), flush=True))
+    write_trajectory(rows, args.report)
+    print(f"wrote {args.report}/trajectory.md, trajectory.json, trajectory.png")
+
+
 def check_report_dir(report):
     """Make --report's folder before any work, so a bad path fails first, not after the analysis."""
     if report:
@@ -493,6 +517,8 @@ def run(argv):
         return
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
+    if args.command == "trajectory":
+        return cmd_trajectory(args, device)
     if args.command == "report" and not args.report:
         raise AnalyzeError("give --report DIR for the report files")
     target = load_model(args.target, device, getattr(torch, args.dtype))

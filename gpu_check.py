@@ -15,7 +15,8 @@ Steps, each in processes of its own:
      torch.compile's on-disk caches (Inductor's FX graph cache, AOTAutograd's cache) for step 2.
 2. bench.py on config/gpt2_124m.py (12 layers, 768 dims, T=1024, bf16, compiled), one optimizer step per
    micro-batch of --batch_size sequences: the baseline and every sink option in one process, interleaved, then
-   the attention gates; ms/iter, tokens/s, MFU, each variant's ratio to the baseline and its own peak memory.
+   the attention gates, then a sliding window of 128 against full attention; ms/iter, tokens/s, MFU, each
+   variant's ratio to the baseline and its own peak memory.
    Nothing else runs meanwhile.
 3. bench.py --generate: GPT-2 124M KV-cache generation (512-token prompt, 64 new tokens), bf16.
 
@@ -34,6 +35,7 @@ import xml.etree.ElementTree as ElementTree
 REPO = os.path.dirname(os.path.abspath(__file__))
 SINKS = "sink=none,token,logit,softmax1,kv_bias,k_bias,bos_override"
 GATES = "attn_gate=none,headwise,elementwise"
+WINDOWS = "attn_window=0,128"  # sliding windows: FlexAttention's block mask should make 128 cheaper at T=1024
 MFU_GOAL, RATIO_GOAL = 0.5, 1.05
 TEST_SHARDS, WARM = 4, 3  # pytest processes for the tests; warm-up benchmarks at once (~10 GB of GPU memory each)
 GPU_BENCH = ["config/gpt2_124m.py", "--gradient_accumulation_steps=1", "--steps=10", "--warmup=3", "--rounds=3"]
@@ -41,6 +43,7 @@ GPU_GENERATE = ["--generate", "--device=cuda"]
 # the dry run: the same calls on a one-layer model on the CPU, float32, eager
 DRY_BENCH = ["--device=cpu", "--dtype=float32", "--compile=False", "--n_layer=1", "--n_head=2", "--n_embd=32",
              "--block_size=16", "--batch_size=2", "--vocab_size=50", "--steps=1", "--warmup=1", "--rounds=1"]
+DRY_WINDOWS = "attn_window=0,8"
 DRY_GENERATE = ["--generate", "--device=cpu", "--prompt_tokens=8", "--new_tokens=4", "--rounds=1"]
 
 
@@ -100,9 +103,9 @@ def test_counts(started, seconds):
             "skipped": counts["skipped"], "seconds": seconds}
 
 
-def warm_compile_caches(bench_flags):
+def warm_compile_caches(bench_flags, comparisons):
     """One short bench.py per variant of the timed comparisons, WARM at a time; returns the error lines."""
-    variants = [f"--compare={key}={value}" for key, values in (v.split("=") for v in (SINKS, GATES))
+    variants = [f"--compare={key}={value}" for key, values in (v.split("=") for v in comparisons)
                 for value in values.split(",")]
     errors = []
     for start in range(0, len(variants), WARM):
@@ -182,12 +185,13 @@ def check(args):
     report = {"device": "cpu (dry run)" if dry else torch.cuda.get_device_name(0), "torch": torch.__version__,
               "dry_run": dry, "errors": []}
     bench_flags = DRY_BENCH if dry else GPU_BENCH + [f"--batch_size={args['batch_size']}"]
+    comparisons = (SINKS, GATES, DRY_WINDOWS if dry else WINDOWS)
     with tempfile.TemporaryDirectory() as tmp:
         started = start_tests(tmp)
-        report["errors"] += warm_compile_caches(bench_flags)
+        report["errors"] += warm_compile_caches(bench_flags, comparisons)
         report["tests"] = test_counts(started, time.perf_counter() - t0)
     compared = []
-    for variants in (SINKS, GATES):
+    for variants in comparisons:
         result, error = run_bench(bench_flags + [f"--compare={variants}"])
         if error:
             report["errors"].append(f"bench.py --compare={variants}: {error}")

@@ -42,6 +42,7 @@ class GPTConfig:
     n_kv_head: int = 0  # key/value heads, shared by groups of query heads (grouped-query attention); 0 = n_head
     dropout: float = 0.0
     bias: bool = True  # biases in linears and norms, as in GPT-2
+    qkv_bias: bool = False  # biases on the query/key/value projection even without `bias` (Qwen2)
     pad_vocab: bool = False  # pad the embedding rows to a multiple of 64 (faster matmuls); logits keep vocab_size
     # dedicated attention-sink options (docs/sinks.md)
     sink: str = "none"
@@ -50,11 +51,16 @@ class GPTConfig:
     attn_fn: str = "softmax"  # sigmoid: no row normalisation (Gu et al.); relu: ReLU(scores)/n_visible (Guo et al.)
     bos_token: int = 50256  # the token that marks document starts (sink == "bos_override")
     pos_offset: int = 0  # the position of the first real token: 1 once a BOS at position 0 became a slot (bos_as_slot)
+    # sliding-window attention: each query sees the last attn_window positions, itself included (0 = full
+    # attention); a list is a per-layer pattern, cycled over the layers ([128, 0]: gpt-oss's alternation)
+    attn_window: int = 0
     # architecture ablations (defaults = GPT-2)
     pos_emb: str = "learned"
     rope_base: float = 10000.0
+    rotary_pct: float = 1.0  # rotary on the first int(rotary_pct * head_size) channels of each head (GPT-NeoX)
     norm: str = "layernorm"
     norm_pos: str = "pre"
+    parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_2(x)), attention and MLP side by side (GPT-NeoX)
     norm_eps: float = 1e-5
     qk_norm: bool = False
     mlp_act: str = "gelu"  # GPT-2's tanh approximation; gelu_exact = the erf GELU (nanoGPT's nn.GELU())
@@ -73,14 +79,26 @@ class GPTConfig:
         if self.mlp_hidden < 0 or self.norm_eps <= 0:
             raise ValueError(f"mlp_hidden must be >= 0 (0 = the default width) and norm_eps > 0, got "
                              f"{self.mlp_hidden} and {self.norm_eps}")
-        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError("pos_emb='rope' needs an even head size (n_embd // n_head)")
+        if not 0 < self.rotary_pct <= 1 or (self.rotary_pct != 1 and self.pos_emb != "rope"):
+            raise ValueError(f"rotary_pct={self.rotary_pct} must be in (0, 1] and needs pos_emb='rope' below 1")
+        if self.pos_emb == "rope" and (self.rotary_dims % 2 or not self.rotary_dims):
+            raise ValueError(f"pos_emb='rope' needs an even, non-zero number of rotary channels per head "
+                             f"(int(rotary_pct * head_size) = {self.rotary_dims})")
+        if self.parallel_residual and self.norm_pos == "post":
+            raise ValueError("parallel_residual=True is a pre-norm block (norm_pos='pre')")
         if self.attn_fn != "softmax" and self.sink in ("logit", "softmax1", "k_bias"):
             raise ValueError(f"sink={self.sink!r} does nothing with attn_fn={self.attn_fn!r}: its slot has value 0 "
                              "and the rows are not normalised (use kv_bias, token or bos_override)")
         if self.n_sink_tokens < 1 or self.pos_offset < 0:
             raise ValueError(f"n_sink_tokens must be >= 1 and pos_offset >= 0, got {self.n_sink_tokens} and "
                              f"{self.pos_offset}")
+        windows = self.attn_window if isinstance(self.attn_window, (list, tuple)) else [self.attn_window]
+        if not windows or any(isinstance(w, bool) or not isinstance(w, int) or w < 0 for w in windows):
+            raise ValueError(f"attn_window must be an int >= 0 (0 = full attention) or a non-empty list of them, "
+                             f"got {self.attn_window!r}")
+        if max(windows) > self.block_size:
+            raise ValueError(f"attn_window={max(windows)} is larger than the context (block_size={self.block_size}); "
+                             "0 means full attention")
         if self.rope_base <= 0 or self.logit_softcap < 0:
             raise ValueError(f"rope_base must be > 0 and logit_softcap >= 0 (0 = off), got {self.rope_base} and "
                              f"{self.logit_softcap}")
@@ -94,9 +112,20 @@ class GPTConfig:
         """Rows of the position tables: block_size real tokens from position pos_offset on."""
         return self.block_size + self.pos_offset
 
+    def window_of(self, layer):
+        """The attention window of one layer (0 = full attention)."""
+        w = self.attn_window
+        return w[layer % len(w)] if isinstance(w, (list, tuple)) else w
+
     @property
     def head_size(self):
         return self.n_embd // self.n_head
+
+    @property
+    def rotary_dims(self):
+        """Channels of each query/key head that rotary turns (all of them unless rotary_pct < 1), as GPT-NeoX
+        counts them."""
+        return int(self.head_size * self.rotary_pct)
 
     @property
     def kv_heads(self):
@@ -156,10 +185,10 @@ def make_norm(config, ndim=None):
     return norm_class(ndim or config.n_embd, config.bias, config.norm_eps)
 
 
-def rope_tables(head_size, n_positions, base):
-    """cos and sin of the rotary angles, (n_positions, head_size/2) each: computed in float64, kept in float32
-    (they follow the model's dtype, so decoding casts nothing per step)."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+def rope_tables(dims, n_positions, base):
+    """cos and sin of the rotary angles of `dims` channels (the head size, or rotary_dims), (n_positions, dims/2)
+    each: computed in float64, kept in float32 (they follow the model's dtype, so decoding casts nothing per step)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float64) / dims)
     angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
@@ -171,17 +200,44 @@ def rotation(cos, sin):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate channel pairs (i, i + D/2) of x (B, H, T, D) by the angles of each position, given the tables of
-    rotation(): (x1 cos - x2 sin, x2 cos + x1 sin), the same float operations as written out."""
-    return x * cos.to(x.dtype) + x.roll(x.size(-1) // 2, dims=-1) * sin.to(x.dtype)
+    """Rotate channel pairs (i, i + R/2) of x (B, H, T, D) by the angles of each position, given the tables of
+    rotation(), (T, R): (x1 cos - x2 sin, x2 cos + x1 sin), the same float operations as written out. Tables
+    narrower than the head (rotary_pct < 1) turn its first R channels and pass the rest, as GPT-NeoX does."""
+    R = cos.size(-1)
+    if R < x.size(-1):
+        return torch.cat([apply_rope(x[..., :R], cos, sin), x[..., R:]], dim=-1)
+    return x * cos.to(x.dtype) + x.roll(R // 2, dims=-1) * sin.to(x.dtype)
 
 
-def causal_mask(n_queries, n_keys, device):
+def causal_mask(n_queries, n_keys, device, window=0, n_fixed=0):
     """Boolean (n_queries, n_keys) mask, True = visible. Queries are the last n_queries positions of the keys
-    (a 'lower-right' causal mask), so cached earlier keys and prepended slots stay visible."""
+    (a 'lower-right' causal mask), so cached earlier keys and prepended slots stay visible. With a window, a query
+    sees only the keys less than `window` positions back, except the first n_fixed keys (a slot or sink tokens),
+    which every query sees and which do not count against the window (StreamingLLM's rule)."""
     offset = n_keys - n_queries
     q_pos = torch.arange(n_queries, device=device)[:, None] + offset
-    return torch.arange(n_keys, device=device)[None, :] <= q_pos
+    k_pos = torch.arange(n_keys, device=device)[None, :]
+    visible = k_pos <= q_pos
+    if window:
+        visible = visible & ((q_pos - k_pos < window) | (k_pos < n_fixed))
+    return visible
+
+
+FLEX_HEAD_SIZES = (16, 32, 64, 128, 256)  # FlexAttention's kernels want a power-of-two head size
+
+
+def flex_window_attention(q, k, v, window, n_fixed, scale):
+    """Sliding-window attention with FlexAttention's block mask: blocks outside the band are skipped, so the
+    cost grows with the window, not the context (used on CUDA inside torch.compile, where it is fused)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    offset = k.size(2) - q.size(2)
+
+    def visible(b, h, q_idx, kv_idx):
+        q_pos = q_idx + offset
+        return (kv_idx <= q_pos) & ((q_pos - kv_idx < window) | (kv_idx < n_fixed))
+
+    block_mask = create_block_mask(visible, None, None, q.size(2), k.size(2), device=q.device)
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.size(1) != q.size(1))
 
 
 def gqa_in_kernel(q, mask):
@@ -214,8 +270,10 @@ HOOK_POINTS = {  # per block: "h.<layer>.<point>"
     "head_out": "(B, P, H, C)  each head's share of attention's output: its D columns of c_proj applied to its "
                 "output; computed only when hooked (attn_out = the sum over heads + c_proj's bias, no head's)",
     "attn_out": "(B, P, C)  attention's output, after c_proj",
-    "resid_mid": "(B, P, C)  after the attention residual add",
-    "ln_2": "(B, P, C)  the MLP's normed input (norm_pos='post': the norm after the second residual add)",
+    "resid_mid": "(B, P, C)  after the attention residual add (parallel_residual: x + attn_out, which the MLP does "
+                 "not read)",
+    "ln_2": "(B, P, C)  the MLP's normed input (norm_pos='post': the norm after the second residual add; "
+            "parallel_residual: the norm of the block's input)",
     "mlp_pre": "(B, P, M)  c_fc's output (swiglu: (B, P, 2M), gate half then up half)",
     "mlp_post": "(B, P, M)  after the activation (swiglu: silu(gate) * up)",
     "mlp_out": "(B, P, C)  the MLP's output, after c_proj",
@@ -247,9 +305,14 @@ class KVCache:
         self.length = [0] * n_layer
         self.pos = 0
 
-    def update(self, layer, k, v):
+    def update(self, layer, k, v, window=0, n_fixed=0):
+        """Append this pass's keys and values (B, Hkv, T, D); return all the layer holds. A windowed layer
+        (window > 0) needs only its first n_fixed keys (sink tokens) and the last window - 1 before the new
+        ones: when the buffer is full, the rest is dropped instead of growing it, so memory stays bounded."""
         B, H, T, D = k.shape
         n = self.length[layer]
+        if window and self.buffers[layer] is not None and n + T > self.buffers[layer][0].size(2):
+            n = self.drop_outside_window(layer, n_fixed, window - 1)
         if self.buffers[layer] is None or n + T > self.buffers[layer][0].size(2):  # grow by doubling
             grown = tuple(k.new_empty(B, H, 2 * (n + T), D) for _ in range(2))
             if n:
@@ -260,6 +323,15 @@ class KVCache:
         values.narrow(2, n, T).copy_(v)
         self.length[layer] = n + T
         return keys.narrow(2, 0, n + T), values.narrow(2, 0, n + T)
+
+    def drop_outside_window(self, layer, n_fixed, n_recent):
+        """Keep the first n_fixed and the last n_recent positions of a layer, moved to the buffer's front."""
+        n = self.length[layer]
+        if n > n_fixed + n_recent:
+            for buffer in self.buffers[layer]:
+                buffer[:, :, n_fixed:n_fixed + n_recent] = buffer[:, :, n - n_recent:n].clone()  # may overlap
+            self.length[layer] = n = n_fixed + n_recent
+        return n
 
     def advance(self, T):
         """After a forward pass of T new real tokens."""
@@ -279,8 +351,10 @@ class CausalSelfAttention(nn.Module):
         C, H, Hkv, D = config.n_embd, config.n_head, config.kv_heads, config.head_size
         self.n_head, self.n_kv_head, self.head_size, self.layer_idx = H, Hkv, D, layer_idx
         self.sink, self.attn_fn, self.attn_gate = config.sink, config.attn_fn, config.attn_gate
+        self.window = config.window_of(layer_idx)  # 0 = full attention
+        self.n_fixed = config.n_sink_tokens if config.sink == "token" else 0  # keys outside the window's count
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(C, C + 2 * Hkv * D, bias=config.bias)  # queries, then keys, then values
+        self.c_attn = nn.Linear(C, C + 2 * Hkv * D, bias=config.bias or config.qkv_bias)  # queries, keys, values
         self.c_proj = nn.Linear(C, C, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_dropout = nn.Dropout(config.dropout)
@@ -315,13 +389,13 @@ class CausalSelfAttention(nn.Module):
                 k = apply_rope(k, *rope)
         q, k, v = hook(self.hook_fns, "q", q), hook(self.hook_fns, "k", k), hook(self.hook_fns, "v", v)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+            k, v = cache.update(self.layer_idx, k, v, self.window, self.n_fixed)
         if self.attn_fn != "softmax" or "scores" in self.hook_fns or "pattern" in self.hook_fns:
             y = self.attend_eager(q, k, v)
         elif self.sink in SLOT_SINKS:
             y = self.attend_slot_sdpa(q, k, v)
         else:
-            y = self.sdpa(q, k, v)
+            y = self.sdpa(q, k, v, n_fixed=self.n_fixed)
         y = y.transpose(1, 2)  # (B, T, H, D)
         if self.attn_gate != "none":
             y = y * torch.sigmoid(self.c_gate(x)).view(B, T, H, -1)
@@ -332,17 +406,28 @@ class CausalSelfAttention(nn.Module):
             return self.resid_dropout(y if self.c_proj.bias is None else y + self.c_proj.bias)
         return self.resid_dropout(self.c_proj(y))
 
-    def sdpa(self, q, k, v, scale=None):
+    def banded(self, n_keys, n_fixed):
+        """Whether the window hides any key: some query is at least `window` positions past a real key."""
+        return 0 < self.window < n_keys - n_fixed
+
+    def sdpa(self, q, k, v, scale=None, n_fixed=0):
         """Fused causal attention; k/v may start with cached or prepended positions (lower-right mask) and may
-        have fewer heads than q (GQA, which the kernel reads without repeating them)."""
+        have fewer heads than q (GQA, which the kernel reads without repeating them). A sliding window becomes a
+        banded mask (its first n_fixed keys always visible); on CUDA under torch.compile, a FlexAttention
+        block mask."""
         Tq, Tk = q.size(2), k.size(2)
         dropout_p = self.dropout if self.training else 0.0
-        mask = None if Tq == Tk or Tq == 1 else causal_mask(Tq, Tk, q.device)
+        if self.banded(Tk, n_fixed):
+            if q.is_cuda and torch.compiler.is_compiling() and dropout_p == 0.0 and q.size(-1) in FLEX_HEAD_SIZES:
+                return flex_window_attention(q, k, v, self.window, n_fixed, scale)
+            mask = causal_mask(Tq, Tk, q.device, self.window, n_fixed)
+        else:
+            mask = None if Tq == Tk or Tq == 1 else causal_mask(Tq, Tk, q.device)
         gqa = k.size(1) != q.size(1)
         if gqa and not gqa_in_kernel(q, mask):
             group = q.size(1) // k.size(1)
             k, v, gqa = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), False
-        if Tq == Tk:
+        if mask is None and Tq == Tk:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale,
                                                   enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
@@ -376,11 +461,11 @@ class CausalSelfAttention(nn.Module):
             v_slot = v_slot.new_zeros(Hkv, D + extra)
         k = torch.cat([k_slot.view(1, Hkv, 1, -1).expand(B, -1, -1, -1), k], dim=2)
         v = torch.cat([v_slot.view(1, Hkv, 1, -1).expand(B, -1, -1, -1), v], dim=2)
-        if k.size(2) == Tq + 1:  # no cached keys: dummy query row + plain causal kernel
-            q = torch.cat([q.new_zeros(B, H, 1, q.size(-1)), q], dim=2)
-            y = self.sdpa(q, k, v, scale=scale)[:, :, 1:]
+        if k.size(2) == Tq + 1 and not self.banded(k.size(2), 1):  # no cached keys: dummy query row + plain
+            q = torch.cat([q.new_zeros(B, H, 1, q.size(-1)), q], dim=2)  # causal kernel
+            y = self.sdpa(q, k, v, scale=scale, n_fixed=1)[:, :, 1:]
         else:
-            y = self.sdpa(q, k, v, scale=scale)
+            y = self.sdpa(q, k, v, scale=scale, n_fixed=1)
         return y[..., :D]
 
     def attend_eager(self, q, k, v):
@@ -395,7 +480,7 @@ class CausalSelfAttention(nn.Module):
         Tk = k.size(2)
         scale = 1.0 / math.sqrt(D)
         scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-        visible = causal_mask(Tq, Tk, q.device)
+        visible = causal_mask(Tq, Tk, q.device, self.window, self.n_fixed)
         if self.sink in SLOT_SINKS:  # the slot is column 0, visible to every query
             if self.sink == "logit":
                 slot_scores = self.sink_logit.to(q.dtype).view(1, H, 1, 1).expand(B, H, Tq, 1)
@@ -451,6 +536,7 @@ class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.post_norm = config.norm_pos == "post"
+        self.parallel = config.parallel_residual
         self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = make_norm(config)
@@ -466,6 +552,11 @@ class Block(nn.Module):
             x = hook(self.hook_fns, "resid_mid", hook(self.hook_fns, "ln_1", self.ln_1(
                 x + hook(self.hook_fns, "attn_out", self.attn(x, rope, cache)))))
             x = hook(self.hook_fns, "ln_2", self.ln_2(x + hook(self.hook_fns, "mlp_out", self.mlp(x))))
+        elif self.parallel:  # GPT-NeoX: the MLP reads the block's input too, not attention's sum
+            h = hook(self.hook_fns, "ln_1", self.ln_1(x))
+            mlp_in = hook(self.hook_fns, "ln_2", self.ln_2(x))
+            x = hook(self.hook_fns, "resid_mid", x + hook(self.hook_fns, "attn_out", self.attn(h, rope, cache)))
+            x = x + hook(self.hook_fns, "mlp_out", self.mlp(mlp_in))
         else:
             h = hook(self.hook_fns, "ln_1", self.ln_1(x))
             x = hook(self.hook_fns, "resid_mid", x + hook(self.hook_fns, "attn_out", self.attn(h, rope, cache)))
@@ -494,7 +585,7 @@ class GPT(nn.Module):
         if config.pos_emb == "learned":
             self.transformer.wpe = nn.Embedding(config.n_positions, C)
         if config.pos_emb == "rope":
-            cos, sin = rope_tables(config.head_size, config.n_positions, config.rope_base)
+            cos, sin = rope_tables(config.rotary_dims, config.n_positions, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         if config.sink == "token":  # StreamingLLM / registers: learned vectors prepended to every sequence
@@ -701,6 +792,7 @@ def bos_as_slot(model):
     first, without ever computing BOS's residual stream (where the massive activation lives)."""
     cfg = model.config
     refusals = [(cfg.sink != "none", f"sink={cfg.sink!r}: the model already has a dedicated sink"),
+                (cfg.attn_window != 0, f"attn_window={cfg.attn_window!r}: a BOS leaves the window, a slot would not"),
                 (cfg.pos_offset != 0, f"pos_offset={cfg.pos_offset}: its BOS is already a slot"),
                 (cfg.attn_fn != "softmax", f"attn_fn={cfg.attn_fn!r}: only softmax attention is converted")]
     for refused, reason in refusals:

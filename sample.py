@@ -1,5 +1,5 @@
 """
-Sample from a trained checkpoint or from a pretrained folder (GPT-2 or Llama family).
+Sample from a trained checkpoint or from a pretrained folder (GPT-2, Llama, Mistral, Qwen2 or GPT-NeoX family).
 
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --init_from=path/to/gpt2 --start=FILE:prompt.txt --temperature=0.8 --top_p=0.95
@@ -21,7 +21,7 @@ from sinkgpt.checkpoint import load_model
 from sinkgpt.common import InputError, RunError
 from sinkgpt.config import CHOICES
 from sinkgpt.generation import decode_layout
-from sinkgpt.runtime import autocast_context, pick_device, pick_dtype
+from sinkgpt.runtime import pick_device, pick_dtype
 from sinkgpt.tokenizer import load_tokenizer, read_text_argument
 
 
@@ -37,7 +37,8 @@ def parse_args(argv):
     parser.add_argument("--top_p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="auto", help="the weights' dtype (auto: bfloat16 on a GPU that runs it "
+                                                        "natively, else float32); float16 on a CPU runs as float32")
     parser.add_argument("--no_cache", action="store_true", help="recompute the whole context every token")
     parser.add_argument("--bos", type=str.lower, choices=("auto", "true", "false"), default="auto",
                         help="start the prompt with BOS; auto: as a pretrained folder's tokenizer does, or as the "
@@ -101,18 +102,19 @@ def sample(args):
     check_args(args)
     device = pick_device(args.device)
     device_type = device.split(":")[0]
-    target = load_model(os.path.join(args.out_dir, "ckpt.pt") if args.init_from == "resume" else args.init_from, device)
+    dtype = getattr(torch, pick_dtype(args.dtype, device_type))  # the weights', loaded straight in it on the device
+    path = os.path.join(args.out_dir, "ckpt.pt") if args.init_from == "resume" else args.init_from
+    target = load_model(path, device, dtype)
     model, tokenizer = target.model, load_tokenizer(target.meta)
     if model.config.pos_offset and args.start is None:  # BOS is its slot: a BOS token would stand at position 1
         raise RunError("this model's BOS is a key/value slot (convert.py): give a prompt with --start")
     ids = encode_prompt(tokenizer, read_prompt(args.start), prompt_starts_with_bos(args.bos, target, tokenizer),
                         model.config.block_size)
-    ctx = autocast_context(device_type, pick_dtype(args.dtype, device_type))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     texts = []
     for _ in range(args.num_samples):
-        with ctx, decode_layout(model):
+        with decode_layout(model):
             y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                                top_p=args.top_p, generator=generator, use_cache=not args.no_cache)
         texts.append(tokenizer.decode(y[0].tolist()))

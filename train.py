@@ -5,7 +5,8 @@ Train a GPT (plain GPT-2 or with dedicated sink options) on one device or with D
     torchrun --standalone --nproc_per_node=2 train.py config/...
 
 Writes out_dir/config.json (the resolved config), out_dir/metrics.jsonl (one JSON object per log/eval event)
-and out_dir/ckpt.pt (atomic; resumable bit for bit with init_from='resume'); wandb_log=True also sends the
+and out_dir/ckpt.pt (atomic; resumable bit for bit with init_from='resume'; keep_checkpoints=N also keeps
+out_dir/ckpt_<iter>.pt every N iterations, for analyze.py trajectory); wandb_log=True also sends the
 metrics.jsonl events to Weights & Biases. Ctrl-C or SIGTERM saves a checkpoint before exiting; a NaN/inf loss
 stops the run and leaves the last good checkpoint intact.
 
@@ -21,8 +22,8 @@ import sys
 
 import torch
 
-from sinkgpt.checkpoint import (CHECKPOINT_KEYS, MetricsLog, checkpoint_path, load_checkpoint, rank_rng_states,
-                                save_checkpoint)
+from sinkgpt.checkpoint import (CHECKPOINT_KEYS, MetricsLog, checkpoint_path, kept_name, load_checkpoint,
+                                rank_rng_states, save_checkpoint)
 from sinkgpt.common import InputError, RunError
 from sinkgpt.config import load_config
 from sinkgpt.live_log import wandb_sender
@@ -130,6 +131,11 @@ def train(cfg):
             if it > 0 and (improved or cfg["always_save_checkpoint"]) and not cfg["eval_only"]:
                 save()  # the losses are averaged over the ranks: every rank takes this branch
             throughput.restart()  # evaluation time is not training time
+
+        # keep a copy every keep_checkpoints iterations (step 0 included): the run's trajectory, beside ckpt.pt
+        if keeps_at(it, cfg) and it != resumed_at:
+            save(kept_name(it))
+            throughput.restart()
         if it >= cfg["max_iters"] or cfg["eval_only"]:  # >=: a checkpoint may be past a lowered max_iters
             break
 
@@ -180,6 +186,11 @@ def open_log(cfg, rt, resumed_at):
         json.dump(dict(cfg, world_size=rt.world_size, device_resolved=rt.device, dtype_resolved=rt.dtype), f,
                   indent=2)
     return MetricsLog(os.path.join(cfg["out_dir"], "metrics.jsonl"), resumed_at, send)
+
+
+def keeps_at(it, cfg):
+    """Whether iteration `it` keeps a copy of its checkpoint (keep_checkpoints=N: every multiple of N)."""
+    return cfg["keep_checkpoints"] > 0 and it % cfg["keep_checkpoints"] == 0 and not cfg["eval_only"]
 
 
 def kept_checkpoint(out_dir):

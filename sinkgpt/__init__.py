@@ -9,7 +9,7 @@ One job per module; each module's opening comment says what it holds and what it
     runtime         device, precision, DDP processes, torch.compile, the allocator, peak FLOP/s
     checkpoint      atomic checkpoints, training progress, metrics.jsonl and its reader, loading a model
     live_log        live logging of metrics.jsonl's events to Weights & Biases (optional)
-    pretrained      Hugging Face folders in and out (GPT-2, Llama family), GGUF conversion
+    pretrained      Hugging Face folders in and out (GPT-2, Llama, Mistral, Qwen2, GPT-NeoX), GGUF conversion
     tokenizer       GPT-2 BPE (offline), char-level, and a pretrained folder's tokenizer.json
     prep            the prepare scripts' shared code (tokenise, split, shard, meta.json)
     loader          the one loader factory: prepared token files or Bigram-Backcopy

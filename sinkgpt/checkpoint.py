@@ -5,6 +5,7 @@ with its tokenizer from a run folder, a checkpoint file or a pretrained folder.
 
     save_checkpoint(path, raw_model, optimizer, cfg, progress, meta, rng_states)   # temp file, fsync, rename
     ckpt = load_checkpoint(path)                                        # weights_only=True, one-line errors
+    kept_checkpoints("out-bb/base")                                     # [(iter, path)] of keep_checkpoints
     target = load_model("out-bb/base", device)                          # model, tokenizer, config, bos rule
     events = read_metrics("out-bb/base")                                # a cut-off last line is skipped
 
@@ -106,6 +107,21 @@ def save_checkpoint(path, model, optimizer, cfg, progress, meta, rng_states, sca
 def checkpoint_path(target):
     """A run folder means its ckpt.pt; a file is itself."""
     return os.path.join(target, "ckpt.pt") if os.path.isdir(target) else target
+
+
+def kept_name(iter_num):
+    """The file name of the checkpoint keep_checkpoints keeps at an iteration."""
+    return f"ckpt_{iter_num}.pt"
+
+
+def kept_checkpoints(run_dir):
+    """The checkpoints a run kept (keep_checkpoints), as [(iteration, path)] in step order; [] for none."""
+    kept = []
+    for name in os.listdir(run_dir):
+        number = name.removeprefix("ckpt_").removesuffix(".pt")
+        if name.startswith("ckpt_") and name.endswith(".pt") and number.isdigit():
+            kept.append((int(number), os.path.join(run_dir, name)))
+    return sorted(kept)
 
 
 def load_checkpoint(path, device="cpu", keys=("model", "model_args")):
@@ -214,6 +230,7 @@ class LoadedModel:
     config: dict  # the training config ({} for a pretrained folder)
     kind: str  # 'checkpoint' or 'pretrained'
     bos: bool  # sequences start with the BOS token, as the model saw them in training
+    step: int | None = None  # a checkpoint's training iteration (None for a pretrained folder)
 
 
 def trained_with_bos(cfg):
@@ -234,9 +251,9 @@ def looks_like_hub_name(target):
         and target.count("/") <= 1
 
 
-def load_model(target, device="cpu", dtype=torch.float32):
+def load_model(target, device="cpu", dtype=torch.float32, revision=None):
     """A model with its tokenizer from a run folder (its ckpt.pt), a checkpoint file, or a pretrained folder
-    (config.json + weights; or a hub name), its weights in `dtype` on `device`. Pretrained models are
+    (config.json + weights; or a hub name, at `revision`), its weights in `dtype` on `device`. Pretrained models are
     documents-in-a-stream models: they start sequences with their BOS token. RunError / PretrainedError with
     one line for anything else."""
     run_checkpoint = os.path.join(target, "ckpt.pt")
@@ -248,9 +265,9 @@ def load_model(target, device="cpu", dtype=torch.float32):
         meta = checkpoint.get("meta")
         if not meta:
             raise RunError(f"{path} carries no tokenizer description (meta)")
-        loaded = LoadedModel(model, meta, cfg, "checkpoint", trained_with_bos(cfg))
+        loaded = LoadedModel(model, meta, cfg, "checkpoint", trained_with_bos(cfg), checkpoint.get("iter_num"))
     elif is_pretrained_folder(target) or looks_like_hub_name(target):
-        folder = resolve_folder(target)  # a hub name: the folder it was fetched into
+        folder = resolve_folder(target, revision)  # a hub name: the folder it was fetched into
         model = from_pretrained(folder, dtype, device)  # straight onto the device, in its dtype
         loaded = LoadedModel(model, pretrained_meta(folder, model), {}, "pretrained", True)
     elif os.path.isdir(target):

@@ -33,7 +33,8 @@ DEFAULTS = dict(
     eval_iters=50,
     eval_only=False,
     always_save_checkpoint=True,  # False: write a checkpoint only when val loss improves
-    init_from="scratch",  # 'scratch' | 'resume' | a pretrained folder (GPT-2 or Llama family) or hub name
+    keep_checkpoints=0,  # 0 = off; else also keep ckpt_<iter>.pt every N iterations (step 0 too), for trajectories
+    init_from="scratch",  # 'scratch' | 'resume' | a pretrained folder (GPT-2, Llama, Mistral, Qwen2, GPT-NeoX) or hub name
     resume_from="",  # init_from='resume': a run folder or checkpoint to continue from ('' = out_dir itself)
     seed=1337,
     track_interval=0,  # 0 = off; else log massive-activation / sink statistics every N iterations
@@ -79,7 +80,7 @@ for _field in fields(GPTConfig):
 # the one table of the keys that take one of a few values: the model's options, the optimizer, the precision
 CHOICES = dict(MODEL_CHOICES, optimizer=OPTIMIZERS, dtype=("auto", "float32", "bfloat16", "float16"))
 # keys that take more than one type
-EXTRA_TYPES = {"compile": (bool, str), "reset_optimizer_at": (list, int)}
+EXTRA_TYPES = {"compile": (bool, str), "reset_optimizer_at": (list, int), "attn_window": (int, list)}
 
 
 def check_value(key, value, source, known=DEFAULTS):
@@ -189,7 +190,7 @@ def check_ranges(config):
     for key in positive:
         if config[key] <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {config[key]}")
-    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "track_interval", "learning_rate", "min_lr",
+    for key in ("max_iters", "keep_checkpoints", "warmup_iters", "lr_decay_iters", "track_interval", "learning_rate", "min_lr",
                 "weight_decay", "grad_clip", "momentum"):
         if config[key] < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {config[key]}")

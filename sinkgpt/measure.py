@@ -86,7 +86,7 @@ def layer_reducer(model, trigger_mask=None):
                    "alpha_first": sink_alpha(x, n_slot, "first"),
                    "alpha_slot": sink_alpha(x, n_slot, "slot") if n_slot else None}
             if trigger_mask is not None:
-                out["bb"] = bb_masses(x, trigger_mask, n_slot)
+                out["bb"] = bb_masses(x, trigger_mask, n_slot, model.config.window_of(layer))
             return out
         if point == "v":  # (B, n_kv_head, P, D): each key/value head serves a group of query heads
             v = x.detach().float().repeat_interleave(model.config.n_head // x.size(1), dim=1)

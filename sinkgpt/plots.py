@@ -259,6 +259,41 @@ def plot_explicit(result, path):
     return save(fig, path)
 
 
+def plot_trajectory(rows, path):
+    """A massive activation over training, one panel each: the massive entry's |h| and its top-1/median ratio,
+    each with Sun et al.'s threshold (log scale, the points that meet their criterion starred), the sink rate, and
+    the loss change when the entry is zeroed or set to its mean. The x axis is the training step (symlog when the
+    steps span orders of magnitude, as Pythia's revisions do), or the point's index when a step is unknown."""
+    plt = pyplot()
+    steps = [r["step"] for r in rows]
+    known = None not in steps
+    x = steps if known else list(range(len(rows)))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    hits = [i for i, r in enumerate(rows) if r["sun_hits"]]
+    for ax, key, threshold, label in ((axes[0, 0], "value", 100.0, "|h| of the massive entry"),
+                                      (axes[0, 1], "ratio", 1000.0, "its top-1 / median ratio")):
+        values = [r[key] for r in rows]
+        ax.plot(x, values, marker="o", color="C0")
+        ax.axhline(threshold, color="gray", lw=0.8, ls=":", label=f"Sun et al.: {threshold:g}")
+        if hits:
+            ax.plot([x[i] for i in hits], [values[i] for i in hits], "k*", markersize=11, label="Sun et al. hits")
+        ax.set(yscale="log", title=label)
+        ax.legend(fontsize=8)
+    axes[1, 0].plot(x, [r["sink_rate"] for r in rows], marker="o", color="C2")
+    axes[1, 0].set(ylabel="% of (layer, head) pairs", title="sink rate (alpha on position 0 > 0.3)", ylim=(-3, 103))
+    axes[1, 1].plot(x, [r["delta_zero"] for r in rows], marker="o", color="C3", label="zeroed")
+    axes[1, 1].plot(x, [r["delta_mean"] for r in rows], marker=".", color="gray", ls="--", label="set to its mean")
+    axes[1, 1].axhline(0.0, color="gray", lw=0.5)
+    axes[1, 1].set(ylabel="loss change (nats)", title="ablating the massive entry")
+    axes[1, 1].legend(fontsize=8)
+    positive = [s for s in steps if s] if known else []
+    spread = bool(positive) and max(positive) > 100 * min(positive)
+    for ax in axes.ravel():
+        ax.set_xlabel("training step" if known else "point")
+        if spread:
+            ax.set_xscale("symlog", linthresh=1)
+
+
 def plot_patch_map(result, path, labels=None):
     """Activation patching's recovery, layer x head or layer x position: 1 (red) where patching the site alone
     restores the clean run's metric, 0 (white) where it does nothing, blue where it moves the metric the other way.

@@ -18,9 +18,10 @@ from sinkgpt.stats import (MASSIVE_ABS, MASSIVE_RATIO, SINK_EPS, SINK_T, find_ma
                            largest_ratio_layer, sun_massive)
 
 
-def build_report(model, batches, masks=None, k=5, min_ratio=100.0, tokenizer=None):
+def build_report(model, batches, masks=None, k=5, min_ratio=100.0, tokenizer=None, quantization=True):
     """report.json's content (and the (T, C) |h| maps for the plots). With the model's tokenizer each top entry
-    is named by its input token's text too (top_token_text)."""
+    is named by its input token's text too (top_token_text). quantization=False leaves out the simulated
+    quantization (several more passes), for measurements that do not report it."""
     stats = collect(model, batches, masks, k)
     if tokenizer is not None:
         for layer in stats["layers"]:
@@ -40,8 +41,9 @@ def build_report(model, batches, masks=None, k=5, min_ratio=100.0, tokenizer=Non
                              "ratio_only": f"|h| >= {min_ratio:g} x median"},
         "massive": find_massive(maps, medians),
         "massive_ratio_only": find_massive(maps, medians, min_abs=0.0, min_ratio=min_ratio),
-        "quantization": ptq_losses(model, batches),
     }
+    if quantization:
+        report["quantization"] = ptq_losses(model, batches)
     return report, maps
 
 

@@ -98,15 +98,19 @@ def masked_head_mean(values, mask):
     return (values * weights).sum(dim=(0, 2)) / weights.sum()
 
 
-def bb_masses(pattern, trigger_mask, n_slot=0):
+def bb_masses(pattern, trigger_mask, n_slot=0, window=0):
     """Bigram-Backcopy's active-dormant split (Guo et al.), per head: attention on BOS (real position 0) from
-    non-trigger queries (dormant) and from trigger queries (active), queries i >= 1; the same on the slot."""
+    non-trigger queries (dormant) and from trigger queries (active), queries i >= 1 that can see BOS (i < window
+    in a windowed layer); the same on the slot, which every query sees."""
     slot, real = split_pattern(pattern, n_slot)
     queries = torch.ones_like(trigger_mask)
     queries[:, 0] = False
     active, dormant = trigger_mask & queries, ~trigger_mask & queries
-    out = {"dormant_bos": masked_head_mean(real[..., 0], dormant),
-           "active_bos": masked_head_mean(real[..., 0], active), "dormant_slot": None, "active_slot": None}
+    sees_bos = queries.clone()
+    if window:
+        sees_bos[:, window:] = False
+    out = {"dormant_bos": masked_head_mean(real[..., 0], dormant & sees_bos),
+           "active_bos": masked_head_mean(real[..., 0], active & sees_bos), "dormant_slot": None, "active_slot": None}
     if n_slot:
         on_slot = slot.sum(-1)
         out["dormant_slot"] = masked_head_mean(on_slot, dormant)

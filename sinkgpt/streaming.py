@@ -41,7 +41,9 @@ class RollingKVCache(KVCache):
         self.kept = 0  # real positions held (the same in every layer)
         self.largest = 0  # the most positions any layer has held at once (prefix included)
 
-    def update(self, layer, k, v):
+    def update(self, layer, k, v, window=0, n_fixed=0):
+        """Append and evict; a windowed layer's own window (window, n_fixed) is its mask's job, applied to what
+        this cache returns."""
         if self.buffers[layer] is None:
             keys, values = k, v
         else:

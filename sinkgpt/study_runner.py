@@ -7,7 +7,7 @@ A study config is plain Python assignments (STUDY_DEFAULTS's keys). Runs go to o
 that finished is skipped, one with a checkpoint resumes, so an interrupted study picks up where it stopped.
 
 May import: sinkgpt.checkpoint, sinkgpt.common, sinkgpt.config, sinkgpt.measure, sinkgpt.probes,
-sinkgpt.quantize, sinkgpt.report, sinkgpt.stats, sinkgpt.streaming, sinkgpt.tokenizer.
+sinkgpt.quantize, sinkgpt.report, sinkgpt.runtime, sinkgpt.stats, sinkgpt.streaming, sinkgpt.tokenizer.
 """
 
 import json
@@ -29,6 +29,7 @@ from sinkgpt.measure import collect
 from sinkgpt.probes import DEFAULT_MAX_LENGTH, ablate, probe_batches, repeat_probe, stream_tokens
 from sinkgpt.quantize import ptq_losses
 from sinkgpt.report import compare
+from sinkgpt.runtime import pick_device
 from sinkgpt.stats import largest_ratio_layer, sun_massive
 from sinkgpt.streaming import stream_losses
 from sinkgpt.tokenizer import load_tokenizer
@@ -51,6 +52,7 @@ STUDY_DEFAULTS = dict(
     # pretrained model's massive activation, the same entry for every variant); [] = each run's own largest
     # top-1/median entry
     massive_entry=[],
+    device="auto",  # where the final analysis runs (auto: cuda, then mps, then cpu); its statistics are float32
     threads=0,  # OMP_NUM_THREADS of each training process; 0 = inherit (1 when other work shares a 2-core CPU)
     # a model (pretrained folder or checkpoint) every run started from, analysed like the runs on the first run's
     # data as the table's first row; its val loss is the first run's step-0 evaluation. "" = none
@@ -167,7 +169,7 @@ def train_all(study, dry_run=False, only=None):
 
 ANALYSIS_VERSION = 3  # bump when analyse_target's figures change: cached analyses of older code are redone
 PROBE_KEYS = ("probe_batches", "probe_batch_size", "probe_block_size", "repeat_n", "repeat_text", "stream_tokens",
-              "stream_window", "massive_entry")
+              "stream_window", "massive_entry", "device")
 
 
 def analyse_run(study, out_dir):
@@ -184,7 +186,7 @@ def analyse_run(study, out_dir):
             cached = json.load(f)
         if cached.get("key") == key:
             return cached["row"]
-    row = plain(analyse_target(study, load_model(out_dir, "cpu"), read_metrics(out_dir)))
+    row = plain(analyse_target(study, load_model(out_dir, analysis_device(study)), read_metrics(out_dir)))
     with open(path + ".tmp", "w") as f:
         json.dump({"key": key, "row": row}, f)
     os.replace(path + ".tmp", path)
@@ -194,10 +196,15 @@ def analyse_run(study, out_dir):
 def analyse_reference(study, first_run):
     """The model the runs started from (study key 'reference'), probed exactly as that run: its data, BOS rule,
     seed and context; its val loss the run's step-0 evaluation. The table's starting row."""
-    run = load_model(first_run, "cpu")
-    reference = replace(load_model(study["reference"], "cpu"), config=run.config, bos=run.bos)
+    device = analysis_device(study)
+    run = load_model(first_run, device)
+    reference = replace(load_model(study["reference"], device), config=run.config, bos=run.bos)
     start = [e for e in read_metrics(first_run) if e.get("val_loss") is not None and e.get("iter") == 0]
     return analyse_target(study, reference, start, context=run.model.config.block_size)
+
+
+def analysis_device(study):
+    return pick_device(study["device"])
 
 
 def analyse_target(study, target, events, context=None):
@@ -206,10 +213,11 @@ def analyse_target(study, target, events, context=None):
     costs), sink rates, BB masses, the repeated-token probe with and without a leading BOS, outliers, simulated
     quantization and streaming. `context` caps every probe's length (default: the model's block size)."""
     model, meta, cfg = target.model, target.meta, target.config
+    device = str(model.lm_head.weight.device)  # the probes go where the model is
     context = context or model.config.block_size
     seed = cfg.get("seed", 1337) + 99
     length = min(study["probe_block_size"] or DEFAULT_MAX_LENGTH, context)
-    batches, masks, _ = probe_batches(target, "cpu", batches=study["probe_batches"],
+    batches, masks, _ = probe_batches(target, device, batches=study["probe_batches"],
                                       batch_size=study["probe_batch_size"], block_size=length, seed=seed)
     entry = study["massive_entry"]
     if entry and (entry[0] >= model.config.n_layer or entry[1] >= batches[0][0].size(1)
@@ -222,7 +230,7 @@ def analyse_target(study, target, events, context=None):
     entry = entry or [best["layer"]] + list(best["top"][0][1:])
     ablated = ablate(model, batches, [tuple(entry)], masks)
     quantized = ptq_losses(model, batches)
-    ids, _ = stream_tokens(target, "cpu", n_tokens=study["stream_tokens"], seed=seed)
+    ids, _ = stream_tokens(target, device, n_tokens=study["stream_tokens"], seed=seed)
     window = min(study["stream_window"], context - 1)
     streamed = {keep: stream_losses(model, ids, keep, window)["losses"].mean().item() for keep in (0, 1)}
     token = load_tokenizer(meta).encode(study["repeat_text"])[0]

@@ -83,7 +83,8 @@ def _host_reachable(timeout_s=2.0):
     return bool(_run_with_timeout(connect, timeout_s))
 
 
-def _offline_forced():
+def offline_forced():
+    """SINKGPT_OFFLINE=1: nothing is fetched (the bundled GPT-2 ranks, the local Hugging Face cache only)."""
     return os.environ.get("SINKGPT_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
 
 
@@ -104,7 +105,7 @@ def bundled_gpt2_encoding(path=BUNDLED_GPT2_RANKS):
 def gpt2_encoding():
     """tiktoken's "gpt2" when its files are cached or downloadable within seconds, else the
     identical encoding from the bundled ranks (always, with SINKGPT_OFFLINE=1)."""
-    if not _offline_forced():
+    if not offline_forced():
         if _tiktoken_gpt2_cached():
             enc = _run_with_timeout(lambda: tiktoken.get_encoding("gpt2"), 30)
         elif _host_reachable():

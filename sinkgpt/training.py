@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from model import GPT
-from sinkgpt.checkpoint import (TrainProgress, checkpoint_path, load_checkpoint, model_from_checkpoint, pretrained_meta,
-                                saved_rng_states, set_rng_state)
+from sinkgpt.checkpoint import (TrainProgress, checkpoint_path, kept_checkpoints, load_checkpoint, model_from_checkpoint,
+                                pretrained_meta, saved_rng_states, set_rng_state)
 from sinkgpt.common import RunError
 from sinkgpt.config import DEFAULTS, MODEL_KEYS, ConfigError, given, model_config
 from sinkgpt.optim import load_optimizer_state
@@ -41,6 +41,7 @@ def prepare_out_dir(out_dir, resuming):
     if not os.access(out_dir, os.W_OK):
         raise RunError(f"out_dir {out_dir!r} is not writable")
     held = [name for name in ("ckpt.pt", "ckpt_stop.pt") if os.path.exists(os.path.join(out_dir, name))]
+    held += [os.path.basename(path) for _, path in kept_checkpoints(out_dir)]
     if not resuming and held:
         raise RunError(f"{out_dir} already holds a run ({held[0]}): continue it with --init_from=resume, or give "
                        f"another --out_dir (or delete that run)")

@@ -242,3 +242,34 @@ def llama_data(tmp_path_factory, llama_dir):
         (src / f"doc{i}.txt").write_text(text[i * 6000:(i + 1) * 6000])
     prep.prepare_text_dataset([str(src)], str(out), folder_tokenizer_meta(folder), val_fraction=0.25)
     return str(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# the pretrained families' tests (Llama, Mistral, Qwen2, GPT-NeoX): a transformers model saved and compared
+
+
+def save(model, folder):
+    """save_pretrained into folder; returns its path as a string."""
+    model.save_pretrained(str(folder))
+    return str(folder)
+
+
+def randomize_hf(model, is_gain):
+    """Every weight of a transformers model random, the norm gains (is_gain(name)) around 1: a wrong mapping shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if is_gain(name) else 0.15 * torch.randn_like(p))
+    return model.eval()
+
+
+def random_tokens(vocab_size, B=2, T=20, seed=0):
+    return torch.randint(0, vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(hf, idx):
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()

@@ -15,13 +15,17 @@ from model import KVCache, bos_as_slot
 from sinkgpt.streaming import stream_losses
 
 TOL = 1e-10
-FAMILIES = {  # GPT-2; Llama with GQA, untied, qk_norm and odd sizes; an output gate; multi-head rotary
+FAMILIES = {  # GPT-2; Llama with GQA, untied, qk_norm and odd sizes; an output gate; multi-head rotary; GPT-NeoX's
+    # parallel block with rotary on a quarter of each head; Qwen2's q/k/v biases
     "gpt2": dict(),
     "llama_gqa": dict(pos_emb="rope", norm="rmsnorm", mlp_act="swiglu", bias=False, n_head=6, n_kv_head=2,
                       n_embd=36, tie_embeddings=False, qk_norm=True, mlp_hidden=50, n_layer=3),
     "gate": dict(attn_gate="elementwise"),
     "llama_mqa": dict(pos_emb="rope", norm="rmsnorm", mlp_act="swiglu", bias=False, n_head=3, n_kv_head=1,
                       n_embd=30),
+    "gpt_neox": dict(pos_emb="rope", rotary_pct=0.25, parallel_residual=True, mlp_act="gelu_exact",
+                     tie_embeddings=False),
+    "qwen2": dict(pos_emb="rope", norm="rmsnorm", mlp_act="swiglu", bias=False, qkv_bias=True, n_head=4, n_kv_head=2),
 }
 BOS = 36
 
@@ -67,7 +71,7 @@ def test_converted_model_is_exact_through_the_kv_cache_and_chunked_prefill(famil
             assert (torch.cat(outputs, 1) - reference).abs().max().item() <= TOL, chunks
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gpt_neox"])
 def test_streaming_with_the_window_only_equals_the_original_keeping_its_bos(family):
     original, converted = pair(family, block_size=40)
     ids = torch.randint(0, BOS, (70,), generator=torch.Generator().manual_seed(7))
@@ -78,7 +82,7 @@ def test_streaming_with_the_window_only_equals_the_original_keeping_its_bos(fami
         assert slot["largest_cache"] == 17
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "gpt_neox"])
 def test_greedy_generation_of_the_converted_model_equals_the_originals(family):
     original, converted = pair(family)
     prompt = real_tokens(B=2, T=4, seed=8)

@@ -49,7 +49,8 @@ def test_a_dry_run_on_the_cpu_writes_every_figure(tmp_path, capsys):
     assert report["tests"]["failed"] == 0 and report["tests"]["skipped"] >= 10  # test_cuda.py skips on a CPU
     variants = report["training"]["variants"]
     expected = [f"sink={s}" for s in ("none", "token", "logit", "softmax1", "kv_bias", "k_bias", "bos_override")]
-    assert list(variants) == expected + [f"attn_gate={g}" for g in ("none", "headwise", "elementwise")]
+    expected += [f"attn_gate={g}" for g in ("none", "headwise", "elementwise")] + ["attn_window=0", "attn_window=8"]
+    assert list(variants) == expected
     assert variants["sink=none"]["ratio"] == 1.0 and report["training"]["mfu"] is None  # no CPU peak
     assert report["generation"]["tokens_per_s"] > 0 and report["errors"] == []
     assert "wrote" in capsys.readouterr().out

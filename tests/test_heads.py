@@ -12,8 +12,9 @@ from test_analyze import check_png, run_cli, save_checkpoint, tiny_model
 
 OPTIONS = [dict(), dict(n_head=4, n_kv_head=2), dict(sink="kv_bias", attn_gate="headwise"),
            dict(sink="token", n_sink_tokens=2, mlp_act="swiglu", norm="rmsnorm", pos_emb="rope"),
-           dict(attn_gate="elementwise", bias=False, norm_pos="post")]
-IDS = ["plain", "gqa", "kv_bias-headwise", "token-llama", "gate-nobias-post"]
+           dict(attn_gate="elementwise", bias=False, norm_pos="post"),
+           dict(attn_window=[3, 0], parallel_residual=True, pos_emb="rope", bias=False, qkv_bias=True)]
+IDS = ["plain", "gqa", "kv_bias-headwise", "token-llama", "gate-nobias-post", "window-parallel-qkvbias"]
 
 
 def model64(seed=0, **options):

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from conftest import hf_logits, max_diff, random_tokens, randomize_hf, save
 from model import GPT
 from sinkgpt.pretrained import PretrainedError, export_hf, from_pretrained
 
@@ -26,32 +27,12 @@ def random_llama(seed=0, dtype=torch.float32, **overrides):
     """A LlamaForCausalLM with every weight random (norm gains too, so a wrong mapping shows)."""
     from transformers import LlamaForCausalLM
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(**overrides)).to(dtype).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.15 * torch.randn_like(p))
-    return model
-
-
-def save(model, folder):
-    model.save_pretrained(str(folder))
-    return str(folder)
+    model = LlamaForCausalLM(llama_config(**overrides)).to(dtype)
+    return randomize_hf(model, lambda name: name.endswith("norm.weight"))
 
 
 def tokens(B=2, T=20, seed=0):
-    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def hf_logits(hf, idx):
-    with torch.no_grad():
-        return hf(idx).logits
-
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
+    return random_tokens(V, B, T, seed)
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
@@ -209,7 +190,7 @@ def test_llama_fields_we_do_not_implement_are_refused_by_name(tmp_path, field, v
 def test_an_unknown_model_type_is_refused(tmp_path):
     folder = save(random_llama(seed=17), tmp_path / "llama")
     config = json.load(open(os.path.join(folder, "config.json")))
-    config["model_type"] = "mistral"
+    config["model_type"] = "falcon"
     json.dump(config, open(os.path.join(folder, "config.json"), "w"))
-    with pytest.raises(PretrainedError, match="mistral"):
+    with pytest.raises(PretrainedError, match="falcon"):
         from_pretrained(folder)

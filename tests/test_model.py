@@ -500,6 +500,12 @@ def test_config_rejects_invalid_options():
             tiny(**bad)
     with pytest.raises(ValueError, match="even"):
         tiny(pos_emb="rope", n_embd=30, n_head=2)
+    for bad, key in ((dict(rotary_pct=0.0, pos_emb="rope"), "rotary_pct"), (dict(rotary_pct=1.5, pos_emb="rope"),
+                     "rotary_pct"), (dict(rotary_pct=0.5), "rotary_pct"), (dict(pos_emb="rope", rotary_pct=0.2), "even"),
+                     (dict(parallel_residual=True, norm_pos="post"), "parallel_residual")):
+        with pytest.raises(ValueError, match=key) as info:
+            tiny(**bad)
+        assert "\n" not in str(info.value)
 
 
 def test_forward_refuses_sequences_longer_than_block_size():

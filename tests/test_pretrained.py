@@ -139,7 +139,7 @@ def test_export_hf_round_trips_through_transformers(tmp_path, options):
 
 
 @pytest.mark.parametrize("key,value", [("sink", "logit"), ("sink", "token"), ("sink", "bos_override"),
-                                       ("attn_gate", "headwise"), ("attn_fn", "sigmoid"), ("pos_emb", "rope"),
+                                       ("attn_gate", "headwise"), ("attn_fn", "sigmoid"), ("parallel_residual", True),
                                        ("pos_emb", "none"), ("norm", "rmsnorm"), ("norm_pos", "post"),
                                        ("qk_norm", True), ("mlp_act", "swiglu"), ("logit_softcap", 30.0)])
 def test_export_hf_refuses_what_gpt2_cannot_express(tmp_path, key, value):

@@ -178,3 +178,17 @@ def test_init_from_a_missing_gpt2_directory(tmp_path, capsys):
     code, _, err = run_sample(capsys, "--init_from", str(tmp_path / "nope"))
     assert code == 1
     assert "nope" in one_error_line(err)
+
+
+def test_dtype_is_the_weights_dtype_loaded_straight_in_it(trained_out, capsys, monkeypatch):
+    """--dtype=bfloat16 loads the weights in bfloat16 (no float32 model and autocast); greedy text stays the
+    float32 model's for the first tokens at least (a 40-token char model, bf16 rounding)."""
+    loaded = []
+    original = sample.load_model
+    monkeypatch.setattr(sample, "load_model", lambda *a: loaded.append(a[2]) or original(*a))
+    args = ["--out_dir", trained_out, "--start=KING:", "--max_new_tokens=8", "--num_samples=1", "--temperature=0"]
+    code, low, _ = run_sample(capsys, *args, "--dtype=bfloat16")
+    assert code == 0 and loaded == [torch.bfloat16]
+    code, full, _ = run_sample(capsys, *args)
+    assert code == 0 and loaded == [torch.bfloat16, torch.float32]
+    assert low[0].startswith("KING:") and len(low[0]) == len(full[0])

@@ -33,11 +33,12 @@ def rope_table(positions, D, base=10000.0):
 
 
 def ref_rope(x, cos, sin):
-    """Rotate channel pairs (i, i + D/2) of x (B, H, T, D) by the angles of each position."""
-    D = x.size(-1)
+    """Rotate channel pairs (i, i + R/2) of the first R = 2 cos.size(-1) channels of x (B, H, T, D) by the angles of
+    each position (R = D unless rotary_pct < 1); the other channels pass unchanged."""
+    R = 2 * cos.size(-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x[..., : D // 2], x[..., D // 2:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    x1, x2, rest = x[..., : R // 2], x[..., R // 2: R], x[..., R:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
 def ref_attention(attn, x, rope=None):
@@ -58,7 +59,10 @@ def ref_attention(attn, x, rope=None):
     if rope is not None:
         q, k = ref_rope(q, *rope), ref_rope(k, *rope)
     scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (B, H, T, T)
-    visible = torch.ones(T, T, dtype=torch.bool).tril()
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    visible = j <= i
+    if attn.window:  # a sliding window: the last `window` positions, and the sink-token prefix, always
+        visible = visible & ((i - j < attn.window) | (j < attn.n_fixed))
     values = v
     if attn.sink in SLOT_SINKS:  # one extra column, seen by every query
         if attn.sink == "logit":
@@ -103,8 +107,12 @@ def ref_layer_norm(norm, x):
 
 
 def ref_block(block, x, rope=None):
-    """Pre-norm GPT-2 block with the reference attention; the MLP is the model's own submodule."""
-    x = x + ref_attention(block.attn, ref_layer_norm(block.ln_1, x), rope)
+    """Pre-norm GPT-2 block with the reference attention; the MLP is the model's own submodule. parallel_residual:
+    x + attn(ln_1(x)) + mlp(ln_2(x))."""
+    attn_out = ref_attention(block.attn, ref_layer_norm(block.ln_1, x), rope)
+    if block.parallel:
+        return x + attn_out + block.mlp(ref_layer_norm(block.ln_2, x))
+    x = x + attn_out
     return x + block.mlp(ref_layer_norm(block.ln_2, x))
 
 
@@ -342,6 +350,12 @@ GPT_MECHANISMS += [dict(n_head=4, n_kv_head=1, sink="kv_bias", attn_gate="headwi
                    dict(n_head=4, n_kv_head=2, sink="logit", qk_norm=True, pos_emb="rope"),
                    dict(n_head=4, n_kv_head=2, pos_emb="rope", norm="rmsnorm", mlp_act="swiglu", bias=False,
                         tie_embeddings=False, norm_eps=1e-6, mlp_hidden=24, sink="softmax1")]
+# GPT-NeoX's block (parallel residual, rotary on half of each head) and Qwen2's q/k/v biases, with sinks
+GPT_MECHANISMS += [dict(pos_emb="rope", rotary_pct=0.5, parallel_residual=True, sink=s)
+                   for s in ("none", "token", "logit", "kv_bias", "bos_override")]
+GPT_MECHANISMS += [dict(pos_emb="rope", rotary_pct=0.5, parallel_residual=True, attn_gate="headwise", qk_norm=True),
+                   dict(n_head=4, n_kv_head=2, pos_emb="rope", norm="rmsnorm", mlp_act="swiglu", bias=False,
+                        qkv_bias=True, sink="k_bias")]
 
 
 @pytest.mark.parametrize("options", GPT_MECHANISMS, ids=[mech_id(m) for m in GPT_MECHANISMS])

@@ -212,6 +212,12 @@ def test_a_pretrained_llama_study_reports_and_a_killed_run_resumes_to_the_same_w
         os.utime(os.path.join(done, "ckpt.pt"))  # a newer checkpoint: redone too
         assert study_runner.analyse_run(loaded, done) == {"redone": True}
     assert calls == [1, 1]
+    # the final analysis runs on the study's device, where the model is loaded (CPU stand-in for a GPU)
+    requested = []
+    with monkeypatch.context() as m:
+        m.setattr(study_runner, "pick_device", lambda name: requested.append(name) or "cpu")
+        assert study_runner.analyse_run(dict(loaded, device="cuda:1"), done) == cached  # a new key: redone
+    assert requested == ["cuda:1"]
 
     # a kill after the iteration-3 checkpoint leaves config.json, metrics up to iter 3 and that checkpoint
     whole = tmp_path / "runs" / "decay" / "seed1"

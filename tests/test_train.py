@@ -232,6 +232,69 @@ def test_fresh_run_refuses_a_folder_holding_only_a_stop_checkpoint(tmp_path, cha
     assert (out / "ckpt_stop.pt").read_bytes() == b"a stopped run" and not (out / "metrics.jsonl").exists()
 
 
+def same_content(a, b):
+    """Nested dicts / lists / tensors equal exactly (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_content(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same_content, a, b))
+    return a == b
+
+
+def same_checkpoint(path_a, path_b):
+    """Two checkpoints hold the same training state (the config differs in out_dir)."""
+    a, b = (torch.load(p, weights_only=True) for p in (path_a, path_b))
+    return all(same_content(a[key], b[key]) for key in a if key != "config")
+
+
+def test_keep_checkpoints_keeps_every_nth_step_as_ckpt_pt_held_it(tmp_path, char_dataset):
+    import train
+    keep, plain = tmp_path / "keep", tmp_path / "plain"
+    common = dict(eval_interval=4, lr_decay_iters=10)  # the same schedule whatever max_iters
+    assert run_train(keep, char_dataset, max_iters=10, keep_checkpoints=4, **common) == 0
+    assert sorted(os.listdir(keep)) == ["ckpt.pt", "ckpt_0.pt", "ckpt_4.pt", "ckpt_8.pt", "config.json",
+                                        "metrics.jsonl"]
+    assert [train.load_checkpoint(str(keep / f"ckpt_{it}.pt"))["iter_num"] for it in (0, 4, 8)] == [0, 4, 8]
+    # the same run without keeping: its ckpt.pt at steps 4 and 8 is the kept copy, bit for bit (keeping a copy
+    # draws nothing from the random state), and its last one is the keeping run's ckpt.pt
+    for step in (4, 8):
+        assert run_train(plain / str(step), char_dataset, max_iters=step, **common) == 0
+        assert same_checkpoint(keep / f"ckpt_{step}.pt", plain / str(step) / "ckpt.pt"), step
+    assert run_train(plain / "10", char_dataset, max_iters=10, **common) == 0
+    assert same_checkpoint(keep / "ckpt.pt", plain / "10" / "ckpt.pt")
+    assert not same_checkpoint(keep / "ckpt_4.pt", keep / "ckpt_8.pt")  # the comparison can fail
+    # a kept checkpoint resumes: from step 4 to 8 it reaches the kept step 8
+    assert run_train(tmp_path / "from4", char_dataset, max_iters=8, init_from="resume",
+                     resume_from=str(keep / "ckpt_4.pt"), **common) == 0
+    assert same_checkpoint(keep / "ckpt_8.pt", tmp_path / "from4" / "ckpt.pt")
+
+
+def test_keep_checkpoints_on_resume_keeps_the_later_steps_only(tmp_path, char_dataset):
+    out = tmp_path / "run"
+    assert run_train(out, char_dataset, max_iters=4, eval_interval=2, keep_checkpoints=2) == 0
+    before = sha256(out / "ckpt_4.pt")
+    assert run_train(out, char_dataset, max_iters=6, eval_interval=2, keep_checkpoints=3, init_from="resume") == 0
+    assert sorted(n for n in os.listdir(out) if n.startswith("ckpt_")) == ["ckpt_0.pt", "ckpt_2.pt", "ckpt_4.pt",
+                                                                         "ckpt_6.pt"]
+    assert sha256(out / "ckpt_4.pt") == before  # the resume point is not rewritten
+
+
+def test_fresh_run_refuses_a_folder_holding_kept_checkpoints(tmp_path, char_dataset, capsys):
+    out = tmp_path / "run"
+    os.makedirs(out)
+    (out / "ckpt_100.pt").write_bytes(b"a kept checkpoint")
+    assert run_train(out, char_dataset, max_iters=2) == 1
+    assert "ckpt_100.pt" in one_error_line(capsys)
+    assert (out / "ckpt_100.pt").read_bytes() == b"a kept checkpoint"
+
+
+def test_keep_checkpoints_below_zero_is_one_clear_error(tmp_path, char_dataset, capsys):
+    assert run_train(tmp_path / "run", char_dataset, max_iters=2, keep_checkpoints=-1) == 1
+    assert "keep_checkpoints" in one_error_line(capsys)
+
+
 def test_fresh_run_starts_a_new_metrics_log(tmp_path, char_dataset):
     out = tmp_path / "run"
     os.makedirs(out)
