@@ -118,7 +118,7 @@ def test_generation_keeps_only_the_window_in_the_cache():
 
 
 def test_flex_attention_path_equals_the_banded_mask():
-    """The CUDA kernel's block mask (run unfused on the CPU here) agrees with the banded SDPA mask, GQA, a
+    """The CUDA kernel's block mask (run unfused on a CPU) agrees with the banded SDPA mask, GQA, a
     prepended slot key and cached keys included."""
     gen = torch.Generator().manual_seed(0)
     for Tq, Tk, window, n_fixed in ((16, 16, 4, 0), (16, 17, 4, 1), (3, 20, 5, 2), (1, 9, 3, 0)):
