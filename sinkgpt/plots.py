@@ -292,6 +292,7 @@ def plot_trajectory(rows, path):
         ax.set_xlabel("training step" if known else "point")
         if spread:
             ax.set_xscale("symlog", linthresh=1)
+    return save(fig, path)
 
 
 def plot_patch_map(result, path, labels=None):
