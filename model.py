@@ -625,9 +625,11 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 6N for the weights plus 12 L H Q T for attention (PaLM appendix B)."""
+        """Training FLOPs per token: 6N for the weights plus 12 L H Q T for attention (PaLM appendix B), where a
+        windowed layer attends over its window instead of T."""
         cfg = self.config
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * seq_len
+        attended = sum(min(cfg.window_of(layer) or seq_len, seq_len) for layer in range(cfg.n_layer))
+        return 6 * self.num_params() + 12 * cfg.n_head * cfg.head_size * attended
 
     def forward(self, idx, targets=None, cache=None, last_only=False):
         B, T = idx.shape

@@ -73,7 +73,12 @@ def test_windowed_model_matches_reference(options):
 def test_a_per_layer_pattern_cycles_over_the_layers():
     cfg = GPTConfig(n_layer=5, n_head=2, n_embd=16, block_size=32, vocab_size=10, attn_window=[8, 0])
     assert [cfg.window_of(layer) for layer in range(5)] == [8, 0, 8, 0, 8]
-    assert [block.attn.window for block in GPT(cfg).transformer.h] == [8, 0, 8, 0, 8]
+    model = GPT(cfg)
+    assert [block.attn.window for block in model.transformer.h] == [8, 0, 8, 0, 8]
+    # MFU's attention FLOPs: 12 H D per key attended, a windowed layer attending over its window only
+    full = GPT(GPTConfig(n_layer=5, n_head=2, n_embd=16, block_size=32, vocab_size=10))
+    assert full.flops_per_token(32) - model.flops_per_token(32) == 12 * 2 * 8 * 3 * (32 - 8)
+    assert model.flops_per_token(4) == full.flops_per_token(4)  # a window longer than the sequence hides nothing
 
 
 @pytest.mark.parametrize("eager", [False, True], ids=["fast", "eager"])
