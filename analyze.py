@@ -220,7 +220,7 @@ def parse_entry(text, model):
 
 
 def cmd_ablate(args, model, batches, masks, source):
-    heads = parse_heads(args.heads, model.config) if args.heads else None
+    heads = parse_heads(args.heads, model.config) if args.heads is not None else None  # --heads '' is an error
     entries = [parse_entry(e, model) for e in args.entry]
     for _, pos, _ in entries:
         check_position(pos, batches)
@@ -262,7 +262,7 @@ def patch_prompts(args, target):
     device = target.model.lm_head.weight.device
     prompts = []
     for which in ("clean", "corrupt"):
-        ids = encode_text(target.meta, getattr(args, which), False) * args.repeat
+        ids = encode_text(target.meta, getattr(args, which), False, f"--{which} text") * args.repeat
         bos = [target.meta["bos_token"]] if args.bos in (which, "both") else []
         prompts.append(torch.tensor([bos + ids], device=device))
     for ids in prompts:
@@ -277,7 +277,7 @@ def patch_prompts(args, target):
 def first_token(target, text, flag):
     if text is None:
         raise AnalyzeError(f"--metric logit_diff needs {flag} TEXT (its first token)")
-    ids = encode_text(target.meta, text, False)
+    ids = encode_text(target.meta, text, False, f"{flag} text")
     if not ids:
         raise AnalyzeError(f"{flag} {text!r} gives no token")
     return ids[0]
@@ -297,7 +297,7 @@ def cmd_patch(args, target):
                         bad=first_token(target, args.bad, "--bad"))
     else:
         metric = Metric("loss")
-    if args.heads:
+    if args.heads is not None:
         return patch_heads_report(args, model, clean, corrupt, metric)
     started = time.perf_counter()
     result = patch_map(model, clean, corrupt, args.sites, metric, args.align, args.batch_size)
