@@ -492,8 +492,21 @@ def cmd_trajectory(args, device):
     probe = dict(data=args.data, text=args.text, batches=args.batches, batch_size=args.batch_size,
                  block_size=args.block_size, bos=args.bos, seed=args.seed)
     print(TABLE_HEADER)
-    rows = measure_trajectory(points, device, getattr(torch, args.dtype), probe,
-                              on_row=lambda row: print(row_markdown(row), flush=True))
+    rows = []
+
+    def on_row(row):
+        rows.append(row)
+        print(row_markdown(row), flush=True)
+
+    try:
+        measure_trajectory(points, device, getattr(torch, args.dtype), probe, on_row)
+    except InputError as e:  # a point that fails to load or to probe: keep the points measured before it
+        failed = points[len(rows)].label
+        message = str(e) if failed in str(e) else f"{failed}: {e}"
+        if rows:
+            write_trajectory(rows, args.report)
+            message += f" (the {len(rows)} points before it are in {args.report}/trajectory.md)"
+        raise AnalyzeError(message) from None
     write_trajectory(rows, args.report)
     print(f"wrote {args.report}/trajectory.md, trajectory.json, trajectory.png")
 
