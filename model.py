@@ -671,9 +671,16 @@ class GPT(nn.Module):
         return rotation(cos, sin)
 
     def crop_block_size(self, block_size):
-        """Shorten the context (e.g. GPT-2's 1024 to a smaller block_size) by dropping position embeddings."""
+        """Shorten the context (e.g. GPT-2's 1024 to a smaller block_size) by dropping position embeddings. A
+        window longer than the new context hides nothing there: it becomes full attention (0), which the config
+        accepts (Mistral's 4096 at block_size 256)."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
+        window = self.config.attn_window
+        self.config.attn_window = [0 if w > block_size else w for w in window] \
+            if isinstance(window, (list, tuple)) else (0 if window > block_size else window)
+        for layer, block in enumerate(self.transformer.h):
+            block.attn.window = self.config.window_of(layer)
         rows = self.config.n_positions
         if hasattr(self.transformer, "wpe"):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:rows])
