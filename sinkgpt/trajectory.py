@@ -77,8 +77,9 @@ def trajectory_points(targets, revisions=None):
         return points
     points = []
     for target in targets:
-        if os.path.isdir(target) and kept_checkpoints(target):
-            points += [Point(path, path, step=step) for step, path in kept_checkpoints(target)]
+        kept = kept_checkpoints(target) if os.path.isdir(target) else []
+        if kept:
+            points += [Point(path, path, step=step) for step, path in kept]
         elif os.path.isfile(checkpoint_path(target)) or is_pretrained_folder(target):
             points.append(Point(target, target))
         elif os.path.isdir(target):
