@@ -798,8 +798,9 @@ def bos_as_slot(model):
     are constants of the model: on the real tokens the new model computes what the old one computes with BOS
     first, without ever computing BOS's residual stream (where the massive activation lives)."""
     cfg = model.config
+    windowed = any(cfg.window_of(layer) for layer in range(cfg.n_layer))  # [0, 0] is full attention
     refusals = [(cfg.sink != "none", f"sink={cfg.sink!r}: the model already has a dedicated sink"),
-                (cfg.attn_window != 0, f"attn_window={cfg.attn_window!r}: a BOS leaves the window, a slot would not"),
+                (windowed, f"attn_window={cfg.attn_window!r}: a BOS leaves the window, a slot would not"),
                 (cfg.pos_offset != 0, f"pos_offset={cfg.pos_offset}: its BOS is already a slot"),
                 (cfg.attn_fn != "softmax", f"attn_fn={cfg.attn_fn!r}: only softmax attention is converted")]
     for refused, reason in refusals:

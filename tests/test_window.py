@@ -167,6 +167,8 @@ def test_a_windowed_model_is_not_converted_into_a_slot():
     from model import bos_as_slot
     with pytest.raises(ValueError, match="attn_window=4: a BOS leaves the window"):
         bos_as_slot(make_gpt(attn_window=4))
+    converted = bos_as_slot(make_gpt(attn_window=[0, 0]))  # a pattern of full layers only has no window
+    assert converted.config.sink == "kv_bias" and converted.config.pos_offset == 1
 
 
 def test_bigram_backcopy_masses_count_only_the_queries_that_see_bos():
