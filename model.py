@@ -676,9 +676,11 @@ class GPT(nn.Module):
         accepts (Mistral's 4096 at block_size 256)."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-        window = self.config.attn_window
-        self.config.attn_window = [0 if w > block_size else w for w in window] \
-            if isinstance(window, (list, tuple)) else (0 if window > block_size else window)
+
+        def fitted(window):
+            return 0 if window > block_size else window
+        windows = self.config.attn_window
+        self.config.attn_window = [fitted(w) for w in windows] if isinstance(windows, (list, tuple)) else fitted(windows)
         for layer, block in enumerate(self.transformer.h):
             block.attn.window = self.config.window_of(layer)
         rows = self.config.n_positions
