@@ -264,13 +264,13 @@ def patch_prompts(args, target):
     for which in ("clean", "corrupt"):
         ids = encode_text(target.meta, getattr(args, which), False, f"--{which} text") * args.repeat
         bos = [target.meta["bos_token"]] if args.bos in (which, "both") else []
-        prompts.append(torch.tensor([bos + ids], device=device))
-    for ids in prompts:
-        if ids.size(1) > target.model.config.block_size:
-            raise AnalyzeError(f"a prompt of {ids.size(1)} tokens is longer than the model's context "
+        n = len(bos + ids)
+        if n > target.model.config.block_size:
+            raise AnalyzeError(f"the --{which} prompt of {n} tokens is longer than the model's context "
                                f"{target.model.config.block_size}")
-        if ids.size(1) < 2:
-            raise AnalyzeError("a prompt gives fewer than 2 tokens")
+        if n < 2:
+            raise AnalyzeError(f"the --{which} prompt gives {n} token{'s' * (n != 1)}: patching needs 2 or more")
+        prompts.append(torch.tensor([bos + ids], device=device))
     return prompts[0], prompts[1], [tokenizer.decode([i]) for i in prompts[1][0].tolist()]
 
 

@@ -270,6 +270,8 @@ def test_bad_head_and_patch_input_is_one_error_line(tmp_path, capsys, argv):
     (["patch", "{tmp}", "--clean", "abcd", "--corrupt", "abce", "--heads", ""], "--heads ''"),  # not the map
     (["ablate", "{tmp}", "--text", "abcdefg", "--heads", ""], "--heads ''"),  # not the entries' ablation
     (["patch", "{tmp}", "--clean", "", "--corrupt", "abce"], "the --clean text is empty"),
+    (["patch", "{tmp}", "--clean", "abcd", "--corrupt", "a"], "the --corrupt prompt gives 1 token:"),
+    (["patch", "{tmp}", "--clean", "abcd", "--corrupt", "abce", "--repeat", "5"], "the --clean prompt of 20 tokens"),
     (["patch", "{tmp}", "--clean", "abcd", "--corrupt", "abce", "--metric", "entry", "--entry", "0:3-1:2"],
      "3-1 is an empty range"),
     (["patch", "{tmp}", "--clean", "abcd", "--corrupt", "ab\u20acd"], "--corrupt text: characters not in"),
