@@ -491,10 +491,11 @@ def cmd_trajectory(args, device):
     points = trajectory_points(args.targets, parse_revisions(args.revisions))
     probe = dict(data=args.data, text=args.text, batches=args.batches, batch_size=args.batch_size,
                  block_size=args.block_size, bos=args.bos, seed=args.seed)
-    print(TABLE_HEADER)
     rows = []
 
     def on_row(row):
+        if not rows:  # the header comes with the first row: a first point that fails prints only its error
+            print(TABLE_HEADER)
         rows.append(row)
         print(row_markdown(row), flush=True)
 

@@ -217,3 +217,6 @@ def test_a_point_that_fails_keeps_the_points_measured_before_it(tmp_path, capsys
     assert [r["step"] for r in rows] == [5, 10] and [r["label"] for r in rows] == [
         str(tmp_path / "ckpt_5.pt"), str(tmp_path / "ckpt_10.pt")]
     assert "| 10 |" in (tmp_path / "traj" / "trajectory.md").read_text()
+    capsys.readouterr()
+    code, out, err = cli(["trajectory", tmp_path / "notes.pt", "--text", TEXT, "--report", tmp_path / "t2"], capsys)
+    assert "notes.pt" in one_error_line(code, err) and out == ""  # no table header without a row
