@@ -220,7 +220,7 @@ def parse_entry(text, model):
 
 
 def cmd_ablate(args, model, batches, masks, source):
-    heads = parse_heads(args.heads, model.config) if args.heads else None
+    heads = parse_heads(args.heads, model.config) if args.heads is not None else None  # --heads '' is an error
     entries = [parse_entry(e, model) for e in args.entry]
     for _, pos, _ in entries:
         check_position(pos, batches)
@@ -262,22 +262,22 @@ def patch_prompts(args, target):
     device = target.model.lm_head.weight.device
     prompts = []
     for which in ("clean", "corrupt"):
-        ids = encode_text(target.meta, getattr(args, which), False) * args.repeat
+        ids = encode_text(target.meta, getattr(args, which), False, f"--{which} text") * args.repeat
         bos = [target.meta["bos_token"]] if args.bos in (which, "both") else []
-        prompts.append(torch.tensor([bos + ids], device=device))
-    for ids in prompts:
-        if ids.size(1) > target.model.config.block_size:
-            raise AnalyzeError(f"a prompt of {ids.size(1)} tokens is longer than the model's context "
+        n = len(bos + ids)
+        if n > target.model.config.block_size:
+            raise AnalyzeError(f"the --{which} prompt of {n} tokens is longer than the model's context "
                                f"{target.model.config.block_size}")
-        if ids.size(1) < 2:
-            raise AnalyzeError("a prompt gives fewer than 2 tokens")
+        if n < 2:
+            raise AnalyzeError(f"the --{which} prompt gives {n} token{'s' * (n != 1)}: patching needs 2 or more")
+        prompts.append(torch.tensor([bos + ids], device=device))
     return prompts[0], prompts[1], [tokenizer.decode([i]) for i in prompts[1][0].tolist()]
 
 
 def first_token(target, text, flag):
     if text is None:
         raise AnalyzeError(f"--metric logit_diff needs {flag} TEXT (its first token)")
-    ids = encode_text(target.meta, text, False)
+    ids = encode_text(target.meta, text, False, f"{flag} text")
     if not ids:
         raise AnalyzeError(f"{flag} {text!r} gives no token")
     return ids[0]
@@ -297,7 +297,7 @@ def cmd_patch(args, target):
                         bad=first_token(target, args.bad, "--bad"))
     else:
         metric = Metric("loss")
-    if args.heads:
+    if args.heads is not None:
         return patch_heads_report(args, model, clean, corrupt, metric)
     started = time.perf_counter()
     result = patch_map(model, clean, corrupt, args.sites, metric, args.align, args.batch_size)
@@ -491,9 +491,23 @@ def cmd_trajectory(args, device):
     points = trajectory_points(args.targets, parse_revisions(args.revisions))
     probe = dict(data=args.data, text=args.text, batches=args.batches, batch_size=args.batch_size,
                  block_size=args.block_size, bos=args.bos, seed=args.seed)
-    print(TABLE_HEADER)
-    rows = measure_trajectory(points, device, getattr(torch, args.dtype), probe,
-                              on_row=lambda row: print(row_markdown(row), flush=True))
+    rows = []
+
+    def on_row(row):
+        if not rows:  # the header comes with the first row: a first point that fails prints only its error
+            print(TABLE_HEADER)
+        rows.append(row)
+        print(row_markdown(row), flush=True)
+
+    try:
+        measure_trajectory(points, device, getattr(torch, args.dtype), probe, on_row)
+    except InputError as e:  # a point that fails to load or to probe: keep the points measured before it
+        failed = points[len(rows)].label
+        message = str(e) if failed in str(e) else f"{failed}: {e}"
+        if rows:
+            write_trajectory(rows, args.report)
+            message += f" (the {len(rows)} points before it are in {args.report}/trajectory.md)"
+        raise AnalyzeError(message) from None
     write_trajectory(rows, args.report)
     print(f"wrote {args.report}/trajectory.md, trajectory.json, trajectory.png")
 

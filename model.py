@@ -673,9 +673,18 @@ class GPT(nn.Module):
         return rotation(cos, sin)
 
     def crop_block_size(self, block_size):
-        """Shorten the context (e.g. GPT-2's 1024 to a smaller block_size) by dropping position embeddings."""
+        """Shorten the context (e.g. GPT-2's 1024 to a smaller block_size) by dropping position embeddings. A
+        window longer than the new context hides nothing there: it becomes full attention (0), which the config
+        accepts (Mistral's 4096 at block_size 256)."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
+
+        def fitted(window):
+            return 0 if window > block_size else window
+        windows = self.config.attn_window
+        self.config.attn_window = [fitted(w) for w in windows] if isinstance(windows, (list, tuple)) else fitted(windows)
+        for layer, block in enumerate(self.transformer.h):
+            block.attn.window = self.config.window_of(layer)
         rows = self.config.n_positions
         if hasattr(self.transformer, "wpe"):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:rows])
@@ -793,8 +802,9 @@ def bos_as_slot(model):
     are constants of the model: on the real tokens the new model computes what the old one computes with BOS
     first, without ever computing BOS's residual stream (where the massive activation lives)."""
     cfg = model.config
+    windowed = any(cfg.window_of(layer) for layer in range(cfg.n_layer))  # [0, 0] is full attention
     refusals = [(cfg.sink != "none", f"sink={cfg.sink!r}: the model already has a dedicated sink"),
-                (cfg.attn_window != 0, f"attn_window={cfg.attn_window!r}: a BOS leaves the window, a slot would not"),
+                (windowed, f"attn_window={cfg.attn_window!r}: a BOS leaves the window, a slot would not"),
                 (cfg.pos_offset != 0, f"pos_offset={cfg.pos_offset}: its BOS is already a slot"),
                 (cfg.attn_fn != "softmax", f"attn_fn={cfg.attn_fn!r}: only softmax attention is converted")]
     for refused, reason in refusals:

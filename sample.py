@@ -38,7 +38,8 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="the weights' dtype (auto: bfloat16 on a GPU that runs it "
-                                                        "natively, else float32); float16 on a CPU runs as float32")
+                                                        "natively, float16 on an older GPU, float32 on a CPU or "
+                                                        "MPS); float16 on a CPU runs as float32")
     parser.add_argument("--no_cache", action="store_true", help="recompute the whole context every token")
     parser.add_argument("--bos", type=str.lower, choices=("auto", "true", "false"), default="auto",
                         help="start the prompt with BOS; auto: as a pretrained folder's tokenizer does, or as the "

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from sinkgpt.common import InputError
-from sinkgpt.study_runner import load_study, train_all, write_report
+from sinkgpt.study_runner import analysis_device, load_study, train_all, write_report
 
 
 def main(argv):
@@ -29,6 +29,8 @@ def main(argv):
     args = parser.parse_args(argv)
     try:
         study = load_study(args.config)
+        if not args.dry_run and not args.train_only:
+            analysis_device(study)  # a device this machine lacks is said before the training, not after it
         if not args.report_only:
             train_all(study, args.dry_run, only=args.only.split(",") if args.only else None)
         if not args.dry_run and not args.train_only:

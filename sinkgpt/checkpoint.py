@@ -140,7 +140,11 @@ def load_checkpoint(path, device="cpu", keys=("model", "model_args")):
 
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):
-    model = GPT(GPTConfig.from_dict(checkpoint["model_args"]))
+    try:
+        config = GPTConfig.from_dict(checkpoint["model_args"])
+    except ValueError as e:  # a setting this model does not implement, or a combination it refuses
+        raise RunError(f"{path}: {e}") from None
+    model = GPT(config)
     state = dict(checkpoint["model"])
     for name, p in model.state_dict().items():  # gates of bias-free models saved before gates always had a bias:
         if name.endswith("c_gate.bias") and name not in state and name.replace("bias", "weight") in state:

@@ -94,7 +94,9 @@ def parse_positions(text, length, flag="--entry"):
         positions = tuple(range(int(first), int(last or first) + 1))
     except ValueError:
         raise AnalyzeError(f"{flag} position {text!r} is not P, A-B or all") from None
-    if not positions or positions[0] < 0 or positions[-1] >= length:
+    if not positions:
+        raise AnalyzeError(f"{flag} position {text} is an empty range (A-B needs A <= B)")
+    if positions[0] < 0 or positions[-1] >= length:
         raise AnalyzeError(f"{flag} position {text} is outside the corrupt prompt's positions 0-{length - 1}")
     return positions
 
@@ -226,6 +228,17 @@ def patched_values(model, clean_ids, corrupt_ids, kind, sites, metric, align=0, 
     return torch.cat(values)
 
 
+def clean_and_corrupt(model, clean_ids, corrupt_ids, metric, align):
+    """(the metric for this pair of prompts, its value on the clean run, on the corrupt run), once the prompts
+    are checked to be position-aligned. The loss metric scores the clean prompt's tokens in both runs, so that
+    recovery 1 is the clean run's loss."""
+    check_alignment(clean_ids.size(1), corrupt_ids.size(1), align)
+    if metric.kind == "loss":
+        metric = replace(metric, targets=clean_ids[:, align + 1:])
+    return (metric, metric_values(model, clean_ids, metric, offset=align).item(),
+            metric_values(model, corrupt_ids, metric).item())
+
+
 def patch_map(model, clean_ids, corrupt_ids, kind, metric, align=0, batch_size=32):
     """Patch every site of `kind` from the clean into the corrupt run, one at a time: the metric's value for
     both runs and each patched one, and the recovery map (layer x head or layer x position; None where clean and
@@ -233,11 +246,7 @@ def patch_map(model, clean_ids, corrupt_ids, kind, metric, align=0, batch_size=3
     move it)."""
     if kind not in SITE_POINTS:
         raise AnalyzeError(f"--sites {kind!r} is not one of {', '.join(SITE_POINTS)}")
-    check_alignment(clean_ids.size(1), corrupt_ids.size(1), align)
-    if metric.kind == "loss":
-        metric = replace(metric, targets=clean_ids[:, align + 1:])
-    clean = metric_values(model, clean_ids, metric, offset=align).item()
-    corrupt = metric_values(model, corrupt_ids, metric).item()
+    metric, clean, corrupt = clean_and_corrupt(model, clean_ids, corrupt_ids, metric, align)
     sites = site_list(model, kind, corrupt_ids.size(1), metric)
     patched = patched_values(model, clean_ids, corrupt_ids, kind, sites, metric, align, batch_size)
     width = model.config.n_head if kind == "heads" else corrupt_ids.size(1)
@@ -252,14 +261,10 @@ def patch_heads_together(model, clean_ids, corrupt_ids, heads, metric, align=0):
     """Heads [(layer, head)] patched from the clean run into the corrupt run all at once: the metric on the
     clean, the corrupt and the patched run, the recovery, and for an activation metric its value at every
     (corrupt) position in each run."""
-    check_alignment(clean_ids.size(1), corrupt_ids.size(1), align)
-    if metric.kind == "loss":
-        metric = replace(metric, targets=clean_ids[:, align + 1:])
+    metric, clean, corrupt = clean_and_corrupt(model, clean_ids, corrupt_ids, metric, align)
     sources = clean_sources(model, clean_ids, "heads", align)
     patches = site_patches(model, "heads", [(0, layer, head) for layer, head in heads], sources)
-    values = {"clean": metric_values(model, clean_ids, metric, offset=align).item(),
-              "corrupt": metric_values(model, corrupt_ids, metric).item(),
-              "patched": metric_values(model, corrupt_ids, metric, patches).item()}
+    values = {"clean": clean, "corrupt": corrupt, "patched": metric_values(model, corrupt_ids, metric, patches).item()}
     spread = values["clean"] - values["corrupt"]
     result = {"heads": [f"{layer}.{head}" for layer, head in heads], "metric": metric.name(), "align": align,
               **values, "recovery": (values["patched"] - values["corrupt"]) / spread if spread else None}

@@ -244,23 +244,31 @@ def load_gpt2_state_dict(model, hf_sd):
             copy_weight(target, src, key)
 
 
+def exported_tensors(model):
+    """(name, float32 CPU tensor) of each weight an export writes: the embedding and head cut to the vocabulary
+    (pad_vocab's rows left out), no head where it is tied to the embedding."""
+    cfg = model.config
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        tensor = tensor.detach().float().cpu()
+        yield name, tensor[:cfg.vocab_size] if name in ("transformer.wte.weight", "lm_head.weight") else tensor
+
+
+def zero_biases(model):
+    """{'<module>.bias': zeros} for each linear and norm without a bias, for formats that always have one."""
+    return {f"{name}.bias": torch.zeros(module.weight.shape[0]) for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, LayerNorm)) and name != "lm_head" and module.bias is None}
+
+
 def gpt2_export(model):
     """(state dict, config.json) of a GPT2LMHeadModel."""
     cfg = model.config
     V = cfg.vocab_size
     out = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        tensor = tensor.detach().float().cpu()
-        if name.endswith(GPT2_CONV1D):
-            tensor = tensor.t()
-        if name in ("transformer.wte.weight", "lm_head.weight"):
-            tensor = tensor[:V]
-        out[name] = tensor.contiguous()
-    for name, module in model.named_modules():  # GPT-2 always has biases: zeros are exact
-        if isinstance(module, (nn.Linear, LayerNorm)) and name != "lm_head" and module.bias is None:
-            out[f"{name}.bias"] = torch.zeros(module.weight.shape[0])
+    for name, tensor in exported_tensors(model):
+        out[name] = (tensor.t() if name.endswith(GPT2_CONV1D) else tensor).contiguous()
+    out.update(zero_biases(model))  # GPT-2 always has biases: zeros are exact
     hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=V,
                      n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                      n_head=cfg.n_head, n_inner=cfg.mlp_hidden or None,
@@ -411,13 +419,8 @@ def llama_export(model, family="llama"):
     query/key/value biases where the model has none, which is exact)."""
     cfg = model.config
     out = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        tensor = tensor.detach().float().cpu()
+    for name, tensor in exported_tensors(model):
         sources = llama_sources(name)
-        if name in ("transformer.wte.weight", "lm_head.weight"):
-            tensor = tensor[:cfg.vocab_size]
         if len(sources) == 1:
             out[sources[0]] = tensor.contiguous()
             continue
@@ -532,18 +535,11 @@ def gpt_neox_export(model):
     """(state dict, config.json) of a GPTNeoXForCausalLM. A model without biases gets zero biases (exact)."""
     cfg = model.config
     out = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        tensor = tensor.detach().float().cpu()
-        if name in ("transformer.wte.weight", "lm_head.weight"):
-            tensor = tensor[:cfg.vocab_size]
+    for name, tensor in exported_tensors(model):
         if name.endswith(("c_attn.weight", "c_attn.bias")):
             tensor = neox_qkv_order(tensor, cfg.n_head, to_neox=True)
         out[gpt_neox_source(name)] = tensor.contiguous()
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, LayerNorm)) and name != "lm_head" and module.bias is None:
-            out[gpt_neox_source(f"{name}.bias")] = torch.zeros(module.weight.shape[0])
+    out.update({gpt_neox_source(name): zeros for name, zeros in zero_biases(model).items()})
     hf_config = dict(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox", vocab_size=cfg.vocab_size,
                      hidden_size=cfg.n_embd, intermediate_size=cfg.hidden_size, num_hidden_layers=cfg.n_layer,
                      num_attention_heads=cfg.n_head,

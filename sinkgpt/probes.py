@@ -73,12 +73,17 @@ def stream_tokens(target, device, *, data=None, text=None, n_tokens=2048, seed=1
     return ids.to(device), {"dataset": dataset, "split": "val", "tokens": len(ids)}
 
 
-def encode_text(meta, text, bos):
-    """The ids of `text` (or FILE:path) in the model's tokenizer, BOS first when `bos`."""
+def encode_text(meta, text, bos, what="text"):
+    """The ids of `text` (or FILE:path) in the model's tokenizer, BOS first when `bos`; an error names `what`
+    (the flag that gave the text, where a command takes several)."""
     try:
-        ids = load_tokenizer(meta).encode(read_text_argument(text))
+        text = read_text_argument(text, what)
     except ValueError as e:
         raise AnalyzeError(str(e)) from None
+    try:
+        ids = load_tokenizer(meta).encode(text)
+    except ValueError as e:
+        raise AnalyzeError(f"{what}: {e}") from None
     return ([meta["bos_token"]] if bos else []) + ids
 
 

@@ -105,6 +105,9 @@ def build_model(cfg, vocab_size, bos_token, checkpoint=None, data_meta=None):
     if model.config.pos_offset and (cfg["prepend_bos"] or cfg["align_to_docs"]):
         raise RunError(f"{source} starts its tokens at position {model.config.pos_offset} (its BOS is a slot): "
                        "train it on windows without BOS (prepend_bos=False, align_to_docs=False)")
+    if cfg["block_size"] > model.config.block_size:  # no position beyond the model's own context is trained
+        raise RunError(f"config key 'block_size'={cfg['block_size']} is longer than {source}'s context "
+                       f"({model.config.block_size}): give --block_size={model.config.block_size} or less")
     if cfg["block_size"] < model.config.block_size:
         model.crop_block_size(cfg["block_size"])
     return model

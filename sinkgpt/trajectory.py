@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sinkgpt.checkpoint import checkpoint_path, kept_checkpoints, load_model, looks_like_hub_name
+from sinkgpt.checkpoint import (checkpoint_path, is_pretrained_folder, kept_checkpoints, load_model,
+                                looks_like_hub_name)
 from sinkgpt.common import plain
 from sinkgpt.measure import AnalyzeError
 from sinkgpt.plots import plot_trajectory
@@ -76,10 +77,14 @@ def trajectory_points(targets, revisions=None):
         return points
     points = []
     for target in targets:
-        if os.path.isdir(target) and kept_checkpoints(target):
-            points += [Point(path, path, step=step) for step, path in kept_checkpoints(target)]
-        elif os.path.isfile(checkpoint_path(target)) or os.path.isdir(target):
+        kept = kept_checkpoints(target) if os.path.isdir(target) else []
+        if kept:
+            points += [Point(path, path, step=step) for step, path in kept]
+        elif os.path.isfile(checkpoint_path(target)) or is_pretrained_folder(target):
             points.append(Point(target, target))
+        elif os.path.isdir(target):
+            raise AnalyzeError(f"{target} holds no checkpoint: neither kept checkpoints (ckpt_<iter>.pt), a run "
+                               "(ckpt.pt) nor a pretrained model (config.json and weights)")
         elif looks_like_hub_name(target):
             resolve_folder(target)  # a name the hub does not know: its name, at once
             points.append(Point(target, target))

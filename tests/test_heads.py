@@ -266,6 +266,25 @@ def test_bad_head_and_patch_input_is_one_error_line(tmp_path, capsys, argv):
     assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["patch", "{tmp}", "--clean", "abcd", "--corrupt", "abce", "--heads", ""], "--heads ''"),  # not the map
+    (["ablate", "{tmp}", "--text", "abcdefg", "--heads", ""], "--heads ''"),  # not the entries' ablation
+    (["patch", "{tmp}", "--clean", "", "--corrupt", "abce"], "the --clean text is empty"),
+    (["patch", "{tmp}", "--clean", "abcd", "--corrupt", "a"], "the --corrupt prompt gives 1 token:"),
+    (["patch", "{tmp}", "--clean", "abcd", "--corrupt", "abce", "--repeat", "5"], "the --clean prompt of 20 tokens"),
+    (["patch", "{tmp}", "--clean", "abcd", "--corrupt", "abce", "--metric", "entry", "--entry", "0:3-1:2"],
+     "3-1 is an empty range"),
+    (["patch", "{tmp}", "--clean", "abcd", "--corrupt", "ab\u20acd"], "--corrupt text: characters not in"),
+    (["patch", "{tmp}", "--clean", "abcd", "--corrupt", "abce", "--metric", "logit_diff", "--good", "a", "--bad", ""],
+     "the --bad text is empty"),
+])
+def test_bad_patch_input_names_the_flag_it_came_from(tmp_path, capsys, argv, named):
+    save_checkpoint(tiny_model(), tmp_path / "ckpt.pt")
+    code, out, err = run_cli([a.format(tmp=tmp_path) for a in argv], capsys)
+    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert named in err, err
+
+
 def test_the_length_error_offers_the_aligned_mode(tmp_path, capsys):
     save_checkpoint(tiny_model(), tmp_path / "ckpt.pt")
     code, out, err = run_cli(["patch", tmp_path, "--clean", "abcd", "--corrupt", "abcd", "--bos", "clean"], capsys)

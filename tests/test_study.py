@@ -77,6 +77,16 @@ def test_study_config_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "variant 'a'" in err and "dict" in err
 
 
+def test_an_analysis_device_this_machine_lacks_is_one_line_before_any_training(tmp_path, capsys):
+    config = write_study(tmp_path)
+    with open(config, "a") as f:
+        f.write('device = "bogus"\n')
+    assert study.main([config]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'bogus'" in err
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
 def test_run_status_skips_a_cut_off_metrics_line(tmp_path):
     (tmp_path / "config.json").write_text('{"max_iters": 10}')
     (tmp_path / "ckpt.pt").write_bytes(b"")

@@ -191,6 +191,7 @@ def test_a_revision_that_does_not_exist_is_named_before_any_measurement(hub_cach
     (["trajectory", "--report", "{tmp}/t"], "no checkpoints given"),
     (["trajectory", "{tmp}/kept/ckpt_5.pt", "{tmp}/missing.pt", "--report", "{tmp}/t"], "missing.pt"),
     (["trajectory", "{tmp}/kept", "{tmp}/no/such/run", "--report", "{tmp}/t"], "no/such/run"),
+    (["trajectory", "{tmp}/kept", "{tmp}", "--report", "{tmp}/t"], "holds no checkpoint"),  # a folder of folders
     (["trajectory", "{tmp}/kept", "--revisions", "step0", "--report", "{tmp}/t"], "one hub name"),
     (["trajectory", "org/a", "org/b", "--revisions", "step0", "--report", "{tmp}/t"], "one hub name"),
     (["trajectory", "org/a", "--revisions", ",", "--report", "{tmp}/t"], "--revisions is empty"),
@@ -202,3 +203,20 @@ def test_bad_trajectory_input_is_one_error_line(tmp_path, capsys, argv, named):
     code, out, err = cli([a.format(tmp=tmp_path) for a in argv], capsys)
     assert named in one_error_line(code, err)
     assert "| " not in out  # nothing measured before the error
+
+
+def test_a_point_that_fails_keeps_the_points_measured_before_it(tmp_path, capsys):
+    save_planted(5.0, 5, tmp_path / "ckpt_5.pt")
+    save_planted(50.0, 10, tmp_path / "ckpt_10.pt")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    code, out, err = cli(["trajectory", tmp_path / "ckpt_5.pt", tmp_path / "ckpt_10.pt", tmp_path / "notes.pt",
+                          "--text", TEXT, "--report", tmp_path / "traj"], capsys)
+    line = one_error_line(code, err)
+    assert "notes.pt" in line and "the 2 points before it are in" in line
+    rows = json.loads((tmp_path / "traj" / "trajectory.json").read_text())["points"]
+    assert [r["step"] for r in rows] == [5, 10] and [r["label"] for r in rows] == [
+        str(tmp_path / "ckpt_5.pt"), str(tmp_path / "ckpt_10.pt")]
+    assert "| 10 |" in (tmp_path / "traj" / "trajectory.md").read_text()
+    capsys.readouterr()
+    code, out, err = cli(["trajectory", tmp_path / "notes.pt", "--text", TEXT, "--report", tmp_path / "t2"], capsys)
+    assert "notes.pt" in one_error_line(code, err) and out == ""  # no table header without a row

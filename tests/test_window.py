@@ -172,6 +172,8 @@ def test_a_windowed_model_is_not_converted_into_a_slot():
     from model import bos_as_slot
     with pytest.raises(ValueError, match="attn_window=4: a BOS leaves the window"):
         bos_as_slot(make_gpt(attn_window=4))
+    converted = bos_as_slot(make_gpt(attn_window=[0, 0]))  # a pattern of full layers only has no window
+    assert converted.config.sink == "kv_bias" and converted.config.pos_offset == 1
 
 
 def test_bigram_backcopy_masses_count_only_the_queries_that_see_bos():
@@ -217,3 +219,54 @@ def test_train_refuses_a_window_longer_than_the_context_in_one_line(tmp_path, ch
     assert run_train(tmp_path / "run", char_dataset, attn_window=[8, 65]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "attn_window=65 is larger than the context (block_size=" in err[0], err
+
+
+@pytest.mark.parametrize("window, cropped", [(12, 0), ([12, 0, 3], [0, 0, 3])])
+def test_a_context_cropped_below_a_window_makes_it_full_attention_and_keeps_the_function(window, cropped):
+    """block_size below a window (Mistral's 4096 trained at 256): the window hides nothing on the shorter context,
+    so it becomes 0, the logits are unchanged, and the config stays one that a checkpoint can be loaded from."""
+    model = make_gpt(n_layer=3, attn_window=window, pos_emb="rope").eval()
+    idx = sample_idx(model, 2, 8, seed=3)
+    with torch.no_grad():
+        before, _ = model(idx)
+        model.crop_block_size(8)
+        after, _ = model(idx)
+    assert model.config.attn_window == cropped and model.config.block_size == 8
+    assert [block.attn.window for block in model.transformer.h] == [model.config.window_of(i) for i in range(3)]
+    assert GPTConfig.from_dict(model.config.to_dict()) == model.config
+    assert torch.equal(before, after)
+
+
+def test_train_from_a_windowed_run_at_a_shorter_context(tmp_path, char_dataset, capsys):
+    """A run started from a windowed run's weights at a block_size below its window gives a checkpoint that
+    sample.py loads; a block_size above the source's context is one line."""
+    import sample
+    from conftest import run_train
+    source, run = tmp_path / "source", tmp_path / "run"
+    assert run_train(source, char_dataset, pos_emb="rope", attn_window=[16, 4], max_iters=2, eval_interval=2) == 0
+    assert run_train(run, char_dataset, init_from=str(source), block_size=8, max_iters=2, eval_interval=2) == 0
+    assert torch.load(run / "ckpt.pt", weights_only=True)["model_args"]["attn_window"] == [0, 4]
+    capsys.readouterr()
+    assert sample.main(["--out_dir", str(run), "--device", "cpu", "--num_samples", "1", "--max_new_tokens", "12",
+                        "--start", "To be"]) == 0
+    assert capsys.readouterr().out.startswith("To be")
+    assert run_train(tmp_path / "longer", char_dataset, init_from=str(source), block_size=64, max_iters=2) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'block_size'=64 is longer than" in err[0] and "(32)" in err[0], err
+
+
+def test_a_checkpoint_whose_window_the_model_refuses_is_one_line(tmp_path, char_dataset, capsys):
+    """A checkpoint holding a window longer than its context (written before crops made it 0): sample.py and
+    analyze.py say so in one line naming attn_window."""
+    import analyze
+    import sample
+    from conftest import run_train
+    assert run_train(tmp_path, char_dataset, attn_window=8, max_iters=2, eval_interval=2) == 0
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    checkpoint["model_args"]["block_size"] = 4
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    capsys.readouterr()
+    assert sample.main(["--out_dir", str(tmp_path), "--device", "cpu", "--max_new_tokens", "2"]) == 1
+    assert analyze.main(["patch", str(tmp_path), "--clean", "ab", "--corrupt", "ac", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") and "attn_window=8" in line for line in err), err
