@@ -92,7 +92,7 @@ class GPTConfig:
         if self.n_sink_tokens < 1 or self.pos_offset < 0:
             raise ValueError(f"n_sink_tokens must be >= 1 and pos_offset >= 0, got {self.n_sink_tokens} and "
                              f"{self.pos_offset}")
-        windows = self.attn_window if isinstance(self.attn_window, (list, tuple)) else [self.attn_window]
+        windows = self.window_pattern
         if not windows or any(isinstance(w, bool) or not isinstance(w, int) or w < 0 for w in windows):
             raise ValueError(f"attn_window must be an int >= 0 (0 = full attention) or a non-empty list of them, "
                              f"got {self.attn_window!r}")
@@ -112,10 +112,20 @@ class GPTConfig:
         """Rows of the position tables: block_size real tokens from position pos_offset on."""
         return self.block_size + self.pos_offset
 
+    @property
+    def window_pattern(self):
+        """attn_window as a list, cycled over the layers (one int: the same window on every layer)."""
+        w = self.attn_window
+        return list(w) if isinstance(w, (list, tuple)) else [w]
+
     def window_of(self, layer):
         """The attention window of one layer (0 = full attention)."""
-        w = self.attn_window
-        return w[layer % len(w)] if isinstance(w, (list, tuple)) else w
+        pattern = self.window_pattern
+        return pattern[layer % len(pattern)]
+
+    def layer_windows(self):
+        """Every layer's attention window, in layer order."""
+        return [self.window_of(layer) for layer in range(self.n_layer)]
 
     @property
     def head_size(self):
@@ -628,7 +638,7 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6N for the weights plus 12 L H Q T for attention (PaLM appendix B), where a
         windowed layer attends over its window instead of T."""
         cfg = self.config
-        attended = sum(min(cfg.window_of(layer) or seq_len, seq_len) for layer in range(cfg.n_layer))
+        attended = sum(min(window or seq_len, seq_len) for window in cfg.layer_windows())
         return 6 * self.num_params() + 12 * cfg.n_head * cfg.head_size * attended
 
     def forward(self, idx, targets=None, cache=None, last_only=False):
@@ -678,11 +688,8 @@ class GPT(nn.Module):
         accepts (Mistral's 4096 at block_size 256)."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-
-        def fitted(window):
-            return 0 if window > block_size else window
-        windows = self.config.attn_window
-        self.config.attn_window = [fitted(w) for w in windows] if isinstance(windows, (list, tuple)) else fitted(windows)
+        fitted = [0 if window > block_size else window for window in self.config.window_pattern]
+        self.config.attn_window = fitted if isinstance(self.config.attn_window, (list, tuple)) else fitted[0]
         for layer, block in enumerate(self.transformer.h):
             block.attn.window = self.config.window_of(layer)
         rows = self.config.n_positions
@@ -802,7 +809,7 @@ def bos_as_slot(model):
     are constants of the model: on the real tokens the new model computes what the old one computes with BOS
     first, without ever computing BOS's residual stream (where the massive activation lives)."""
     cfg = model.config
-    windowed = any(cfg.window_of(layer) for layer in range(cfg.n_layer))  # [0, 0] is full attention
+    windowed = any(cfg.layer_windows())  # [0, 0] is full attention
     refusals = [(cfg.sink != "none", f"sink={cfg.sink!r}: the model already has a dedicated sink"),
                 (windowed, f"attn_window={cfg.attn_window!r}: a BOS leaves the window, a slot would not"),
                 (cfg.pos_offset != 0, f"pos_offset={cfg.pos_offset}: its BOS is already a slot"),

@@ -435,7 +435,7 @@ def llama_export(model, family="llama"):
                      rope_theta=cfg.rope_base, rope_scaling=None, attention_dropout=0.0,
                      tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token,
                      eos_token_id=cfg.bos_token, initializer_range=0.02, torch_dtype="float32")
-    windows = layer_windows(cfg)
+    windows = cfg.layer_windows()
     if family == "llama":
         hf_config.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
     if family == "mistral":
@@ -576,7 +576,7 @@ def export_family(cfg):
         family, window_refused = llama_style_family(cfg)
         return family, unsupported + window_refused + [key for key in ("parallel_residual", "rotary_pct")
                                                        if getattr(cfg, key) != getattr(defaults, key)]
-    if any(layer_windows(cfg)):
+    if any(cfg.layer_windows()):
         unsupported.append("attn_window")
     if cfg.kv_heads != cfg.n_head:
         unsupported.append("n_kv_head")
@@ -589,14 +589,10 @@ def export_family(cfg):
     return "gpt2", unsupported
 
 
-def layer_windows(cfg):
-    return [cfg.window_of(layer) for layer in range(cfg.n_layer)]
-
-
 def llama_style_family(cfg):
     """Which of Llama, Mistral (one window on every layer) and Qwen2 (q/k/v biases only; a window on some
     layers) holds a rotary / RMSNorm / SwiGLU model, with ['attn_window'] when none holds its windows."""
-    windows = layer_windows(cfg)
+    windows = cfg.layer_windows()
     if cfg.bias:  # Llama's attention_bias and mlp_bias: a family without windows
         return "llama", ["attn_window"] if any(windows) else []
     if len(set(windows) - {0}) > 1:  # Hugging Face's families have one window size per model
