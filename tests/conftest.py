@@ -273,3 +273,11 @@ def hf_logits(hf, idx):
 
 def max_diff(a, b):
     return (a - b).abs().max().item()
+
+
+def assert_greedy_equals_transformers(model, hf, prompt, new_tokens=25):
+    """Our greedy decoding with the KV cache gives transformers' generate tokens (all of them: no stop on EOS)."""
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, new_tokens, temperature=0), theirs)

@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from conftest import hf_logits, max_diff, random_tokens, randomize_hf, save, shakespeare_excerpt
+from conftest import (assert_greedy_equals_transformers, hf_logits, max_diff, random_tokens, randomize_hf, save,
+                      shakespeare_excerpt)
 from model import GPT, GPTConfig, bos_as_slot
 from sinkgpt.pretrained import PretrainedError, export_hf, from_pretrained
 
@@ -89,10 +90,7 @@ def test_greedy_generation_with_the_kv_cache_equals_transformers_generate(tmp_pa
     hf = random_neox(seed=6)
     model = from_pretrained(save(hf, tmp_path / "neox")).eval()
     prompt = tokens(B=1, T=7, seed=7)
-    hf.generation_config.eos_token_id = None  # generate all 25 tokens, as ours does
-    with torch.no_grad():
-        theirs = hf.generate(prompt, max_new_tokens=25, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(prompt, 25, temperature=0), theirs)
+    assert_greedy_equals_transformers(model, hf, prompt)
 
 
 def test_a_transformers_4_pythia_config_and_embed_out_load(tmp_path):

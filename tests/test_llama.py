@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import hf_logits, max_diff, random_tokens, randomize_hf, save
+from conftest import assert_greedy_equals_transformers, hf_logits, max_diff, random_tokens, randomize_hf, save
 from model import GPT
 from sinkgpt.pretrained import PretrainedError, export_hf, from_pretrained
 
@@ -142,11 +142,7 @@ def test_greedy_generation_with_the_kv_cache_equals_transformers_generate(tmp_pa
     hf = random_llama(seed=12)
     model = from_pretrained(save(hf, tmp_path / "llama")).eval()
     prompt = tokens(B=1, T=7, seed=13)
-    hf.generation_config.eos_token_id = None  # generate all 25 tokens, as ours does (no stop on EOS)
-    with torch.no_grad():
-        theirs = hf.generate(prompt, max_new_tokens=25, do_sample=False, pad_token_id=0)
-    ours = model.generate(prompt, 25, temperature=0)
-    assert torch.equal(ours, theirs)
+    assert_greedy_equals_transformers(model, hf, prompt)
 
 
 @pytest.mark.parametrize("sink", ["logit", "softmax1", "kv_bias", "k_bias", "token", "bos_override",

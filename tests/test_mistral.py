@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import hf_logits, max_diff, random_tokens, randomize_hf, save
+from conftest import assert_greedy_equals_transformers, hf_logits, max_diff, random_tokens, randomize_hf, save
 from model import GPT, GPTConfig
 from sinkgpt.pretrained import PretrainedError, export_hf, from_pretrained
 
@@ -70,10 +70,7 @@ def test_greedy_generation_past_the_window_equals_transformers_generate(tmp_path
     hf = random_mistral(seed=4)
     model = from_pretrained(save(hf, tmp_path / "mistral")).eval()
     prompt = tokens(B=1, T=7, seed=5)
-    hf.generation_config.eos_token_id = None  # generate all 25 tokens, as ours does
-    with torch.no_grad():
-        theirs = hf.generate(prompt, max_new_tokens=25, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(prompt, 25, temperature=0), theirs)
+    assert_greedy_equals_transformers(model, hf, prompt)
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])

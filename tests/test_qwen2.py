@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import hf_logits, max_diff, random_tokens, randomize_hf, save
+from conftest import assert_greedy_equals_transformers, hf_logits, max_diff, random_tokens, randomize_hf, save
 from model import GPT, GPTConfig
 from sinkgpt.pretrained import PretrainedError, export_hf, from_pretrained
 
@@ -58,10 +58,7 @@ def test_greedy_generation_with_the_kv_cache_equals_transformers_generate(tmp_pa
     hf = random_qwen2(seed=2)
     model = from_pretrained(save(hf, tmp_path / "qwen2")).eval()
     prompt = tokens(B=1, T=7, seed=3)
-    hf.generation_config.eos_token_id = None  # generate all 25 tokens, as ours does
-    with torch.no_grad():
-        theirs = hf.generate(prompt, max_new_tokens=25, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(prompt, 25, temperature=0), theirs)
+    assert_greedy_equals_transformers(model, hf, prompt)
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
@@ -141,11 +138,7 @@ def test_qwen2_sliding_windows_become_per_layer_attn_windows(tmp_path, window_op
         if windows:  # the windows are what makes them equal
             assert max_diff(from_pretrained(folder, attn_window=0).eval()(idx)[0], expected) > 1e-3
     if windows:
-        prompt = tokens(B=1, T=7, seed=10)
-        hf.generation_config.eos_token_id = None
-        with torch.no_grad():
-            theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
-        assert torch.equal(model.generate(prompt, 20, temperature=0), theirs)
+        assert_greedy_equals_transformers(model, hf, tokens(B=1, T=7, seed=10), new_tokens=20)
 
 
 def test_export_of_per_layer_windows_writes_qwen2_layer_types(tmp_path):

@@ -223,13 +223,14 @@ def test_fresh_run_refuses_to_overwrite_a_run(trained_run, char_dataset, capsys)
     assert sha256(trained_run / "ckpt.pt") == before
 
 
-def test_fresh_run_refuses_a_folder_holding_only_a_stop_checkpoint(tmp_path, char_dataset, capsys):
+@pytest.mark.parametrize("held", ["ckpt_stop.pt", "ckpt_100.pt"], ids=["stop", "kept"])
+def test_fresh_run_refuses_a_folder_holding_only_a_stop_or_kept_checkpoint(tmp_path, char_dataset, capsys, held):
     out = tmp_path / "run"
     os.makedirs(out)
-    (out / "ckpt_stop.pt").write_bytes(b"a stopped run")
+    (out / held).write_bytes(b"an earlier run")
     assert run_train(out, char_dataset, max_iters=2) == 1
-    assert "ckpt_stop.pt" in one_error_line(capsys)
-    assert (out / "ckpt_stop.pt").read_bytes() == b"a stopped run" and not (out / "metrics.jsonl").exists()
+    assert held in one_error_line(capsys)
+    assert (out / held).read_bytes() == b"an earlier run" and not (out / "metrics.jsonl").exists()
 
 
 def same_content(a, b):
@@ -279,15 +280,6 @@ def test_keep_checkpoints_on_resume_keeps_the_later_steps_only(tmp_path, char_da
     assert sorted(n for n in os.listdir(out) if n.startswith("ckpt_")) == ["ckpt_0.pt", "ckpt_2.pt", "ckpt_4.pt",
                                                                          "ckpt_6.pt"]
     assert sha256(out / "ckpt_4.pt") == before  # the resume point is not rewritten
-
-
-def test_fresh_run_refuses_a_folder_holding_kept_checkpoints(tmp_path, char_dataset, capsys):
-    out = tmp_path / "run"
-    os.makedirs(out)
-    (out / "ckpt_100.pt").write_bytes(b"a kept checkpoint")
-    assert run_train(out, char_dataset, max_iters=2) == 1
-    assert "ckpt_100.pt" in one_error_line(capsys)
-    assert (out / "ckpt_100.pt").read_bytes() == b"a kept checkpoint"
 
 
 def test_keep_checkpoints_below_zero_is_one_clear_error(tmp_path, char_dataset, capsys):
