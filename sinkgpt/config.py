@@ -190,8 +190,8 @@ def check_ranges(config):
     for key in positive:
         if config[key] <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {config[key]}")
-    for key in ("max_iters", "keep_checkpoints", "warmup_iters", "lr_decay_iters", "track_interval", "learning_rate", "min_lr",
-                "weight_decay", "grad_clip", "momentum"):
+    for key in ("max_iters", "keep_checkpoints", "warmup_iters", "lr_decay_iters", "track_interval", "learning_rate",
+                "min_lr", "weight_decay", "grad_clip", "momentum"):
         if config[key] < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {config[key]}")
     if not 0 <= config["seed"] < 2**63:
